@@ -1,0 +1,111 @@
+"""Typed errors a user can meet, each with a message that says what to do.
+
+Raised at the boundary (file, video, face, bundle, store, privacy budget), never a bare
+traceback from deep inside torch or FFmpeg.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class PFTError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+# --- video and faces ---------------------------------------------------------------------------
+class VideoError(PFTError):
+    """A video file could not be used; ``path`` names it and ``reason`` says why."""
+
+    reason: str = "unusable video"
+
+    def __init__(self, path: str | Path, detail: str = "") -> None:
+        self.path = Path(path)
+        self.detail = detail
+        msg = f"{self.path}: {self.reason}"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg)
+
+
+class EmptyVideoFileError(VideoError):
+    reason = "the file is empty (0 bytes)"
+
+
+class NotAVideoError(VideoError):
+    reason = "not a video file FFmpeg can open"
+
+
+class TruncatedVideoError(VideoError):
+    reason = "the video is truncated or corrupt"
+
+
+class NoFramesError(VideoError):
+    reason = "the video has no decodable frames"
+
+
+class ResolutionTooLargeError(VideoError):
+    reason = "the video's resolution is larger than the configured limit"
+
+
+class FrameRateError(VideoError):
+    reason = "the video's frame rate is absurd"
+
+
+class NoFaceError(VideoError):
+    reason = "no face was found in any sampled frame"
+
+
+class TooFewFacesError(PFTError):
+    """Adaptation refused: too few usable face frames to learn from."""
+
+    def __init__(self, found: int, needed: int, what: str = "adaptation") -> None:
+        self.found = found
+        self.needed = needed
+        super().__init__(
+            f"{what} needs at least {needed} usable face frames but found {found}; "
+            "record a longer neutral video with the face clearly visible"
+        )
+
+
+# --- datasets ----------------------------------------------------------------------------------
+class DatasetLayoutError(PFTError):
+    """A dataset root does not have the layout its loader expects."""
+
+
+# --- bundles, stores, weights ------------------------------------------------------------------
+class BundleError(PFTError):
+    """A model bundle could not be trusted or read."""
+
+
+class BundleSignatureError(BundleError):
+    """The bundle's signature does not verify against the trusted key."""
+
+
+class BundleTamperedError(BundleError):
+    """A file's digest differs from the manifest, or a file is missing."""
+
+
+class BundleUnsignedFileError(BundleError):
+    """The bundle holds a file the signed manifest does not list."""
+
+
+class BundleRollbackError(BundleError):
+    """The bundle's version is older than the one already trusted."""
+
+
+class UnsafeWeightsError(PFTError):
+    """A weights file is not plain safetensors/numpy data (e.g. it carries a pickle)."""
+
+
+class StoreError(PFTError):
+    """The on-device encrypted store failed."""
+
+
+class StoreAuthenticationError(StoreError):
+    """Decryption failed: the file is corrupted, foreign, or the key is wrong."""
+
+
+# --- privacy -----------------------------------------------------------------------------------
+class PrivacyBudgetExceededError(PFTError):
+    """A DP release would exceed the configured privacy budget; nothing was run."""
