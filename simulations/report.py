@@ -1,0 +1,181 @@
+"""Results of an experiment: the results.json schema, the paper-style table, and the plots."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pft_core.atomic import atomic_write_text
+
+#: Row groups in the order of the paper's tables; methods not listed go under "Other".
+METHOD_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Source-only", ("source_only",)),
+    ("Simple baselines", ("neutral_norm", "adabn")),
+    ("SFDA (model-based)", ("shot", "nrc", "tpds")),
+    ("SFDA-PFT (ours)", ("pft",)),
+    ("Oracle", ("oracle",)),
+)
+UPPER_BOUNDS = frozenset({"oracle"})
+
+
+def summarise_method(
+    per_subject: Mapping[str, Mapping[str, float]],
+    adapt_iterations: float,
+    adapt_seconds: float,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One method's entry of results.json: per-subject scores, mean/std F1, adaptation cost.
+
+    ``std_f1`` is the population standard deviation over subjects (0 for one subject).
+    """
+    f1s = [float(v["f1"]) for v in per_subject.values()]
+    entry: dict[str, Any] = {
+        "per_subject": {k: {m: round(float(x), 4) for m, x in v.items()} for k, v in per_subject.items()},
+        "mean_f1": round(statistics.fmean(f1s), 4) if f1s else float("nan"),
+        "std_f1": round(statistics.pstdev(f1s), 4) if len(f1s) > 1 else 0.0,
+        "adapt_iterations": round(float(adapt_iterations), 2),
+        "adapt_seconds": round(float(adapt_seconds), 4),
+    }
+    if extra:
+        entry.update(extra)
+    return entry
+
+
+def ordered_methods(names: Sequence[str]) -> list[tuple[str, str]]:
+    """(group, method) pairs in the paper's row order."""
+    rows: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for group, members in METHOD_GROUPS:
+        for name in members:
+            if name in names:
+                rows.append((group, name))
+                seen.add(name)
+    rows.extend(("Other", n) for n in names if n not in seen)
+    return rows
+
+
+def markdown_table(results: Mapping[str, Any], digits: int = 2) -> str:
+    """The paper-style table: rows = methods (grouped), columns = subjects + average.
+
+    The best value per column among the non-oracle methods is in bold, as in the paper.
+    """
+    methods: Mapping[str, Any] = results["methods"]
+    subjects = sorted({s for m in methods.values() for s in m["per_subject"]})
+    rows = ordered_methods(list(methods))
+    columns = [*subjects, "Average"]
+
+    def cell(method: str, column: str) -> float:
+        entry = methods[method]
+        if column == "Average":
+            return float(entry["mean_f1"])
+        score = entry["per_subject"].get(column)
+        return float(score["f1"]) if score else float("nan")
+
+    best: dict[str, float] = {}
+    for column in columns:
+        values = [cell(m, column) for _, m in rows if m not in UPPER_BOUNDS]
+        values = [v for v in values if not np.isnan(v)]
+        best[column] = max(values) if values else float("nan")
+
+    lines = [
+        "| Setting | Method | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    previous_group = None
+    for group, method in rows:
+        shown_group = group if group != previous_group else ""
+        previous_group = group
+        cells = []
+        for column in columns:
+            value = cell(method, column)
+            text = "-" if np.isnan(value) else f"{value:.{digits}f}"
+            if method not in UPPER_BOUNDS and not np.isnan(value) and value == best[column]:
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append(f"| {shown_group} | `{method}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(out_dir: Path, results: Mapping[str, Any]) -> Path:
+    """Write results.json atomically."""
+    return atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+
+
+def plot_per_subject(results: Mapping[str, Any], out_png: Path) -> Path:
+    """Grouped bars: macro-F1 per target subject for each method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for _, m in ordered_methods(list(results["methods"]))]
+    subjects = sorted({s for m in results["methods"].values() for s in m["per_subject"]})
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(subjects) + 2), 3.6))
+    x = np.arange(len(subjects))
+    for k, method in enumerate(methods):
+        per = results["methods"][method]["per_subject"]
+        ax.bar(x + k * width, [per.get(s, {}).get("f1", 0.0) for s in subjects], width, label=method)
+    ax.set_xticks(x + 0.4 - width / 2, subjects, rotation=45, ha="right")
+    ax.set_ylabel("macro-F1 (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{results['profile']} - per-subject macro-F1 (seed {results['seed']})")
+    ax.legend(ncol=min(len(methods), 4), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28))
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def plot_embedding(
+    groups: Mapping[str, np.ndarray],
+    labels: Mapping[str, np.ndarray],
+    class_names: Sequence[str],
+    out_png: Path,
+    title: str,
+    seed: int = 0,
+) -> Path:
+    """2-D t-SNE (PCA when there are few points) of feature sets, e.g. source / target / translated.
+
+    Marker = feature set, colour = expression class.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    names = list(groups)
+    stacked = np.concatenate([groups[n] for n in names])
+    if len(stacked) >= 60:
+        perplexity = min(30.0, (len(stacked) - 1) / 3)
+        xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(stacked)
+        method = "t-SNE"
+    else:
+        xy = PCA(2, random_state=seed).fit_transform(stacked)
+        method = "PCA"
+    markers = ["o", "^", "s", "x", "D"]
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    start = 0
+    cmap = plt.get_cmap("tab10")
+    for k, name in enumerate(names):
+        n = len(groups[name])
+        part = xy[start : start + n]
+        start += n
+        for c, cname in enumerate(class_names):
+            sel = labels[name] == c
+            if sel.any():
+                ax.scatter(part[sel, 0], part[sel, 1], s=10, marker=markers[k % len(markers)],
+                           color=cmap(c % 10), alpha=0.6, label=f"{name}: {cname}")
+    ax.set_title(f"{title} ({method})")
+    ax.legend(fontsize=7, markerscale=1.5, loc="best")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
