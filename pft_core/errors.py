@@ -109,3 +109,25 @@ class StoreAuthenticationError(StoreError):
 # --- privacy -----------------------------------------------------------------------------------
 class PrivacyBudgetExceededError(PFTError):
     """A DP release would exceed the configured privacy budget; nothing was run."""
+
+
+# --- video pipeline (added with pft_core.data) -------------------------------------------------
+class DecodeTimeoutError(VideoError):
+    reason = "decoding took longer than the configured timeout (the decoder was stopped)"
+
+
+class TooFewFaceFramesError(VideoError):
+    reason = "a face was found in too few frames"
+
+
+class FaceAnnotationError(VideoError):
+    reason = "the face annotation sidecar (<stem>.faces.json) is missing or malformed"
+
+
+# --- model weights -----------------------------------------------------------------------------
+class IncompatibleWeightsError(PFTError):
+    """A weights file does not fit the model it is loaded into (keys or shapes differ)."""
+
+    def __init__(self, path: str | Path, detail: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{self.path}: weights do not fit the model ({detail})")
