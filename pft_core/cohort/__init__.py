@@ -1,0 +1,26 @@
+"""The synthetic face-video cohort: the project's embedded default data (docs/cohort.md).
+
+Rendered faces with identities, facial actions over time, personal resting faces and expression
+styles, and capture conditions, written as H.264 videos with per-frame ground truth sidecars and a
+manifest, for four profiles that mimic BioVid, StressID, BAH and Aff-Wild2.
+"""
+
+from pft_core.cohort.config import CohortConfig
+from pft_core.cohort.generate import make_cohort
+from pft_core.cohort.manifest import CohortManifest, SubjectInfo, VideoEntry, load_manifest
+from pft_core.cohort.preview import preview_cohort
+from pft_core.cohort.profiles import AU_NAMES, PROFILES, ProfileSpec, get_profile
+
+__all__ = [
+    "AU_NAMES",
+    "PROFILES",
+    "CohortConfig",
+    "CohortManifest",
+    "ProfileSpec",
+    "SubjectInfo",
+    "VideoEntry",
+    "get_profile",
+    "load_manifest",
+    "make_cohort",
+    "preview_cohort",
+]

@@ -1,0 +1,66 @@
+"""The cohort generator's configuration (validated before any work starts)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from pft_core.cohort.profiles import ClipCounts, ProfileSpec, get_profile
+from pft_core.config import FrozenConfig
+
+
+class CohortConfig(FrozenConfig):
+    """What cohort to make.
+
+    ``source_subjects`` / ``target_subjects`` of ``None`` take the profile's default (biovid 77+10,
+    stressid 44+10, bah 214+10, affwild2 282+10). ``light`` makes fewer, shorter, smaller clips
+    through the same pipeline, for cohorts of tens of thousands of subjects.
+    """
+
+    profile: Literal["biovid", "stressid", "bah", "affwild2"] = "biovid"
+    seed: int = Field(default=0, ge=0)
+    source_subjects: int | None = Field(default=None, ge=1)
+    target_subjects: int | None = Field(default=None, ge=1)
+    frame_size: int = Field(default=96, ge=48, le=256)
+    fps: int = Field(default=8, ge=1, le=60)
+    frames_per_clip: int = Field(default=16, ge=2, le=256)
+    light: bool = False
+    workers: int | None = Field(default=None, ge=1)
+
+    @field_validator("frame_size")
+    @classmethod
+    def _even(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError("frame_size must be even (H.264 yuv420p needs even sizes)")
+        return value
+
+    @property
+    def spec(self) -> ProfileSpec:
+        """The profile definition with all its knobs."""
+        return get_profile(self.profile)
+
+    @property
+    def n_source(self) -> int:
+        """Resolved number of source subjects."""
+        return self.source_subjects if self.source_subjects is not None else self.spec.source_subjects
+
+    @property
+    def n_target(self) -> int:
+        """Resolved number of target subjects."""
+        return self.target_subjects if self.target_subjects is not None else self.spec.target_subjects
+
+    @property
+    def clip_size(self) -> int:
+        """Effective frame size (light mode caps it at 64 px)."""
+        return min(self.frame_size, 64) if self.light else self.frame_size
+
+    @property
+    def clip_frames(self) -> int:
+        """Effective frames per clip (light mode caps it at 8)."""
+        return min(self.frames_per_clip, 8) if self.light else self.frames_per_clip
+
+    @property
+    def clip_counts(self) -> ClipCounts:
+        """Clips per split for this mode."""
+        return self.spec.light_clips if self.light else self.spec.clips

@@ -1,0 +1,250 @@
+"""Cohort profiles: classes, sizes and every difficulty knob of the synthetic cohort (COHORT.md).
+
+A profile mimics one of the paper's datasets (BioVid, StressID, BAH, Aff-Wild2) in its classes,
+its subtlety and its size. All knobs that shape the personalisation gap (how many subjects have a
+resting face that leans toward an expressive class, how strongly, how expressive people are, how
+much capture conditions vary) live here as data, so the gap can be tuned without touching the
+renderer.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from pft_core.config import FrozenConfig
+
+ProfileName = Literal["biovid", "stressid", "bah", "affwild2"]
+
+#: The facial actions the renderer draws (FACS-like action units, each 0..1).
+AU_NAMES: tuple[str, ...] = (
+    "AU1",  # inner brow raiser
+    "AU2",  # outer brow raiser
+    "AU4",  # brow lowerer
+    "AU5",  # upper lid raiser
+    "AU6",  # cheek raiser
+    "AU7",  # lid tightener
+    "AU9",  # nose wrinkler
+    "AU10",  # upper lip raiser
+    "AU12",  # lip corner puller
+    "AU15",  # lip corner depressor
+    "AU20",  # lip stretcher
+    "AU24",  # lip pressor
+    "AU25",  # lips part
+    "AU26",  # jaw drop
+    "AU43",  # eyes closed
+)
+
+#: Alternatives a person may use instead of a prototype action (personal expression style).
+AU_ALTERNATIVES: dict[str, tuple[str, ...]] = {
+    "AU1": ("AU2",),
+    "AU2": ("AU1", "AU5"),
+    "AU4": ("AU7",),
+    "AU5": ("AU2",),
+    "AU6": ("AU7",),
+    "AU7": ("AU6", "AU43"),
+    "AU9": ("AU10",),
+    "AU10": ("AU9", "AU20"),
+    "AU12": ("AU6", "AU25"),
+    "AU15": ("AU20", "AU24"),
+    "AU20": ("AU15",),
+    "AU24": ("AU15", "AU20"),
+    "AU25": ("AU26",),
+    "AU26": ("AU25",),
+    "AU43": ("AU7",),
+}
+
+
+class Range(FrozenConfig):
+    """A closed interval ``[lo, hi]`` a value is drawn from uniformly."""
+
+    lo: float
+    hi: float
+
+
+def _r(lo: float, hi: float) -> Range:
+    return Range(lo=lo, hi=hi)
+
+
+class ExpressionSpec(FrozenConfig):
+    """How one class shows on a face and in behaviour over a clip.
+
+    ``aus`` are prototype action weights at apex; ``dynamics`` is ``"sustained"`` (one onset, a long
+    apex, an offset) or ``"mixed"`` (brief, possibly conflicting bursts per action).
+    """
+
+    aus: dict[str, float] = Field(default_factory=dict)
+    dynamics: Literal["sustained", "mixed"] = "sustained"
+    blink_rate: float = 0.25  # blinks per second
+    gaze_aversion: float = 0.0  # probability that gaze turns away in a clip
+    head_shake: float = 0.0  # yaw oscillation amplitude, degrees
+    head_nod: float = 0.0  # pitch oscillation amplitude, degrees
+    head_motion: float = 1.5  # slow random head drift amplitude, degrees
+
+
+class CaptureSpec(FrozenConfig):
+    """Capture conditions: ranges per subject (base) and per session (jitter around the base)."""
+
+    yaw: float = 8.0  # |degrees| of base head yaw
+    pitch: float = 6.0
+    roll: float = 6.0
+    scale_jitter: float = 0.06  # relative face-size change between clips
+    frame_jitter: float = 0.015  # per-frame position/scale jitter, fraction of the frame
+    shift: float = 0.05  # face-centre offset per clip, fraction of the frame
+    light_level: Range = _r(0.75, 1.15)
+    light_gradient: Range = _r(0.05, 0.45)  # strength of directional light across the frame
+    contrast: Range = _r(0.8, 1.1)
+    noise: Range = _r(1.0, 5.0)  # sensor noise sigma, grey levels
+    blur: Range = _r(0.0, 0.7)  # gaussian blur sigma, output pixels
+    occlusion: float = 0.0  # probability that a clip has an occluder (hand, bar) on some frames
+
+
+class ClipCounts(FrozenConfig):
+    """Clips per subject: ``train`` per class (source); ``adapt`` neutral clips, ``oracle`` and
+    ``eval`` per class (target)."""
+
+    train: int = Field(default=2, ge=1)
+    adapt: int = Field(default=3, ge=1)
+    oracle: int = Field(default=2, ge=1)
+    eval: int = Field(default=3, ge=1)
+
+
+class ProfileSpec(FrozenConfig):
+    """Everything that defines a profile: classes, sizes and difficulty knobs."""
+
+    name: ProfileName
+    classes: tuple[str, ...]
+    source_subjects: int
+    target_subjects: int
+    neutral: ExpressionSpec
+    expressions: dict[str, ExpressionSpec]
+    # --- resting face (neutral offset) ---
+    resting_lean_fraction: float = 0.33  # share of subjects whose neutral leans to an expression
+    resting_lean_strength: Range = _r(0.35, 0.65)
+    resting_lean_aus: dict[str, float] = Field(default_factory=dict)
+    resting_noise: float = 0.08  # everyone's small random resting offsets (max per action)
+    # --- personal expression style ---
+    expressiveness: Range = _r(0.3, 1.2)
+    elderly_expressiveness: float = 0.6  # multiplier for elderly subjects
+    style_jitter: float = 0.35  # lognormal sigma of per-action weights
+    au_swap_prob: float = 0.25  # chance a prototype action is swapped for an alternative
+    intensity: Range = _r(0.4, 1.0)  # apex intensity of an expressive clip
+    # --- identity mix ---
+    age_mix: tuple[float, float, float] = (0.4, 0.4, 0.2)  # young, adult, elderly
+    glasses_fraction: float = 0.2
+    # --- capture and clip counts ---
+    capture: CaptureSpec = Field(default_factory=CaptureSpec)
+    clips: ClipCounts = Field(default_factory=ClipCounts)
+    light_clips: ClipCounts = Field(default_factory=lambda: ClipCounts(train=1, adapt=2, oracle=1, eval=1))
+
+
+PROFILES: dict[str, ProfileSpec] = {
+    "biovid": ProfileSpec(
+        name="biovid",
+        classes=("neutral", "pain"),
+        source_subjects=77,
+        target_subjects=10,
+        neutral=ExpressionSpec(blink_rate=0.25, head_motion=1.5),
+        expressions={
+            # Pain (Prkachin-Solomon): brow lowering, orbit tightening, levator contraction,
+            # eye closure.
+            "pain": ExpressionSpec(
+                aus={"AU4": 0.8, "AU6": 0.5, "AU7": 0.8, "AU9": 0.45, "AU10": 0.45, "AU43": 0.35},
+                blink_rate=0.35,
+                head_motion=2.5,
+            )
+        },
+        resting_lean_aus={"AU4": 0.6, "AU7": 0.55, "AU15": 0.45, "AU6": 0.2},
+        intensity=_r(0.3, 1.0),  # PA1..PA4-like spread
+        age_mix=(0.3, 0.35, 0.35),  # BioVid spans 18-65 years
+        clips=ClipCounts(train=2, adapt=3, oracle=2, eval=3),
+    ),
+    "stressid": ProfileSpec(
+        name="stressid",
+        classes=("neutral", "stress"),
+        source_subjects=44,
+        target_subjects=10,
+        neutral=ExpressionSpec(blink_rate=0.25, gaze_aversion=0.1, head_motion=1.5),
+        expressions={
+            "stress": ExpressionSpec(
+                aus={"AU24": 0.7, "AU4": 0.3, "AU20": 0.2, "AU7": 0.25},
+                blink_rate=1.1,
+                gaze_aversion=0.7,
+                head_motion=5.0,
+                head_nod=2.0,
+            )
+        },
+        resting_lean_aus={"AU24": 0.6, "AU4": 0.4, "AU7": 0.3},
+        intensity=_r(0.35, 0.9),
+        age_mix=(0.55, 0.4, 0.05),
+        clips=ClipCounts(train=2, adapt=3, oracle=2, eval=3),
+    ),
+    "bah": ProfileSpec(
+        name="bah",
+        classes=("neutral", "ambivalence"),
+        source_subjects=214,
+        target_subjects=10,
+        neutral=ExpressionSpec(blink_rate=0.3, head_motion=2.0),
+        expressions={
+            "ambivalence": ExpressionSpec(
+                aus={"AU12": 0.6, "AU15": 0.6, "AU4": 0.4, "AU24": 0.3},
+                dynamics="mixed",
+                blink_rate=0.5,
+                gaze_aversion=0.5,
+                head_shake=7.0,
+                head_motion=3.0,
+            )
+        },
+        resting_lean_aus={"AU15": 0.5, "AU4": 0.35, "AU24": 0.35},
+        intensity=_r(0.4, 1.0),
+        age_mix=(0.4, 0.45, 0.15),
+        capture=CaptureSpec(yaw=10.0, pitch=8.0, light_level=_r(0.65, 1.2), noise=_r(1.5, 6.0)),
+        clips=ClipCounts(train=1, adapt=3, oracle=2, eval=3),
+    ),
+    "affwild2": ProfileSpec(
+        name="affwild2",
+        classes=("neutral", "anger", "disgust", "fear", "happiness", "sadness", "surprise"),
+        source_subjects=282,
+        target_subjects=10,
+        neutral=ExpressionSpec(blink_rate=0.3, head_motion=3.0),
+        expressions={
+            "anger": ExpressionSpec(aus={"AU4": 0.9, "AU5": 0.4, "AU7": 0.6, "AU24": 0.6}, head_motion=4.0),
+            "disgust": ExpressionSpec(aus={"AU9": 0.9, "AU10": 0.7, "AU15": 0.4, "AU4": 0.3}),
+            "fear": ExpressionSpec(
+                aus={"AU1": 0.8, "AU2": 0.6, "AU4": 0.5, "AU5": 0.8, "AU20": 0.7, "AU25": 0.6},
+                head_motion=4.0,
+            ),
+            "happiness": ExpressionSpec(aus={"AU6": 0.8, "AU12": 1.0, "AU25": 0.5}),
+            "sadness": ExpressionSpec(aus={"AU1": 0.8, "AU4": 0.5, "AU15": 0.8, "AU43": 0.2}),
+            "surprise": ExpressionSpec(aus={"AU1": 0.9, "AU2": 0.9, "AU5": 0.8, "AU26": 0.8, "AU25": 0.6}),
+        },
+        resting_lean_aus={"AU15": 0.5, "AU4": 0.4, "AU1": 0.3},
+        resting_lean_fraction=0.3,
+        intensity=_r(0.5, 1.0),
+        age_mix=(0.45, 0.4, 0.15),
+        glasses_fraction=0.25,
+        capture=CaptureSpec(
+            yaw=25.0,
+            pitch=12.0,
+            roll=12.0,
+            scale_jitter=0.12,
+            shift=0.08,
+            light_level=_r(0.5, 1.3),
+            light_gradient=_r(0.1, 0.8),
+            contrast=_r(0.6, 1.25),
+            noise=_r(1.0, 9.0),
+            blur=_r(0.0, 1.2),
+            occlusion=0.35,
+        ),
+        clips=ClipCounts(train=1, adapt=3, oracle=2, eval=3),
+    ),
+}
+
+
+def get_profile(name: str) -> ProfileSpec:
+    """The profile called ``name`` (one of :data:`PROFILES`)."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown cohort profile {name!r}; choose one of {sorted(PROFILES)}") from None
