@@ -13,7 +13,6 @@ import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from pft_core.data.datasets import LOADERS, DatasetIndex, load_dataset
 from pft_core.data.faces import AnnotatedFaceDetector, FaceDetector, HaarFaceDetector
@@ -119,10 +118,9 @@ def check(
         f"face frames {faces}"
     )
     if report.rejected:
-        table = Table("file", "error", "reason")
+        console.print("rejected:")
         for rejection in report.rejected:
-            table.add_row(str(rejection.path), rejection.error, rejection.reason)
-        console.print(table)
+            console.print(f"  [yellow]{rejection.error}[/yellow] {rejection.reason}", soft_wrap=True)
     if not report.reconciles():  # pragma: no cover - an invariant of process_videos
         raise typer.Exit(3)
 
