@@ -393,7 +393,7 @@ def _pretrain_loop(
             history["expr"].append(float(expr.detach()))
             history["style"].append(float(sty.detach()))
             if progress is not None and ((it + 1) % 50 == 0 or it + 1 == config.iterations):
-                progress(it + 1, config.iterations, {"loss": float(loss)})
+                progress(it + 1, config.iterations, {"loss": history["loss"][-1]})
     finally:
         for p, r in zip(classifier.parameters(), requires, strict=True):
             p.requires_grad_(r)
