@@ -275,19 +275,30 @@ def render_clip(
 
 
 def encode_mp4(frames: list[np.ndarray], fps: int) -> bytes:
-    """Encode RGB frames as H.264 (libx264, yuv420p, one thread: byte-identical for a seed)."""
+    """Encode RGB frames as H.264 (libx264, yuv420p, one thread, no lookahead: byte-identical
+    for identical frames)."""
     height, width = frames[0].shape[:2]
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream(
-            "libx264", rate=fps, options={"crf": "17", "preset": "veryfast", "threads": "1"}
+            "libx264",
+            rate=fps,
+            # x264's lookahead (B-frame decisions, mb-tree) gives run-to-run different bitstreams
+            # on short clips; without it the bytes are a function of the frames alone.
+            options={
+                "crf": "17",
+                "preset": "veryfast",
+                "threads": "1",
+                "x264-params": "bframes=0:rc-lookahead=0:mbtree=0:sync-lookahead=0",
+            },
         )
         stream.width = width
         stream.height = height
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1
-        for image in frames:
+        for i, image in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i  # explicit timestamps: without them the bitstream varies between runs
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
