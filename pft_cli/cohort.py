@@ -41,7 +41,7 @@ def make(
     """Generate a cohort: videos, sidecars, manifest.json and config.json."""
     try:
         config = CohortConfig(
-            profile=profile,  # type: ignore[arg-type]
+            profile=profile,
             seed=seed,
             source_subjects=source_subjects,
             target_subjects=target_subjects,

@@ -41,7 +41,7 @@ def test_unknown_fields_are_refused() -> None:
 def test_profile_defaults_match_the_datasets() -> None:
     sizes = {
         name: (CohortConfig(profile=name).n_source, CohortConfig(profile=name).n_target) for name in PROFILES
-    }  # type: ignore[arg-type]
+    }
     assert sizes == {"biovid": (77, 10), "stressid": (44, 10), "bah": (214, 10), "affwild2": (282, 10)}
     for spec in PROFILES.values():
         assert spec.classes[0] == "neutral"
