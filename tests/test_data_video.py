@@ -21,10 +21,12 @@ from pft_core.data.video import (
     abort_worker_for_tests,
     decode_in_process,
     decode_video,
+    hang_worker_for_tests,
     planned_frame_indices,
     probe_video,
 )
 from pft_core.errors import (
+    DecodeTimeoutError,
     EmptyVideoFileError,
     FrameRateError,
     NoFramesError,
@@ -211,3 +213,12 @@ def test_worker_module_does_not_import_torch() -> None:
     code = "import sys, pft_core.data.video, pft_core.data; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_hung_worker_is_stopped_with_a_timeout_error(good: Path) -> None:
+    with VideoDecoder() as decoder:
+        start = time.perf_counter()
+        with pytest.raises(DecodeTimeoutError, match=r"good.mp4.*1 s"):
+            decoder.run_in_worker(hang_worker_for_tests, good, timeout_s=1.0)
+        assert time.perf_counter() - start < 10
+        assert len(decoder.decode(good, VideoConfig()).frames) == 20

@@ -289,6 +289,13 @@ def abort_worker_for_tests(path: str) -> None:
     os.abort()
 
 
+def hang_worker_for_tests(path: str) -> None:
+    """Test hook: a decoder that never returns."""
+    import time
+
+    time.sleep(3600)
+
+
 def _raise_from_worker(payload: tuple[str, str, str]) -> None:
     from pft_core import errors
 
