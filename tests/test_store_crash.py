@@ -53,9 +53,9 @@ def test_sigkill_during_save_never_tears_the_store(tmp_path: Path) -> None:
     script.write_text(SAVER)
     path = tmp_path / "translator.store"
     store = EncryptedStore(path, StoreKey.from_bytes(KEY))
-    size = 4_000_000  # 16 MB of float32 per generation
-    next_generation, kills, mid_write = 0, 8, 0
-    for _ in range(kills):
+    size = 2_000_000  # 8 MB of float32 per generation
+    next_generation, kills, mid_write = 0, 6, 0
+    for attempt in range(kills):
         child = subprocess.Popen(
             [sys.executable, str(script), str(path), str(next_generation), str(size)],
             stdout=subprocess.PIPE,
@@ -65,7 +65,13 @@ def test_sigkill_during_save_never_tears_the_store(tmp_path: Path) -> None:
         assert child.stdout is not None
         first = child.stdout.readline()  # one complete save, so there is something to keep
         assert first.strip() == str(next_generation), "the saver did not start"
-        time.sleep(rng.uniform(0.0, 0.5))
+        if attempt % 2:  # aim: kill as soon as a write is under way (its temp file exists)
+            deadline = time.monotonic() + 10
+            while not list(tmp_path.glob(".translator.store*.tmp")) and time.monotonic() < deadline:
+                pass
+            time.sleep(rng.uniform(0.0, 0.005))
+        else:  # at a random moment
+            time.sleep(rng.uniform(0.0, 0.5))
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=30)
         assert child.returncode == -signal.SIGKILL
@@ -78,6 +84,7 @@ def test_sigkill_during_save_never_tears_the_store(tmp_path: Path) -> None:
             assert check_consistent(store, store.backup_path) <= generation  # equal if killed after rotating
         next_generation = generation + 1
     print(f"{kills} kills, {mid_write} of them during a write (a temp file was left)")
+    assert mid_write >= 1, "no kill landed inside a write; the test did not test the crash path"
     # stale temporaries from the kills are cleaned by the next save
     store.save({"weights": torch.zeros(1), "generation": -1}, owner="alice")
     assert not list(tmp_path.glob(".translator.store.*.tmp"))
