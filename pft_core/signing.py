@@ -259,7 +259,11 @@ def _walk_bundle(folder: Path) -> list[str]:
     Raises BundleUnsignedFileError for a symlink or a special file (never followed, never trusted).
     """
     names: list[str] = []
-    for root, dirs, files in os.walk(folder, followlinks=False):
+
+    def unreadable(exc: OSError) -> None:
+        raise BundleTamperedError(f"{folder}: cannot list {exc.filename} ({exc.strerror})") from exc
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=False):
         root_path = Path(root)
         for name in sorted(dirs):
             entry = root_path / name
