@@ -171,8 +171,15 @@ def plot_embedding(
         for c, cname in enumerate(class_names):
             sel = labels[name] == c
             if sel.any():
-                ax.scatter(part[sel, 0], part[sel, 1], s=10, marker=markers[k % len(markers)],
-                           color=cmap(c % 10), alpha=0.6, label=f"{name}: {cname}")
+                ax.scatter(
+                    part[sel, 0],
+                    part[sel, 1],
+                    s=10,
+                    marker=markers[k % len(markers)],
+                    color=cmap(c % 10),
+                    alpha=0.6,
+                    label=f"{name}: {cname}",
+                )
     ax.set_title(f"{title} ({method})")
     ax.legend(fontsize=7, markerscale=1.5, loc="best")
     fig.tight_layout()

@@ -1,0 +1,52 @@
+"""The `pft` command: a thin typer layer over the packages."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from pft_cli.cohort import cohort_app
+from pft_cli.data import data_app
+from pft_cli.keys import certs_app, keys_app
+from pft_cli.simulate import simulate
+from pft_core import __version__
+
+app = typer.Typer(
+    name="pft",
+    help=(
+        "SFDA-PFT: federated on-device personalisation for facial expression recognition.\n\n"
+        "Start with `pft simulate` (the main job on the synthetic cohort)."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """SFDA-PFT command line."""
+
+
+app.command("simulate")(simulate)
+app.add_typer(cohort_app, name="cohort", help="Make, preview and inspect the synthetic face-video cohort.")
+app.add_typer(
+    data_app, name="data", help="Run the video pipeline on a dataset folder: check files, preview crops."
+)
+app.add_typer(keys_app, name="keys", help="Bundle-signing keys and SuperNode authentication keys.")
+app.add_typer(
+    certs_app, name="certs", help="TLS certificates for a SuperLink: CA, server certificate, rotation."
+)
+
+if __name__ == "__main__":
+    app()

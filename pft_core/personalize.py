@@ -1,0 +1,149 @@
+"""Personalising the translator for one person: the one implementation the SDK, the Flower client
+and the simulations all call.
+
+Given the source model (C, T0, the style normaliser, the source subjects' styles and pairing
+descriptors - what a bundle ships) and the person's NEUTRAL frames (features from F), it computes
+the person's style code, picks the reference source subject by the pairing strategy, and adapts a
+copy of T with :class:`~pft_core.adaptation.PFTAdaptation` on the shared trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from pft_core.adaptation import AdaptConfig, AdaptResult, ModelParts, PFTAdaptation, adapt_translator
+from pft_core.config import FrozenConfig
+from pft_core.errors import TooFewFacesError
+from pft_core.models import Classifier, StyleNormalizer, Translator, style_code
+from pft_core.pairing import Strategy, match_reference
+from pft_core.training import SourceStyles
+
+
+class PersonalizeConfig(FrozenConfig):
+    """Stage 3 settings: the trainer's (``adapt``) and the PFT loss weights.
+
+    ``min_frames`` is the fewest usable neutral face frames adaptation accepts (RELIABILITY row
+    13: refuse rather than learn from noise).
+    """
+
+    adapt: AdaptConfig = AdaptConfig()
+    lambda_consistency: float = Field(1.0, ge=0)
+    lambda_style: float = Field(1.0, ge=0)
+    lambda_neutral: float = Field(0.1, ge=0)
+    noise_std: float = Field(0.05, ge=0)
+    last_layers: int | None = Field(None, ge=1)
+    consistency_target: Literal["translated", "frozen"] = "translated"
+    min_frames: int = Field(8, ge=1)
+    seed: int = 0
+
+    def method(self) -> PFTAdaptation:
+        """The stage-3 method with these weights."""
+        return PFTAdaptation(
+            lambda_consistency=self.lambda_consistency,
+            lambda_style=self.lambda_style,
+            lambda_neutral=self.lambda_neutral,
+            noise_std=self.noise_std,
+            last_layers=self.last_layers,
+            consistency_target=self.consistency_target,
+        )
+
+
+@dataclass
+class SourceModel:
+    """What a device (or a simulated one) holds before personalisation."""
+
+    classifier: Classifier
+    translator: Translator
+    normalizer: StyleNormalizer
+    styles: SourceStyles
+    descriptors: Mapping[str, np.ndarray]
+    pairing: Strategy
+
+
+@dataclass
+class Personalization:
+    """A person's adapted translator and the codes it is used with: ``C(T(f, s_target, s_ref))``."""
+
+    translator: Translator
+    style_target: Tensor
+    style_reference: Tensor
+    reference_subject: str
+    result: AdaptResult
+
+    @torch.no_grad()
+    def translate(self, features: Tensor) -> Tensor:
+        """Translated features ``T(f, s_target, s_reference)``."""
+        self.translator.eval()
+        return self.translator(features, self.style_target, self.style_reference)
+
+    @torch.no_grad()
+    def logits(self, classifier: Classifier, features: Tensor) -> Tensor:
+        """``C(T(f))`` for features (N, D)."""
+        classifier.eval()
+        return classifier(self.translate(features))
+
+
+def pairing_query(strategy: Strategy, features: Tensor, descriptor: np.ndarray | None) -> np.ndarray:
+    """The vector a target is matched with: mean neutral feature (cosine, random) or landmarks."""
+    if strategy == "landmark":
+        if descriptor is None:
+            raise ValueError("landmark pairing needs the person's landmark descriptor")
+        return np.asarray(descriptor, dtype=np.float64)
+    return features.double().mean(0).numpy()
+
+
+def personalize(
+    model: SourceModel,
+    features: Tensor,
+    frame_stats: Tensor,
+    config: PersonalizeConfig,
+    *,
+    descriptor: np.ndarray | None = None,
+    video_ids: Tensor | None = None,
+    time_index: Tensor | None = None,
+) -> Personalization:
+    """Adapt a copy of T to one person from their NEUTRAL frames only (F and C untouched).
+
+    Parameters
+    ----------
+    model:
+        The source model parts.
+    features, frame_stats:
+        F's pooled features (N, D) and frame statistics (N, 2C) of the person's neutral frames.
+    config:
+        Stage-3 settings.
+    descriptor:
+        The person's mean landmark geometry descriptor (needed for ``landmark`` pairing).
+    video_ids, time_index:
+        Which video and frame each row comes from (two frames of one video are paired).
+
+    Raises
+    ------
+    TooFewFacesError
+        Fewer than ``config.min_frames`` frames.
+    """
+    if len(features) < config.min_frames:
+        raise TooFewFacesError(len(features), config.min_frames)
+    s_target = style_code(features, frame_stats, model.normalizer).detach()
+    query = pairing_query(model.pairing, features, descriptor)
+    candidates = {k: v for k, v in model.descriptors.items() if k in model.styles.codes}
+    reference = match_reference(query, candidates, model.pairing, config.seed)
+    parts = ModelParts(
+        classifier=model.classifier,
+        translator=model.translator,
+        style_target=s_target,
+        style_reference=model.styles.codes[reference],
+        reference_stats=(model.styles.neutral_mean[reference], model.styles.neutral_std[reference]),
+    )
+    adapt_config = config.adapt.model_copy(update={"seed": config.seed})
+    translator, result = adapt_translator(
+        parts, features, adapt_config, config.method(), video_ids=video_ids, time_index=time_index
+    )
+    return Personalization(translator, s_target, model.styles.codes[reference], reference, result)

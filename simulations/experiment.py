@@ -1,0 +1,456 @@
+"""The SFDA-PFT experiment (``pft simulate``): per-subject personalisation on a cohort.
+
+Stages: make (or reuse) the cohort -> decode and crop every video once (cached) -> stage 1, the
+source model F and C (cached by config hash) -> F's features for every frame (cached) -> stage 2,
+T pre-trained on pairs of source subjects (cached) -> for each target subject and method: adapt on
+that subject's data only (PFT: its NEUTRAL ``adapt`` videos) and evaluate on its held-out ``eval``
+videos -> results.json, report.md, plots and the resolved config in the output folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from torch import Tensor
+
+from pft_core.bundle import load_bundle, save_bundle
+from pft_core.cohort import CohortConfig
+from pft_core.config import FrozenConfig
+from pft_core.data import DatasetIndex, FaceCropConfig, VideoConfig
+from pft_core.data.cache import state_dict_sha256
+from pft_core.metrics import accuracy, macro_f1
+from pft_core.models import Classifier, FeatureExtractor, ModelConfig
+from pft_core.pairing import Strategy
+from pft_core.personalize import SourceModel
+from pft_core.safe_weights import load_safetensors, save_safetensors
+from pft_core.training import (
+    SourceStyles,
+    SourceTrainConfig,
+    SubjectFeatures,
+    TranslatorPretrainConfig,
+    pretrain_translator,
+    train_source,
+)
+from simulations.machine import describe_machine
+from simulations.methods import METHODS, MethodOutcome, MethodSettings, TargetData
+from simulations.report import (
+    markdown_table,
+    plot_embedding,
+    plot_per_subject,
+    summarise_method,
+    write_results,
+)
+from simulations.workspace import FrameSet, FrameStore, default_cache_root, ensure_cohort, open_cohort
+
+Profile = Literal["biovid", "stressid", "bah", "affwild2"]
+PROFILES: tuple[Profile, ...] = ("biovid", "stressid", "bah", "affwild2")
+DEFAULT_METHODS: tuple[str, ...] = ("source_only", "pft", "oracle")
+
+
+class ExperimentConfig(FrozenConfig):
+    """Everything that defines one run of ``pft simulate``; the top-level ``seed`` seeds every stage.
+
+    Nested seeds are derived from ``seed`` by :meth:`resolved` (cohort = seed, stage 1 = seed,
+    stage 2 = seed, adaptation of target k = seed * 1000 + k), and the resolved config is written
+    beside the results.
+    """
+
+    profile: Profile = "biovid"
+    seed: int = Field(0, ge=0)
+    source_subjects: int | None = Field(None, ge=2)
+    target_subjects: int | None = Field(None, ge=1)
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    engine: Literal["loop"] = "loop"
+    cohort: CohortConfig = CohortConfig()
+    video: VideoConfig = VideoConfig()
+    crop: FaceCropConfig = FaceCropConfig()
+    model: ModelConfig = ModelConfig()
+    source_train: SourceTrainConfig = SourceTrainConfig()
+    pretrain: TranslatorPretrainConfig = TranslatorPretrainConfig()
+    settings: MethodSettings = MethodSettings()
+    embedding_plot: bool = True
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [m for m in value if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+        if not value:
+            raise ValueError("at least one method is needed")
+        return tuple(dict.fromkeys(value))
+
+    def resolved(self) -> ExperimentConfig:
+        """This config with the cohort and the stage seeds derived from the top-level fields."""
+        cohort = self.cohort.model_copy(
+            update={
+                "profile": self.profile,
+                "seed": self.seed,
+                "source_subjects": self.source_subjects,
+                "target_subjects": self.target_subjects,
+            }
+        )
+        return self.model_copy(
+            update={
+                "cohort": CohortConfig.model_validate(cohort.model_dump()),
+                "source_train": self.source_train.model_copy(update={"seed": self.seed}),
+                "pretrain": self.pretrain.model_copy(update={"seed": self.seed}),
+                "settings": self.settings.model_copy(update={"seed": self.seed}),
+            }
+        )
+
+
+ProgressFactory = Callable[[str, int], Callable[[int, int], None]]
+"""``factory(stage description, total) -> step(done, total)``; the CLI makes rich progress bars."""
+
+
+def _silent(_desc: str, _total: int) -> Callable[[int, int], None]:
+    return lambda _d, _t: None
+
+
+@dataclass
+class ExperimentResult:
+    """What ``run_experiment`` returns: the results dict and where the outputs are."""
+
+    results: dict[str, Any]
+    out_dir: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """A one-line summary: PFT vs source-only (and the oracle), subjects won, where to look."""
+        methods = self.results["methods"]
+        parts = [f"{self.results['profile']} seed {self.results['seed']}:"]
+        for name, entry in methods.items():
+            parts.append(f"{name} {entry['mean_f1']:.1f}")
+        if "pft" in methods and "source_only" in methods:
+            pft, src = methods["pft"], methods["source_only"]
+            wins = sum(pft["per_subject"][s]["f1"] > src["per_subject"][s]["f1"] for s in pft["per_subject"])
+            parts.append(
+                f"| pft - source_only = {pft['mean_f1'] - src['mean_f1']:+.1f} F1, "
+                f"better on {wins}/{len(pft['per_subject'])} subjects"
+            )
+        parts.append(f"| {self.out_dir}")
+        return " ".join(parts)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - t0, 2)
+
+
+def _load_or_train_source(
+    config: ExperimentConfig,
+    store: FrameStore,
+    index: DatasetIndex,
+    model_config: ModelConfig,
+    cache_root: Path,
+    progress: ProgressFactory,
+) -> tuple[FeatureExtractor, Classifier, Path]:
+    """Stage 1, cached under ``models/source-<hash>`` by (cohort, crops, model, training) config."""
+    blob = json.dumps(
+        [
+            config.cohort.model_dump(mode="json"),
+            config.video.model_dump(mode="json"),
+            config.crop.model_dump(mode="json"),
+            model_config.model_dump(mode="json"),
+            config.source_train.model_dump(mode="json"),
+        ],
+        sort_keys=True,
+    )
+    folder = cache_root / "models" / f"source-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    extractor, classifier = FeatureExtractor(model_config), Classifier(model_config)
+    if (folder / "F.safetensors").is_file() and (folder / "C.safetensors").is_file():
+        extractor.load_state_dict(load_safetensors(folder / "F.safetensors"))
+        classifier.load_state_dict(load_safetensors(folder / "C.safetensors"))
+        extractor.eval()
+        classifier.eval()
+        return extractor, classifier, folder
+    source_records = list(index.filter(role="source", split="train").records)
+    images, labels = store.crops_and_labels(source_records)
+    step = progress("stage 1: source model F, C", config.source_train.epochs)
+    extractor, classifier, history = train_source(
+        images, labels, model_config, config.source_train, progress=lambda e, n, _i: step(e, n)
+    )
+    save_safetensors(classifier.state_dict(), folder / "C.safetensors")
+    save_safetensors(extractor.state_dict(), folder / "F.safetensors")
+    (folder / "history.json").write_text(json.dumps(_jsonable(history), indent=1))
+    return extractor, classifier, folder
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float | int | str | bool) or value is None:
+        return value
+    if isinstance(value, Tensor | np.ndarray):
+        return np.asarray(value).tolist()
+    return str(value)
+
+
+def _subject_features(frames: FrameSet) -> SubjectFeatures:
+    desc = frames.select(frames.labels == 0).mean_descriptor()
+    return SubjectFeatures(frames.features, frames.frame_stats, frames.labels, 0, desc)
+
+
+def _source_descriptors(subjects: Mapping[str, SubjectFeatures], strategy: Strategy) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name, s in subjects.items():
+        if strategy == "landmark":
+            if s.descriptor is not None:
+                out[name] = np.asarray(s.descriptor)
+        else:
+            out[name] = s.features[s.neutral_mask].double().mean(0).numpy()
+    return out
+
+
+def _load_or_pretrain_translator(
+    config: ExperimentConfig,
+    source_dir: Path,
+    extractor: FeatureExtractor,
+    classifier: Classifier,
+    subjects: Mapping[str, SubjectFeatures],
+    model_config: ModelConfig,
+    classes: list[str],
+    progress: ProgressFactory,
+) -> tuple[SourceModel, Path]:
+    """Stage 2, cached as a model bundle under the source model's folder, keyed by its config."""
+    bundle_dir = source_dir / f"bundle-{config.pretrain.config_hash()}"
+    strategy = config.pretrain.pairing
+    if (bundle_dir / "manifest.json").is_file():
+        bundle = load_bundle(bundle_dir)
+        styles = SourceStyles.from_tensors(bundle.source_styles)
+        return (
+            SourceModel(
+                classifier,
+                bundle.translator,
+                bundle.normalizer,
+                styles,
+                {k: np.asarray(v) for k, v in bundle.descriptors.items()},
+                strategy,
+            ),
+            bundle_dir,
+        )
+    step = progress("stage 2: translator pre-training", config.pretrain.iterations)
+    translator, normalizer, history = pretrain_translator(
+        subjects, classifier, model_config, config.pretrain, progress=lambda i, n, _x: step(i, n)
+    )
+    styles = history["source_styles"]
+    descriptors = _source_descriptors(subjects, strategy)
+    save_bundle(
+        bundle_dir,
+        extractor=extractor,
+        classifier=classifier,
+        translator=translator,
+        normalizer=normalizer,
+        model_config=model_config,
+        class_names=classes,
+        source_styles=styles.as_tensors(),
+        descriptors=descriptors,
+        extra={"pairing": strategy, "pretrain": config.pretrain.model_dump(mode="json")},
+    )
+    return SourceModel(classifier, translator, normalizer, styles, descriptors, strategy), bundle_dir
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    out_dir: Path,
+    cache_root: Path | None = None,
+    progress: ProgressFactory = _silent,
+    log: Callable[[str], None] = lambda _m: None,
+) -> ExperimentResult:
+    """Run ``pft simulate`` end to end and write its outputs to ``out_dir``."""
+    config = config.resolved()
+    cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.write_json(out_dir / "config.json")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    timings: dict[str, float] = {}
+
+    with _timed(timings, "cohort"):
+        cohort_dir = ensure_cohort(config.cohort, cache_root, progress("cohort: rendering videos", 1))
+        index = open_cohort(cohort_dir)
+    classes = list(index.classes)
+    model_config = config.model.model_copy(update={"num_classes": len(classes)})
+    model_config = ModelConfig.model_validate(model_config.model_dump())
+    store = FrameStore(index, cache_root, config.video, config.crop)
+    with _timed(timings, "faces"):
+        records = list(index.records)
+        store.load_frames(records, progress("faces: decode + crop", len(records)))
+    if store.rejected:
+        log(f"{len(store.rejected)} video(s) rejected: " + "; ".join(r for _, r in store.rejected[:3]))
+
+    with _timed(timings, "stage1"):
+        extractor, classifier, source_dir = _load_or_train_source(
+            config, store, index, model_config, cache_root, progress
+        )
+    f_hash = state_dict_sha256(extractor.state_dict())
+
+    roles = index.roles
+    by_subject = index.by_subject()
+    with _timed(timings, "features"):
+        step = progress("features: F on every frame", len(by_subject))
+        frames: dict[str, dict[str, FrameSet]] = {}
+        for done, (subject, recs) in enumerate(by_subject.items(), start=1):
+            splits: dict[str, list[Any]] = {}
+            for r in recs:
+                splits.setdefault(r.split or "train", []).append(r)
+            frames[subject] = {
+                split: store.frame_set(rs, extractor, f_hash)
+                for split, rs in splits.items()
+                if any(r.path in store.videos for r in rs)
+            }
+            step(done, len(by_subject))
+    sources = sorted(s for s in by_subject if roles.get(s) == "source" and "train" in frames[s])
+    targets = sorted(s for s in by_subject if roles.get(s) == "target")
+    source_feats = {s: _subject_features(frames[s]["train"]) for s in sources}
+
+    with _timed(timings, "stage2"):
+        model, bundle_dir = _load_or_pretrain_translator(
+            config, source_dir, extractor, classifier, source_feats, model_config, classes, progress
+        )
+
+    per_method: dict[str, dict[str, dict[str, float]]] = {m: {} for m in config.methods}
+    costs: dict[str, list[tuple[int, float]]] = {m: [] for m in config.methods}
+    embeddings: dict[str, np.ndarray] = {}
+    with _timed(timings, "adaptation"):
+        step = progress("stage 3: adapt + evaluate per target", len(targets) * len(config.methods))
+        done = 0
+        for k, subject in enumerate(targets):
+            target = _target_data(subject, frames[subject])
+            if target is None:
+                log(f"{subject}: skipped (no usable adapt or eval frames)")
+                continue
+            for method in config.methods:
+                outcome: MethodOutcome = METHODS[method](
+                    model, target, config.settings, config.seed * 1000 + k
+                )
+                pred = outcome.logits.argmax(1).numpy()
+                y = target.eval.labels.numpy()
+                per_method[method][subject] = {
+                    "f1": macro_f1(y, pred, len(classes)),
+                    "accuracy": accuracy(y, pred),
+                }
+                costs[method].append((outcome.iterations, outcome.seconds))
+                if method == "pft" and outcome.translated is not None and not embeddings:
+                    embeddings = {
+                        "target": target.eval.features.numpy(),
+                        "translated": outcome.translated.numpy(),
+                    }
+                    embeddings["_subject"] = np.array([k])
+                done += 1
+                step(done, len(targets) * len(config.methods))
+
+    results: dict[str, Any] = {
+        "profile": config.profile,
+        "seed": config.seed,
+        "classes": classes,
+        "config": config.model_dump(mode="json"),
+        "machine": describe_machine(),
+        "methods": {
+            m: summarise_method(
+                per_method[m],
+                statistics.fmean(c[0] for c in costs[m]) if costs[m] else 0.0,
+                statistics.fmean(c[1] for c in costs[m]) if costs[m] else 0.0,
+            )
+            for m in config.methods
+            if per_method[m]
+        },
+        "subjects": {"source": len(sources), "target": len(targets)},
+        "rejected_videos": [{"path": str(p), "reason": r} for p, r in store.rejected],
+        "timings_s": timings,
+        "bundle": str(bundle_dir),
+        "translator_params": sum(p.numel() for p in model.translator.parameters()),
+        "extractor_params": sum(p.numel() for p in extractor.parameters()),
+    }
+    write_results(out_dir, results)
+    _write_report(out_dir, results, frames, sources, targets, embeddings, classes, config)
+    return ExperimentResult(results, out_dir, timings)
+
+
+def _target_data(subject: str, splits: Mapping[str, FrameSet]) -> TargetData | None:
+    adapt, evaluation = splits.get("adapt"), splits.get("eval")
+    if adapt is None or evaluation is None or len(adapt) == 0 or len(evaluation) == 0:
+        return None
+    return TargetData(subject, adapt, splits.get("oracle"), evaluation)
+
+
+def _write_report(
+    out_dir: Path,
+    results: Mapping[str, Any],
+    frames: Mapping[str, Mapping[str, FrameSet]],
+    sources: list[str],
+    targets: list[str],
+    embeddings: Mapping[str, np.ndarray],
+    classes: list[str],
+    config: ExperimentConfig,
+) -> Path:
+    bars = plot_per_subject(results, out_dir / "per_subject_f1.png")
+    lines = [
+        f"# SFDA-PFT on the `{results['profile']}` cohort (seed {results['seed']})",
+        "",
+        f"{results['subjects']['source']} source subjects, {results['subjects']['target']} target subjects; "
+        "macro-F1 (%) per target subject on its held-out `eval` videos (frame level). "
+        "PFT adapts only the translator T on the subject's NEUTRAL `adapt` videos; the oracle "
+        "fine-tunes on the subject's labelled `oracle` videos (upper bound, never bold).",
+        "",
+        markdown_table(results),
+        "",
+        "| method | mean F1 | std F1 | adapt iterations | adapt seconds / subject |",
+        "|---|---|---|---|---|",
+    ]
+    for name, entry in results["methods"].items():
+        lines.append(
+            f"| `{name}` | {entry['mean_f1']:.2f} | {entry['std_f1']:.2f} | "
+            f"{entry['adapt_iterations']:.1f} | {entry['adapt_seconds']:.3f} |"
+        )
+    lines += ["", f"![per-subject F1]({bars.name})", ""]
+    if config.embedding_plot and embeddings and sources:
+        k = int(embeddings["_subject"][0])
+        subject = targets[k]
+        rng = np.random.default_rng(config.seed)
+        src = torch.cat([frames[s]["train"].features for s in sources])
+        src_y = torch.cat([frames[s]["train"].labels for s in sources])
+        pick = rng.choice(len(src), size=min(400, len(src)), replace=False)
+        eval_y = frames[subject]["eval"].labels.numpy()
+        png = plot_embedding(
+            {
+                "source": src[pick].numpy(),
+                "target": embeddings["target"],
+                "target translated": embeddings["translated"],
+            },
+            {"source": src_y[pick].numpy(), "target": eval_y, "target translated": eval_y},
+            classes,
+            out_dir / "features_embedding.png",
+            f"{subject}: source vs target vs translated features",
+            seed=config.seed,
+        )
+        lines += [
+            f"Features of target `{subject}` before and after its personal translator, beside "
+            "source features (colour = class):",
+            "",
+            f"![embedding]({png.name})",
+            "",
+        ]
+    lines += [
+        f"Timings (s): {json.dumps(results['timings_s'])}. T has {results['translator_params']:,} "
+        f"parameters, F {results['extractor_params']:,}. Resolved config: `config.json`.",
+        "",
+    ]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
