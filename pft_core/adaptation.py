@@ -27,7 +27,7 @@ from pft_core.config import FrozenConfig
 from pft_core.errors import TooFewFacesError
 from pft_core.losses import classification_loss, consistency_loss, style_loss
 from pft_core.models import Classifier, FeatureExtractor, Translator
-from pft_core.training import Progress
+from pft_core.training import Progress, torch_threads
 
 
 class AdaptConfig(FrozenConfig):
@@ -36,7 +36,8 @@ class AdaptConfig(FrozenConfig):
     Convergence: the loss is smoothed by an EMA, ``e_t = ema_beta * e_{t-1} + (1 - ema_beta) *
     loss_t`` (``e_1 = loss_1``). The run stops at step t (counted from 1) once ``t >=
     min_iterations`` and ``|e_t - e_{t-window}| <= tol * max(|e_{t-window}|, 1e-8)``, or at
-    ``max_iterations``. ``AdaptResult.converged`` says which.
+    ``max_iterations``. ``AdaptResult.converged`` says which. ``num_threads`` intra-op threads
+    are used during the run (1 is fastest for T's small MLP).
     """
 
     max_iterations: int = 60
@@ -50,6 +51,7 @@ class AdaptConfig(FrozenConfig):
     window: int = 10
     tol: float = 1e-3
     min_frames: int = 2
+    num_threads: int | None = 1
     seed: int = 0
     device: str = "cpu"
 
@@ -255,7 +257,7 @@ class AdaptationTrainer:
                 p.requires_grad_(id(p) in trainable)
             for m in parts.modules():  # frozen parts in eval mode (BatchNorm statistics, dropout)
                 m.train(any(id(p) in trainable for p in m.parameters()))
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), torch_threads(cfg.num_threads):
                 torch.manual_seed(cfg.seed)
                 gen = torch.Generator().manual_seed(cfg.seed)
                 opt = self._optimizer(params)
@@ -343,7 +345,7 @@ class PFTAdaptation:
     """
 
     lambda_consistency: float = 1.0
-    lambda_style: float = 1.0
+    lambda_style: float = 0.1
     lambda_neutral: float = 0.1
     noise_std: float = 0.05
     last_layers: int | None = None
