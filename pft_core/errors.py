@@ -131,3 +131,8 @@ class IncompatibleWeightsError(PFTError):
     def __init__(self, path: str | Path, detail: str) -> None:
         self.path = Path(path)
         super().__init__(f"{self.path}: weights do not fit the model ({detail})")
+
+
+# --- client SDK --------------------------------------------------------------------------------
+class PersonalStateMismatchError(StoreError):
+    """The saved personal state was made with another model bundle than the one installed."""

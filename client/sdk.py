@@ -1,0 +1,869 @@
+"""The on-device SDK a health app embeds: verify a bundle, enroll a person, predict, save, export.
+
+One implementation of bundle verification, the encrypted personal store and adaptation, also used
+by the Flower ClientApp::
+
+    p = Personalizer.from_bundle("bundle/", "bundle-signing.pub", state_dir="state/")
+    report = p.enroll(["neutral_1.mp4", "neutral_2.mp4"])        # adapts T on the device
+    p.predict("clip.mp4").label                                  # C(T(F(x))) per frame, smoothed
+    p.save(StoreKey.from_passphrase(passphrase), owner="alice")  # AES-GCM, atomic
+    p = Personalizer.load("state/", "bundle-signing.pub", key, owner="alice")
+    p.export("model.onnx")                                       # F, T, C fused, style codes baked in
+
+Layout of ``state_dir`` (the SDK writes nowhere else; exports go where the caller says)::
+
+    bundles/          TrustedBundleCache: <digest>/ folders, current.json
+    personal.store    the encrypted personal state (+ .prev, .lock)
+
+The personal state is the adapted translator's weights, the two style codes, the reference
+subject, the privacy ledger (a list of DP releases, each a JSON object; empty until DP is used),
+a summary of the enrollment and the digest of the bundle it was made with.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import Field
+from torch import Tensor
+
+from client.export import ExportFormat, InputDType, PersonalizedModel, export_model
+from client.store import EncryptedStore, StoreKey
+from pft_core.adaptation import AdaptResult
+from pft_core.bundle import Bundle, load_bundle
+from pft_core.config import FrozenConfig
+from pft_core.data import (
+    AnnotatedFaceDetector,
+    AnnotatedLandmarkDetector,
+    FaceCropConfig,
+    FaceDetector,
+    HaarFaceDetector,
+    LandmarkDetector,
+    Rejection,
+    VideoConfig,
+    VideoDecoder,
+    VideoRecord,
+    crop_face,
+    extract_face_clip,
+    geometry_descriptor,
+    process_videos,
+)
+from pft_core.data.faces import sidecar_path
+from pft_core.data.pipeline import BatchReport, FaceClip
+from pft_core.errors import NoFaceError, PersonalStateMismatchError, PFTError, StoreError, TooFewFacesError
+from pft_core.models import preprocess
+from pft_core.pairing import Strategy
+from pft_core.personalize import Personalization, PersonalizeConfig, SourceModel, personalize
+from pft_core.signing import TrustedBundleCache, bundle_digest, key_id, load_public_key, verify_bundle
+from pft_core.training import SourceStyles
+
+__all__ = [
+    "ClientConfig",
+    "EnrollmentReport",
+    "Personalizer",
+    "Prediction",
+    "ProgressCallback",
+]
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "pft-personal-state/1"
+STATE_FILE = "personal.store"
+STATE_PURPOSE = "pft-personal-state"
+BUNDLES_DIR = "bundles"
+
+ProgressCallback = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``; stages ``faces`` (per video), ``features`` and ``adapt``."""
+
+PublicKeyLike = Ed25519PublicKey | str | Path
+
+
+class ClientConfig(FrozenConfig):
+    """How the SDK decodes, detects, adapts and smooths.
+
+    Attributes
+    ----------
+    video:
+        Decoding limits and sampling; by default at most 64 frames per video, spread evenly, so
+        a 10-second clip enrolls in seconds on a phone-class CPU.
+    crop:
+        Face crop settings; ``None`` crops at the bundle's ``image_size``.
+    personalize:
+        Stage-3 settings (``min_frames``: fewest usable face frames enrollment accepts).
+    detector:
+        ``auto``: a video with a ``<stem>.faces.json`` sidecar uses the annotated detectors (the
+        synthetic cohort), any other video the Haar cascade; ``haar`` / ``annotated`` force one.
+    smoothing:
+        How per-frame probabilities become one per-video label: ``mean`` (average of the frames'
+        probabilities) or ``ema`` (exponential moving average in frame order,
+        ``e_1 = p_1, e_t = ema_alpha * p_t + (1 - ema_alpha) * e_{t-1}``; the last value is used).
+    ema_alpha:
+        Weight of the newest frame for ``ema``.
+    """
+
+    video: VideoConfig = VideoConfig(max_frames=64)
+    crop: FaceCropConfig | None = None
+    personalize: PersonalizeConfig = PersonalizeConfig()
+    detector: Literal["auto", "haar", "annotated"] = "auto"
+    smoothing: Literal["mean", "ema"] = "mean"
+    ema_alpha: float = Field(0.3, gt=0.0, le=1.0)
+
+
+@dataclass(frozen=True)
+class EnrollmentReport:
+    """What :meth:`Personalizer.enroll` did; ``len(videos_used) + len(videos_rejected) == videos_given``.
+
+    Attributes
+    ----------
+    videos_given:
+        How many videos were passed.
+    videos_used:
+        The videos that gave face frames.
+    videos_rejected:
+        One :class:`~pft_core.data.Rejection` (path, error type, reason) per unusable video.
+    frames_used:
+        Face frames adaptation learned from.
+    iterations, converged, adapt_seconds:
+        The adaptation run.
+    seconds:
+        Wall time of the whole enrollment (decode, detect, features, adapt).
+    reference_subject:
+        The source subject whose style the person is translated to.
+    pairing:
+        The pairing strategy used (``landmark`` falls back to ``random`` without landmarks).
+    """
+
+    videos_given: int
+    videos_used: tuple[Path, ...]
+    videos_rejected: tuple[Rejection, ...]
+    frames_used: int
+    iterations: int
+    converged: bool
+    adapt_seconds: float
+    seconds: float
+    reference_subject: str
+    pairing: str
+
+    def reconciles(self) -> bool:
+        """Whether every given video is either used or rejected, exactly once."""
+        return len(self.videos_used) + len(self.videos_rejected) == self.videos_given
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Per-frame class probabilities and the smoothed per-video label.
+
+    Attributes
+    ----------
+    class_names:
+        Names of the K classes.
+    probabilities:
+        float32 ``(N, K)``, one row per frame with a face.
+    frame_indices:
+        int64 ``(N,)``: which input frame (or decoded video frame) each row is.
+    smoothed:
+        float32 ``(K,)``: the per-video probabilities after smoothing (see ``ClientConfig``).
+    smoothing:
+        ``mean`` or ``ema``.
+    personalized:
+        Whether the person's translator was used (after enrollment) or the source model.
+    frames_given:
+        How many frames were looked at (sampled from a video, or passed in).
+    """
+
+    class_names: tuple[str, ...]
+    probabilities: np.ndarray
+    frame_indices: np.ndarray
+    smoothed: np.ndarray
+    smoothing: str
+    personalized: bool
+    frames_given: int
+
+    @property
+    def label_index(self) -> int:
+        """Index of the smoothed label."""
+        return int(np.argmax(self.smoothed))
+
+    @property
+    def label(self) -> str:
+        """The smoothed per-video label."""
+        return self.class_names[self.label_index]
+
+    @property
+    def frame_labels(self) -> list[str]:
+        """The most probable class of each frame."""
+        return [self.class_names[i] for i in self.probabilities.argmax(axis=1)]
+
+
+def _public_key(key: PublicKeyLike) -> Ed25519PublicKey:
+    return key if isinstance(key, Ed25519PublicKey) else load_public_key(key)
+
+
+def smooth_probabilities(probabilities: np.ndarray, smoothing: str, alpha: float) -> np.ndarray:
+    """One probability vector (K,) from per-frame probabilities (N, K): mean, or the EMA's last value."""
+    if len(probabilities) == 0:
+        raise ValueError("no frames to smooth")
+    if smoothing == "mean":
+        return np.asarray(probabilities.mean(axis=0), dtype=np.float32)
+    ema = probabilities[0].astype(np.float64)
+    for row in probabilities[1:]:
+        ema = alpha * row + (1.0 - alpha) * ema
+    return ema.astype(np.float32)
+
+
+def _mean_descriptor(clips: Sequence[FaceClip]) -> np.ndarray | None:
+    """The mean landmark geometry descriptor over every frame with landmarks (None without any)."""
+    rows: list[np.ndarray] = []
+    for clip in clips:
+        if clip.landmarks is None:
+            continue
+        for k, points in enumerate(clip.landmarks):
+            if np.isnan(points).any():
+                continue
+            pose = None if clip.poses is None or np.isnan(clip.poses[k]).any() else clip.poses[k]
+            try:
+                rows.append(geometry_descriptor(points, pose))
+            except ValueError:
+                continue
+    if not rows or len({len(r) for r in rows}) != 1:
+        return None
+    return np.mean(np.stack(rows), axis=0)
+
+
+class Personalizer:
+    """A person's expression model on the device: the verified bundle and, once enrolled, their T.
+
+    Build one with :meth:`from_bundle` (a received bundle), :meth:`from_installed` (the bundle a
+    ``state_dir`` already trusts) or :meth:`load` (the installed bundle and the saved personal
+    state). Call :meth:`close` (or use it as a context manager) to stop the decoder process.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        config: ClientConfig | None = None,
+        state_dir: str | Path | None = None,
+        trusted_public_key: Ed25519PublicKey | None = None,
+        key: StoreKey | None = None,
+        owner: str | None = None,
+        detector: FaceDetector | None = None,
+        landmarker: LandmarkDetector | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.config = config or ClientConfig()
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.trusted_public_key = trusted_public_key
+        self.bundle_digest = bundle_digest(bundle.manifest)
+        self.crop_config = self.config.crop or FaceCropConfig(size=bundle.model_config.image_size)
+        self.personalization: Personalization | None = None
+        self.privacy_ledger: list[dict[str, Any]] = []
+        self.enrollment: dict[str, Any] = {}
+        self.recovered_from_backup = False
+        self._key = key
+        self._owner = owner
+        self._detector = detector
+        self._landmarker = landmarker
+        self._haar: HaarFaceDetector | None = None
+        self._decoder: VideoDecoder | None = None
+        styles = SourceStyles.from_tensors(bundle.source_styles)
+        pairing: Strategy = bundle.extra.get("pairing", "cosine")
+        self.source_model = SourceModel(
+            bundle.classifier,
+            bundle.translator,
+            bundle.normalizer,
+            styles,
+            {k: np.asarray(v) for k, v in bundle.descriptors.items()},
+            pairing,
+        )
+
+    # construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_bundle(
+        cls,
+        path: str | Path,
+        trusted_public_key: PublicKeyLike,
+        *,
+        state_dir: str | Path | None = None,
+        min_version: int | None = None,
+        config: ClientConfig | None = None,
+        key: StoreKey | None = None,
+        owner: str | None = None,
+        detector: FaceDetector | None = None,
+        landmarker: LandmarkDetector | None = None,
+    ) -> Personalizer:
+        """Verify a received bundle's signature and files, then load it.
+
+        With ``state_dir`` the bundle is installed into ``state_dir/bundles`` (copied, verified
+        again, made current atomically); a refused bundle leaves the installed one current and
+        loadable with :meth:`from_installed`. Rollback protection compares with the installed
+        version, and with ``min_version`` when given.
+
+        Parameters
+        ----------
+        path:
+            The bundle folder.
+        trusted_public_key:
+            The publisher's Ed25519 key (object or PEM file).
+        state_dir:
+            The device's state folder (optional; needed for :meth:`save`).
+        min_version:
+            Refuse bundles older than this version.
+        config:
+            SDK settings.
+        key, owner:
+            The store key and user id :meth:`save` will use (can also be given to ``save``).
+        detector, landmarker:
+            Custom face and landmark detectors for every video (default: see ``config.detector``).
+
+        Raises
+        ------
+        BundleSignatureError, BundleTamperedError, BundleUnsignedFileError, BundleRollbackError
+            The bundle was refused (nothing installed).
+        UnsafeWeightsError
+            A weights file is not plain safetensors (e.g. a pickle); nothing was unpickled.
+        """
+        public_key = _public_key(trusted_public_key)
+        manifest = verify_bundle(path, public_key, min_version=min_version)
+        folder = Path(path)
+        if state_dir is not None:
+            cache = TrustedBundleCache(Path(state_dir) / BUNDLES_DIR, public_key)
+            cache.install(folder)
+            folder, manifest = cache.load_current()
+        bundle = load_bundle(folder, manifest)
+        return cls(
+            bundle,
+            config=config,
+            state_dir=state_dir,
+            trusted_public_key=public_key,
+            key=key,
+            owner=owner,
+            detector=detector,
+            landmarker=landmarker,
+        )
+
+    @classmethod
+    def from_installed(
+        cls,
+        state_dir: str | Path,
+        trusted_public_key: PublicKeyLike,
+        *,
+        config: ClientConfig | None = None,
+        detector: FaceDetector | None = None,
+        landmarker: LandmarkDetector | None = None,
+    ) -> Personalizer:
+        """The bundle currently installed in ``state_dir`` (verified again), not enrolled.
+
+        Raises
+        ------
+        BundleError
+            Nothing is installed, or the installed copy no longer verifies.
+        """
+        public_key = _public_key(trusted_public_key)
+        folder, manifest = TrustedBundleCache(Path(state_dir) / BUNDLES_DIR, public_key).load_current()
+        return cls(
+            load_bundle(folder, manifest),
+            config=config,
+            state_dir=state_dir,
+            trusted_public_key=public_key,
+            detector=detector,
+            landmarker=landmarker,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        state_dir: str | Path,
+        trusted_public_key: PublicKeyLike,
+        key: StoreKey,
+        *,
+        owner: str,
+        config: ClientConfig | None = None,
+        detector: FaceDetector | None = None,
+        landmarker: LandmarkDetector | None = None,
+    ) -> Personalizer:
+        """The installed bundle and the person's saved state (translator, style codes, ledger).
+
+        When the current store file fails to authenticate and ``personal.store.prev`` does, the
+        previous copy is used and ``recovered_from_backup`` is set (a warning is logged).
+
+        Raises
+        ------
+        StoreAuthenticationError
+            Neither generation decrypts (corrupted, another owner's, or the wrong key).
+        PersonalStateMismatchError
+            The state was made with another bundle than the installed one (enroll again).
+        BundleError
+            No bundle is installed, or it no longer verifies.
+        """
+        p = cls.from_installed(
+            state_dir, trusted_public_key, config=config, detector=detector, landmarker=landmarker
+        )
+        p._key, p._owner = key, owner
+        read = p._store(key).read(owner=owner)
+        p._restore(read.payload, str(read.source))
+        p.recovered_from_backup = read.recovered_from_backup
+        return p
+
+    # lifecycle -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the video decoder's worker process (if one was started)."""
+        if self._decoder is not None:
+            self._decoder.close()
+            self._decoder = None
+
+    def __enter__(self) -> Personalizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The bundle's class names."""
+        return tuple(self.bundle.class_names)
+
+    @property
+    def enrolled(self) -> bool:
+        """Whether a personal translator is in use."""
+        return self.personalization is not None
+
+    def info(self) -> dict[str, Any]:
+        """What is installed and enrolled (no personal data beyond the reference subject's id)."""
+        out: dict[str, Any] = {
+            "bundle_version": self.bundle.bundle_version,
+            "bundle_digest": self.bundle_digest,
+            "class_names": list(self.class_names),
+            "image_size": self.bundle.model_config.image_size,
+            "pairing": self.source_model.pairing,
+            "enrolled": self.enrolled,
+            "privacy_releases": len(self.privacy_ledger),
+        }
+        if self.trusted_public_key is not None:
+            out["key_id"] = key_id(self.trusted_public_key)
+        if self.personalization is not None:
+            out["reference_subject"] = self.personalization.reference_subject
+            out["enrollment"] = dict(self.enrollment)
+        return out
+
+    # faces -----------------------------------------------------------------------------------
+    def _video_decoder(self) -> VideoDecoder:
+        if self._decoder is None:
+            self._decoder = VideoDecoder()
+        return self._decoder
+
+    def _haar_detector(self) -> HaarFaceDetector:
+        if self._haar is None:
+            self._haar = HaarFaceDetector()
+        return self._haar
+
+    def _detectors_for(self, video: Path) -> tuple[FaceDetector, LandmarkDetector | None]:
+        if self._detector is not None:
+            return self._detector, self._landmarker
+        annotated = self.config.detector == "annotated" or (
+            self.config.detector == "auto" and sidecar_path(video).is_file()
+        )
+        if annotated:
+            return AnnotatedFaceDetector(), self._landmarker or AnnotatedLandmarkDetector()
+        return self._haar_detector(), self._landmarker
+
+    def _face_clips(self, videos: Sequence[Path], progress: ProgressCallback | None) -> BatchReport:
+        """Decode and crop every video with its detector; a bad video is a rejection, never fatal."""
+        groups: dict[str, list[int]] = {}
+        detectors: dict[str, tuple[FaceDetector, LandmarkDetector | None]] = {}
+        for i, video in enumerate(videos):
+            pair = self._detectors_for(video)
+            name = "annotated" if isinstance(pair[0], AnnotatedFaceDetector) else f"detector-{id(pair[0])}"
+            detectors.setdefault(name, pair)
+            groups.setdefault(name, []).append(i)
+        by_index: dict[int, FaceClip | Rejection] = {}
+        done = 0
+        for ident, members in groups.items():
+            detector, landmarker = detectors[ident]
+            records = [VideoRecord(path=videos[i], subject="me") for i in members]
+
+            def step(_d: int, _n: int, _p: Path) -> None:
+                nonlocal done
+                done += 1
+                if progress is not None:
+                    progress("faces", done, len(videos))
+
+            report = process_videos(
+                records,
+                self.config.video,
+                self.crop_config,
+                detector,
+                landmarker,
+                decoder=self._video_decoder() if self.config.video.isolate else None,
+                progress=step,
+            )
+            clips = {c.record.path: c for c in report.clips}
+            rejections = {r.path: r for r in report.rejected}
+            for i in members:
+                by_index[i] = clips.get(videos[i]) or rejections[videos[i]]
+        merged = BatchReport(given=len(videos))
+        for i in range(len(videos)):
+            item = by_index[i]
+            if isinstance(item, Rejection):
+                merged.rejected.append(item)
+            else:
+                merged.clips.append(item)
+        return merged
+
+    # enrollment ------------------------------------------------------------------------------
+    def enroll(
+        self, neutral_videos: Iterable[str | Path], *, progress: ProgressCallback | None = None
+    ) -> EnrollmentReport:
+        """Adapt the translator to this person from videos of their NEUTRAL face, on the device.
+
+        Every video is decoded and its faces cropped; a video that cannot be used (unreadable,
+        no face, too few faces) is reported in ``videos_rejected`` and skipped. F's features of
+        the remaining frames drive :func:`pft_core.personalize.personalize` (stage 3); F and C
+        are not changed. The previous personalisation (if any) is replaced only on success.
+
+        Parameters
+        ----------
+        neutral_videos:
+            Paths of videos of the person with a neutral expression.
+        progress:
+            Optional ``progress(stage, done, total)`` callback.
+
+        Raises
+        ------
+        TooFewFacesError
+            Fewer than ``config.personalize.min_frames`` usable face frames in all the videos
+            together (the message lists why videos were rejected).
+        """
+        t0 = time.perf_counter()
+        videos = [Path(v).absolute() for v in neutral_videos]
+        if not videos:
+            raise TooFewFacesError(0, self.config.personalize.min_frames, "enrollment (no videos given)")
+        batch = self._face_clips(videos, progress)
+        clips = batch.clips
+        frames = sum(len(c) for c in clips)
+        needed = self.config.personalize.min_frames
+        if frames < needed:
+            why = "; ".join(r.reason for r in batch.rejected[:3])
+            what = f"enrollment from {len(videos)} video(s)" + (
+                f" ({len(batch.rejected)} rejected: {why})" if batch.rejected else ""
+            )
+            raise TooFewFacesError(frames, needed, what)
+        return self._adapt(
+            np.concatenate([c.crops for c in clips]),
+            video_ids=torch.cat([torch.full((len(c),), k, dtype=torch.long) for k, c in enumerate(clips)]),
+            time_index=torch.cat([torch.from_numpy(c.frame_indices.astype(np.int64)) for c in clips]),
+            descriptor=_mean_descriptor(clips),
+            videos_given=len(videos),
+            used=tuple(c.record.path for c in clips),
+            rejected=tuple(batch.rejected),
+            started=t0,
+            progress=progress,
+        )
+
+    def enroll_crops(
+        self,
+        crops: np.ndarray,
+        *,
+        video_ids: Tensor | None = None,
+        time_index: Tensor | None = None,
+        descriptor: np.ndarray | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> EnrollmentReport:
+        """Enroll from face crops already cut (uint8 ``(N, S, S, 3)``), e.g. cached by an app.
+
+        Same adaptation as :meth:`enroll`; ``video_ids``/``time_index`` say which clip and frame
+        each crop comes from (two frames of one clip are paired), ``descriptor`` is the person's
+        landmark descriptor (needed only for ``landmark`` pairing).
+
+        Raises
+        ------
+        TooFewFacesError
+            Fewer crops than ``config.personalize.min_frames``.
+        """
+        t0 = time.perf_counter()
+        crops = np.asarray(crops)
+        needed = self.config.personalize.min_frames
+        if len(crops) < needed:
+            raise TooFewFacesError(len(crops), needed, "enrollment")
+        return self._adapt(
+            crops,
+            video_ids=video_ids,
+            time_index=time_index,
+            descriptor=descriptor,
+            videos_given=0,
+            used=(),
+            rejected=(),
+            started=t0,
+            progress=progress,
+        )
+
+    def _adapt(
+        self,
+        crops: np.ndarray,
+        *,
+        video_ids: Tensor | None,
+        time_index: Tensor | None,
+        descriptor: np.ndarray | None,
+        videos_given: int,
+        used: tuple[Path, ...],
+        rejected: tuple[Rejection, ...],
+        started: float,
+        progress: ProgressCallback | None,
+    ) -> EnrollmentReport:
+        from pft_core.training import extract_features
+
+        if progress is not None:
+            progress("features", 0, len(crops))
+        features, frame_stats = extract_features(self.bundle.extractor, crops)
+        if progress is not None:
+            progress("features", len(crops), len(crops))
+            progress("adapt", 0, 1)
+        model = self.source_model
+        if model.pairing == "landmark" and descriptor is None:
+            logger.warning("landmark pairing needs landmarks; none were found, using random pairing")
+            model = SourceModel(
+                model.classifier,
+                model.translator,
+                model.normalizer,
+                model.styles,
+                model.descriptors,
+                "random",
+            )
+        result = personalize(
+            model,
+            features,
+            frame_stats,
+            self.config.personalize,
+            descriptor=descriptor,
+            video_ids=video_ids,
+            time_index=time_index,
+        )
+        result.translator.eval()
+        if progress is not None:
+            progress("adapt", 1, 1)
+        self.personalization = result
+        report = EnrollmentReport(
+            videos_given=videos_given,
+            videos_used=used,
+            videos_rejected=rejected,
+            frames_used=len(crops),
+            iterations=result.result.iterations,
+            converged=result.result.converged,
+            adapt_seconds=result.result.seconds,
+            seconds=time.perf_counter() - started,
+            reference_subject=result.reference_subject,
+            pairing=model.pairing,
+        )
+        self.enrollment = {
+            "frames_used": report.frames_used,
+            "videos_used": len(used),
+            "iterations": report.iterations,
+            "converged": report.converged,
+            "adapt_seconds": report.adapt_seconds,
+            "pairing": report.pairing,
+            "enrolled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        return report
+
+    # prediction ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def probabilities(self, crops: np.ndarray | Tensor) -> np.ndarray:
+        """Class probabilities (N, K) of face crops: ``C(T(F(x)))`` once enrolled, else ``C(F(x))``."""
+        bundle = self.bundle
+        bundle.extractor.eval()
+        bundle.classifier.eval()
+        x = preprocess(crops, bundle.model_config.image_size)
+        f = bundle.extractor(x)
+        if self.personalization is not None:
+            logits = self.personalization.logits(bundle.classifier, f)
+        else:
+            logits = bundle.classifier(f)
+        return torch.softmax(logits, dim=1).numpy().astype(np.float32)
+
+    def _prediction(self, probs: np.ndarray, indices: np.ndarray, given: int) -> Prediction:
+        return Prediction(
+            class_names=self.class_names,
+            probabilities=probs,
+            frame_indices=indices.astype(np.int64),
+            smoothed=smooth_probabilities(probs, self.config.smoothing, self.config.ema_alpha),
+            smoothing=self.config.smoothing,
+            personalized=self.enrolled,
+            frames_given=given,
+        )
+
+    def predict_crops(self, crops: np.ndarray) -> Prediction:
+        """Predict aligned face crops, uint8 ``(S, S, 3)`` or ``(N, S, S, 3)`` (no detection)."""
+        crops = np.asarray(crops)
+        if crops.ndim == 3:
+            crops = crops[None]
+        if len(crops) == 0:
+            raise ValueError("no crops given")
+        return self._prediction(self.probabilities(crops), np.arange(len(crops)), len(crops))
+
+    def predict(self, source: str | Path | np.ndarray) -> Prediction:
+        """Per-frame probabilities and a smoothed label for a video file, a frame or frames.
+
+        Parameters
+        ----------
+        source:
+            A video path (decoded and sampled with ``config.video``, faces found with the
+            configured detector), or RGB uint8 camera frames ``(H, W, 3)`` / ``(N, H, W, 3)``
+            (faces found with the Haar cascade or the custom detector). Frames without a face
+            get no row; ``frame_indices`` says which frames the rows are.
+
+        Raises
+        ------
+        VideoError
+            The video cannot be used (typed subclass naming the file), or no frame has a face.
+        """
+        if isinstance(source, str | Path):
+            video = Path(source).absolute()
+            detector, landmarker = self._detectors_for(video)
+            decoder = self._video_decoder() if self.config.video.isolate else None
+            clip = extract_face_clip(
+                VideoRecord(path=video, subject="me"),
+                self.config.video,
+                self.crop_config,
+                detector,
+                landmarker,
+                decoder,
+            )
+            return self._prediction(self.probabilities(clip.crops), clip.frame_indices, clip.sampled_frames)
+        frames = np.asarray(source)
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(
+                f"expected RGB uint8 frames (H, W, 3) or (N, H, W, 3), got {frames.dtype} {frames.shape}"
+            )
+        detector = self._detector or self._haar_detector()
+        crops, indices = [], []
+        for i, frame in enumerate(frames):
+            boxes = detector.detect(frame)
+            if boxes:
+                box = max(boxes, key=lambda b: (b.score, b.width * b.height))
+                crops.append(crop_face(frame, box, self.crop_config.size, self.crop_config.margin))
+                indices.append(i)
+        if not crops:
+            raise NoFaceError("<frames>", f"0 of {len(frames)} frames")
+        return self._prediction(self.probabilities(np.stack(crops)), np.asarray(indices), len(frames))
+
+    # personal state --------------------------------------------------------------------------
+    def _store(self, key: StoreKey) -> EncryptedStore:
+        if self.state_dir is None:
+            raise StoreError("no state_dir: give one to Personalizer.from_bundle to save personal state")
+        return EncryptedStore(self.state_dir / STATE_FILE, key, purpose=STATE_PURPOSE)
+
+    def state_payload(self) -> dict[str, Any]:
+        """The personal state as stored (translator weights, style codes, ledger, bundle digest)."""
+        if self.personalization is None:
+            raise PFTError("nothing to save: enroll the person first")
+        p = self.personalization
+        return {
+            "format": STATE_FORMAT,
+            "bundle_digest": self.bundle_digest,
+            "bundle_version": self.bundle.bundle_version,
+            "translator": {k: v.detach().clone() for k, v in p.translator.state_dict().items()},
+            "style_target": p.style_target.detach().clone(),
+            "style_reference": p.style_reference.detach().clone(),
+            "reference_subject": p.reference_subject,
+            "privacy_ledger": list(self.privacy_ledger),
+            "enrollment": dict(self.enrollment),
+        }
+
+    def save(self, key: StoreKey | None = None, *, owner: str | None = None) -> Path:
+        """Encrypt and write the personal state to ``state_dir/personal.store`` (atomic).
+
+        The previous good generation is kept as ``personal.store.prev``. ``key`` and ``owner``
+        default to the ones given to :meth:`from_bundle` / :meth:`load`.
+
+        Raises
+        ------
+        StoreError
+            No ``state_dir``, no key or owner, or not enrolled yet.
+        StoreAuthenticationError
+            The key does not open the existing store (nothing is overwritten).
+        """
+        key = key or self._key
+        owner = owner or self._owner
+        if key is None or not owner:
+            raise StoreError("save needs the store key and the owner (user id)")
+        payload = self.state_payload()
+        path = self._store(key).save(payload, owner=owner)
+        self._key, self._owner = key, owner
+        return path
+
+    def _restore(self, payload: dict[str, Any], where: str) -> None:
+        if payload.get("format") != STATE_FORMAT:
+            raise StoreError(f"{where}: not an SDK personal state (format {payload.get('format')!r})")
+        if payload.get("bundle_digest") != self.bundle_digest:
+            raise PersonalStateMismatchError(
+                f"{where}: this personal state was made with bundle {str(payload.get('bundle_digest'))[:16]} "
+                f"(version {payload.get('bundle_version')}), but the installed bundle is "
+                f"{self.bundle_digest[:16]} (version {self.bundle.bundle_version}); enroll again"
+            )
+        from pft_core.models import Translator
+
+        translator = Translator(self.bundle.model_config)
+        try:
+            translator.load_state_dict(payload["translator"], strict=True)
+            style_target = payload["style_target"].float()
+            style_reference = payload["style_reference"].float()
+        except (RuntimeError, KeyError, AttributeError) as exc:
+            raise StoreError(f"{where}: the saved translator does not fit the bundle ({exc})") from exc
+        translator.eval()
+        enrollment = dict(payload.get("enrollment") or {})
+        result = AdaptResult(
+            method="pft",
+            iterations=int(enrollment.get("iterations", 0)),
+            converged=bool(enrollment.get("converged", False)),
+            seconds=float(enrollment.get("adapt_seconds", 0.0)),
+            history={},
+        )
+        self.personalization = Personalization(
+            translator, style_target, style_reference, str(payload["reference_subject"]), result
+        )
+        self.privacy_ledger = list(payload.get("privacy_ledger") or [])
+        self.enrollment = enrollment
+
+    # export ----------------------------------------------------------------------------------
+    def fused_model(self) -> PersonalizedModel:
+        """F, T and C (or F and C before enrollment) as one module taking uint8/float crops."""
+        p = self.personalization
+        return PersonalizedModel(
+            self.bundle.extractor,
+            self.bundle.classifier,
+            p.translator if p else None,
+            p.style_target if p else None,
+            p.style_reference if p else None,
+        )
+
+    def export(
+        self, path: str | Path, format: ExportFormat = "onnx", *, input_dtype: InputDType = "uint8"
+    ) -> Path:
+        """Write the personalised model for a mobile runtime (see :mod:`client.export`).
+
+        The file takes RGB crops ``(N, S, S, 3)`` (``S`` = ``info()["image_size"]``) and returns
+        probabilities ``(N, K)``; class names, the bundle digest and whether it is personalised
+        are stored in its metadata. It holds the person's translator: keep it on the device.
+        """
+        return export_model(
+            self.fused_model(),
+            path,
+            format,
+            input_dtype=input_dtype,
+            metadata={
+                "class_names": list(self.class_names),
+                "bundle_digest": self.bundle_digest,
+                "bundle_version": self.bundle.bundle_version,
+                "personalized": self.enrolled,
+            },
+        )

@@ -1,0 +1,123 @@
+"""Shared inputs of the SDK tests: a tiny synthetic cohort, a signing key and a small signed bundle.
+
+The bundle is built from real parts: F, C, T random-initialised at a small size (width 8, 32-px
+crops), the style normaliser, source styles and pairing descriptors computed by
+``pft_core.training.source_styles`` from F's features of the cohort's source subjects.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from pft_core.bundle import save_bundle
+from pft_core.cohort import CohortConfig, make_cohort
+from pft_core.data import (
+    AnnotatedFaceDetector,
+    AnnotatedLandmarkDetector,
+    DatasetIndex,
+    FaceCropConfig,
+    VideoConfig,
+    load_dataset,
+    process_videos,
+)
+from pft_core.models import ModelConfig, build_parts
+from pft_core.signing import generate_signing_key, save_public_key, sign_bundle
+from pft_core.training import SubjectFeatures, extract_features, source_styles
+
+SDK_MODEL = ModelConfig(width=8, image_size=32, num_classes=2, translator_hidden=32, style_embed_dim=8)
+
+
+@dataclass
+class SdkWorld:
+    """What the SDK tests share (read-only: copy a bundle before changing it)."""
+
+    root: Path
+    cohort: Path
+    index: DatasetIndex
+    key: Ed25519PrivateKey
+    public_pem: Path
+    bundle_v1: Path
+    bundle_v2: Path
+
+    def target_videos(self, split: str = "adapt", label: str | None = None) -> list[Path]:
+        """The target subject's videos of one split (and class)."""
+        return [r.path for r in self.index.filter(role="target", split=split, label=label).records]
+
+    def copy_bundle(self, dest: Path, which: int = 1) -> Path:
+        """A private copy of bundle v1 or v2."""
+        return Path(shutil.copytree(self.bundle_v1 if which == 1 else self.bundle_v2, dest))
+
+
+def build_bundle(
+    index: DatasetIndex, out: Path, key: Ed25519PrivateKey, *, version: int = 1, seed: int = 0
+) -> Path:
+    """A small signed bundle for ``index``'s source subjects (see the module docstring)."""
+    torch.manual_seed(seed)
+    config = SDK_MODEL.model_copy(update={"num_classes": len(index.classes)})
+    extractor, classifier, translator = build_parts(config)
+    torch.nn.init.normal_(translator.out.weight, std=0.05)  # not the identity: T matters
+    for m in (extractor, classifier, translator):
+        m.eval()
+    records = list(index.filter(role="source", split="train").records)
+    report = process_videos(
+        records,
+        VideoConfig(isolate=False),
+        FaceCropConfig(size=config.image_size),
+        AnnotatedFaceDetector(),
+        AnnotatedLandmarkDetector(),
+    )
+    assert report.reconciles() and not report.rejected
+    subjects: dict[str, Any] = {}
+    for subject in sorted({c.record.subject for c in report.clips}):
+        clips = [c for c in report.clips if c.record.subject == subject]
+        f, s = extract_features(extractor, np.concatenate([c.crops for c in clips]))
+        labels = torch.cat(
+            [torch.full((len(c),), index.classes.index(c.record.label or ""), dtype=torch.long) for c in clips]
+        )
+        subjects[subject] = SubjectFeatures(f, s, labels, 0)
+    normalizer, styles = source_styles(subjects)
+    descriptors = {n: s.features[s.neutral_mask].double().mean(0).numpy() for n, s in subjects.items()}
+    save_bundle(
+        out,
+        extractor=extractor,
+        classifier=classifier,
+        translator=translator,
+        normalizer=normalizer,
+        model_config=config,
+        class_names=list(index.classes),
+        source_styles=styles.as_tensors(),
+        descriptors=descriptors,
+        bundle_version=version,
+        extra={"pairing": "cosine"},
+    )
+    sign_bundle(out, key)
+    return out
+
+
+def make_world(root: Path) -> SdkWorld:
+    """Cohort (3 source + 1 target subjects, light clips), key pair and bundles v1 and v2."""
+    cohort = root / "cohort"
+    make_cohort(
+        CohortConfig(profile="biovid", seed=0, source_subjects=3, target_subjects=1, light=True, workers=1),
+        cohort,
+    )
+    index = load_dataset(cohort, "synthetic")
+    key = generate_signing_key()
+    public_pem = save_public_key(key.public_key(), root / "keys" / "bundle-signing.pub")
+    v1 = build_bundle(index, root / "bundles" / "v1", key, version=1, seed=0)
+    v2 = build_bundle(index, root / "bundles" / "v2", key, version=2, seed=1)
+    return SdkWorld(root, cohort, index, key, public_pem, v1, v2)
+
+
+@pytest.fixture(scope="session")
+def sdk_world(tmp_path_factory: pytest.TempPathFactory) -> SdkWorld:
+    """One shared world per test session."""
+    return make_world(tmp_path_factory.mktemp("sdk-world"))
