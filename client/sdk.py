@@ -58,7 +58,14 @@ from pft_core.data import (
 )
 from pft_core.data.faces import sidecar_path
 from pft_core.data.pipeline import BatchReport, FaceClip
-from pft_core.errors import NoFaceError, PersonalStateMismatchError, PFTError, StoreError, TooFewFacesError
+from pft_core.errors import (
+    BundleTamperedError,
+    NoFaceError,
+    PersonalStateMismatchError,
+    PFTError,
+    StoreError,
+    TooFewFacesError,
+)
 from pft_core.models import preprocess
 from pft_core.pairing import Strategy
 from pft_core.personalize import Personalization, PersonalizeConfig, SourceModel, personalize
@@ -333,12 +340,16 @@ class Personalizer:
         """
         public_key = _public_key(trusted_public_key)
         manifest = verify_bundle(path, public_key, min_version=min_version)
-        folder = Path(path)
+        # Load (and so fully parse) the candidate BEFORE installing it: a signed bundle whose
+        # weights are unreadable (e.g. a pickle) must never become the device's current bundle.
+        bundle = load_bundle(path, manifest)
         if state_dir is not None:
             cache = TrustedBundleCache(Path(state_dir) / BUNDLES_DIR, public_key)
-            cache.install(folder)
-            folder, manifest = cache.load_current()
-        bundle = load_bundle(folder, manifest)
+            cache.install(path)
+            folder, installed = cache.load_current()
+            if bundle_digest(installed) != bundle_digest(manifest):
+                raise BundleTamperedError(f"{path}: the bundle changed while it was being installed")
+            bundle.folder = folder
         return cls(
             bundle,
             config=config,

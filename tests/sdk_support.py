@@ -80,7 +80,10 @@ def build_bundle(
         clips = [c for c in report.clips if c.record.subject == subject]
         f, s = extract_features(extractor, np.concatenate([c.crops for c in clips]))
         labels = torch.cat(
-            [torch.full((len(c),), index.classes.index(c.record.label or ""), dtype=torch.long) for c in clips]
+            [
+                torch.full((len(c),), index.classes.index(c.record.label or ""), dtype=torch.long)
+                for c in clips
+            ]
         )
         subjects[subject] = SubjectFeatures(f, s, labels, 0)
     normalizer, styles = source_styles(subjects)
@@ -117,7 +120,11 @@ def make_world(root: Path) -> SdkWorld:
     return SdkWorld(root, cohort, index, key, public_pem, v1, v2)
 
 
-@pytest.fixture(scope="session")
-def sdk_world(tmp_path_factory: pytest.TempPathFactory) -> SdkWorld:
-    """One shared world per test session."""
-    return make_world(tmp_path_factory.mktemp("sdk-world"))
+_SHARED: list[SdkWorld] = []
+
+
+def shared_world(factory: pytest.TempPathFactory) -> SdkWorld:
+    """One world per test session, shared by every SDK test module (made on first use)."""
+    if not _SHARED:
+        _SHARED.append(make_world(factory.mktemp("sdk-world")))
+    return _SHARED[0]
