@@ -1,0 +1,234 @@
+"""The Flower ServerApp: publish a signed bundle, run personalisation rounds, aggregate metrics.
+
+``main(grid, context)``: read the :class:`ServerSpec` (the ``"server"`` section of the JSON named
+by ``run_config["pft-spec"]`` or ``$PFT_FLOWER_SPEC``) -> verify the signed bundle -> wait for the
+nodes (quorum ``min_nodes``) -> ``query`` which nodes already hold the bundle's digest and send it
+(``train.install``) to the others -> per round, ``train`` (each node adapts T on its own neutral
+videos) then, where nodes have labelled data, ``evaluate`` each method -> write results.json and
+report.md in the same format as ``pft simulate`` (``simulations.report``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from pydantic import Field
+
+from client.flower_app import BUNDLE_RECORD, CONFIG_RECORD, SPEC_ENV
+from pft_core.config import FrozenConfig
+from pft_core.personalize import PersonalizeConfig
+from pft_core.signing import bundle_digest, load_public_key
+from server.publish import bundle_arrays
+from server.rounds import Exchange, QuorumError, exchange, wait_for_nodes
+from simulations.machine import describe_machine
+from simulations.report import markdown_table, plot_per_subject, summarise_method, write_results
+
+logger = logging.getLogger("pft.server")
+
+
+class ServerSpec(FrozenConfig):
+    """What the ServerApp runs: the signed bundle, the nodes, the rounds and where results go."""
+
+    out_dir: Path
+    bundle_dir: Path
+    trusted_key: Path
+    methods: tuple[str, ...] = ("pft",)
+    seed: int = Field(0, ge=0)
+    pft: PersonalizeConfig = PersonalizeConfig()
+    method_settings: dict[str, Any] = Field(default_factory=dict)
+    subjects: tuple[str, ...] = ()
+    expected_nodes: int | None = Field(None, ge=1)
+    min_nodes: int = Field(1, ge=1)
+    rounds: int = Field(1, ge=1)
+    round_timeout_s: float = Field(600.0, gt=0)
+    connect_timeout_s: float = Field(120.0, gt=0)
+    evaluate: bool = True
+    results_meta: dict[str, Any] = Field(default_factory=dict)
+
+
+def load_server_spec(context: Context) -> ServerSpec:
+    """The spec named by ``run_config["pft-spec"]``, else ``$PFT_FLOWER_SPEC``."""
+    value = context.run_config.get("pft-spec")
+    path = value if isinstance(value, str) and value else os.environ.get(SPEC_ENV, "")
+    if not path:
+        raise ValueError(f"no server spec: set run_config 'pft-spec' or ${SPEC_ENV}")
+    return ServerSpec.model_validate(json.loads(Path(path).read_text())["server"])
+
+
+def _same_config(values: dict[str, Any], bundle: ArrayRecord | None = None) -> Callable[[int], RecordDict]:
+    """Message content for every node: one ConfigRecord (and the bundle's files, if given)."""
+
+    def content(_node: int) -> RecordDict:
+        records: dict[str, Any] = {CONFIG_RECORD: ConfigRecord(values)}
+        if bundle is not None:
+            records[BUNDLE_RECORD] = bundle
+        return RecordDict(records)
+
+    return content
+
+
+def _subject(spec: ServerSpec, metrics: dict[str, float], node: int) -> str:
+    index = int(metrics.get("subject-index", -1))
+    return spec.subjects[index] if 0 <= index < len(spec.subjects) else f"node-{node}"
+
+
+def run_federation(grid: Grid, spec: ServerSpec) -> dict[str, Any]:
+    """Run the whole personalisation federation and write its results; returns the results dict."""
+    t_start = time.monotonic()
+    public_key = load_public_key(spec.trusted_key)
+    arrays, manifest = bundle_arrays(spec.bundle_dir, public_key)
+    digest, version = bundle_digest(manifest), int(manifest["bundle_version"])
+    nodes = wait_for_nodes(
+        grid, spec.expected_nodes or spec.min_nodes, spec.min_nodes, spec.connect_timeout_s
+    )
+    history: list[Exchange] = []
+
+    config = _same_config
+    asked = exchange(grid, nodes, "query", config({"bundle-digest": digest}), spec.round_timeout_s)
+    history.append(asked)
+    asked.require(spec.min_nodes)
+    have = [n for n, m in asked.replies.items() if m["bundle-current"] == 1.0]
+    need = [n for n in asked.replies if n not in have]
+    if need:
+        sent = exchange(
+            grid,
+            need,
+            "train.install",
+            _same_config({"bundle-version": version}, arrays),
+            spec.round_timeout_s,
+        )
+        history.append(sent)
+        have += [n for n, m in sent.replies.items() if int(m["bundle-version"]) == version]
+    active = sorted(have)
+    logger.info("bundle v%d (%s) on %d node(s)", version, digest[:12], len(active))
+
+    per_method: dict[str, dict[str, dict[str, float]]] = {m: {} for m in spec.methods}
+    costs: dict[str, list[tuple[float, float]]] = {m: [] for m in spec.methods}
+    for round_no in range(1, spec.rounds + 1):
+        if len(active) < spec.min_nodes:
+            raise QuorumError(
+                f"round {round_no}: {len(active)} node(s) hold the bundle, quorum is {spec.min_nodes}"
+            )
+        trained = exchange(
+            grid,
+            active,
+            "train",
+            config({"pft-config": spec.pft.model_dump_json(), "seed": spec.seed, "round": round_no}),
+            spec.round_timeout_s,
+        )
+        history.append(trained)
+        trained.require(spec.min_nodes)
+        active = sorted(trained.replies)
+        if not spec.evaluate:
+            continue
+        per_method = {m: {} for m in spec.methods}
+        costs = {m: [] for m in spec.methods}
+        for method in spec.methods:
+            scored = exchange(
+                grid,
+                active,
+                "evaluate",
+                config(
+                    {
+                        "method": method,
+                        "seed": spec.seed,
+                        "method-settings": json.dumps(spec.method_settings),
+                    }
+                ),
+                spec.round_timeout_s,
+            )
+            history.append(scored)
+            scored.require(spec.min_nodes)
+            for node, metrics in scored.replies.items():
+                per_method[method][_subject(spec, metrics, node)] = {
+                    "f1": metrics["f1"],
+                    "accuracy": metrics["accuracy"],
+                }
+                costs[method].append((metrics["adapt-iterations"], metrics["adapt-seconds"]))
+
+    results: dict[str, Any] = dict(spec.results_meta)
+    results.update(
+        {
+            "engine": "flower",
+            "seed": spec.seed,
+            "machine": describe_machine(),
+            "methods": {
+                m: summarise_method(
+                    dict(sorted(per_method[m].items())),
+                    statistics.fmean(c[0] for c in costs[m]) if costs[m] else 0.0,
+                    statistics.fmean(c[1] for c in costs[m]) if costs[m] else 0.0,
+                )
+                for m in spec.methods
+                if per_method[m]
+            },
+            "bundle": {"dir": str(spec.bundle_dir), "version": version, "digest": digest},
+            "federation": {
+                "nodes": len(nodes),
+                "completed": len(active),
+                "min_nodes": spec.min_nodes,
+                "rounds": spec.rounds,
+                "exchanges": [
+                    {
+                        "type": e.message_type,
+                        "ok": len(e.replies),
+                        "failed": {str(k): v for k, v in sorted(e.failures.items())},
+                        "seconds": round(e.seconds, 2),
+                    }
+                    for e in history
+                ],
+            },
+            "timings_s": {"federation": round(time.monotonic() - t_start, 2)},
+        }
+    )
+    write_report(spec.out_dir, results)
+    return results
+
+
+def write_report(out_dir: Path, results: dict[str, Any]) -> Path:
+    """results.json, report.md (the paper-style table) and the per-subject plot in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_results(out_dir, results)
+    lines = [f"# SFDA-PFT on Flower ({results.get('profile', 'deployment')}, seed {results['seed']})", ""]
+    if results["methods"]:
+        bars = plot_per_subject(results, out_dir / "per_subject_f1.png")
+        lines += [
+            "Macro-F1 (%) per person on held-out labelled videos, measured on each node; only "
+            "allow-listed metrics left the nodes.",
+            "",
+            markdown_table(results),
+            "",
+            f"![per-subject F1]({bars.name})",
+            "",
+        ]
+    federation = results["federation"]
+    lines += [
+        f"{federation['completed']}/{federation['nodes']} node(s) completed {federation['rounds']} round(s) "
+        f"(quorum {federation['min_nodes']}); bundle v{results['bundle']['version']} "
+        f"`{results['bundle']['digest'][:16]}`.",
+        "",
+        "| exchange | ok | failed | seconds |",
+        "|---|---|---|---|",
+    ]
+    for e in federation["exchanges"]:
+        lines.append(f"| `{e['type']}` | {e['ok']} | {len(e['failed'])} | {e['seconds']} |")
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """The ServerApp's entry point (Flower Message API)."""
+    run_federation(grid, load_server_spec(context))

@@ -1,0 +1,210 @@
+"""``pft simulate --engine flower``: the SFDA-PFT experiment as a Flower simulation.
+
+One virtual node per target subject (node ``partition-id`` k = the k-th target in sorted order,
+adapting with seed ``seed * 1000 + k``), the same cohort, cached features and stage-2 bundle as
+the in-process engine - so the per-subject numbers are the same. The bundle is published as a
+signed release; every virtual node verifies it, installs it in its own cache, adapts T on its
+neutral videos, keeps T encrypted on its own disk, and sends back only allow-listed metrics.
+
+``flwr.simulation.run_simulation`` passes an empty run_config, so the apps find their settings
+through a JSON spec named by ``$PFT_FLOWER_SPEC`` (set only while the simulation runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.clientapp import ClientApp
+
+from client.flower_app import SPEC_ENV, NodeSpec
+from client.store import generate_key_file
+from pft_core.signing import load_signing_key, write_signing_key_pair
+from server.app import ServerSpec
+from server.publish import publish_bundle
+from simulations.experiment import ExperimentConfig, ExperimentResult, run_experiment
+from simulations.workspace import default_cache_root, ensure_cohort, open_cohort
+
+
+@contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def client_resources(num_cpus: int = 1, num_gpus: float = 0.0) -> dict[str, int | float]:
+    """Validated per-node resources: ``num_cpus`` an integer in [1, cores], ``num_gpus`` in [0, 1].
+
+    Flower's simulation crashes (and exits 0) on a fractional or too large ``num_cpus``; this
+    refuses it first.
+    """
+    cores = os.cpu_count() or 1
+    if isinstance(num_cpus, bool) or not isinstance(num_cpus, int) or not 1 <= num_cpus <= cores:
+        raise ValueError(f"num_cpus must be an integer in [1, {cores}], got {num_cpus!r}")
+    if not 0.0 <= float(num_gpus) <= 1.0:
+        raise ValueError(f"num_gpus must be in [0, 1] (a fraction of one GPU per node), got {num_gpus!r}")
+    return {"num_cpus": num_cpus, "num_gpus": float(num_gpus)}
+
+
+def write_flower_spec(
+    config: ExperimentConfig,
+    out_dir: Path,
+    cache_root: Path,
+    bundle_source: Path,
+    *,
+    min_nodes: int | None = None,
+    round_timeout_s: float = 600.0,
+    torch_threads: int | None = None,
+) -> Path:
+    """Publish the stage-2 bundle (signed, version 1) and write the apps' JSON spec; returns its path.
+
+    Keys made here (the signing key, the nodes' store key) are the simulation's own, under
+    ``out_dir/flower/keys``.
+    """
+    config = config.resolved()
+    work = out_dir / "flower"
+    keys = work / "keys"
+    signing_key_path, public_key_path = write_signing_key_pair(keys, overwrite=True)
+    store_key = generate_key_file(keys / "store.key")
+    bundle_dir = work / "bundle-v1"
+    if bundle_dir.exists():
+        import shutil
+
+        shutil.rmtree(bundle_dir)
+    publish_bundle(bundle_source, bundle_dir, 1, load_signing_key(signing_key_path))
+    cohort_dir = ensure_cohort(config.cohort, cache_root)
+    index = open_cohort(cohort_dir)
+    targets = sorted(s for s in index.by_subject() if index.roles.get(s) == "target")
+    sources = sorted(s for s in index.by_subject() if index.roles.get(s) == "source")
+    node = NodeSpec(
+        dataset_root=cohort_dir,
+        cache_root=cache_root,
+        video=config.video,
+        crop=config.crop,
+        subjects=tuple(targets),
+        trusted_key=public_key_path,
+        store_key_file=store_key,
+        state_root=work / "nodes",
+        torch_threads=torch_threads,
+    )
+    server = ServerSpec(
+        out_dir=out_dir,
+        bundle_dir=bundle_dir,
+        trusted_key=public_key_path,
+        methods=config.methods,
+        seed=config.seed,
+        pft=config.settings.pft,
+        method_settings=config.settings.model_dump(mode="json"),
+        subjects=tuple(targets),
+        expected_nodes=len(targets),
+        min_nodes=min_nodes or len(targets),
+        round_timeout_s=round_timeout_s,
+        results_meta={
+            "profile": config.profile,
+            "classes": list(index.classes),
+            "config": config.model_dump(mode="json"),
+            "subjects": {"source": len(sources), "target": len(targets)},
+        },
+    )
+    spec = work / "spec.json"
+    spec.write_text(
+        json.dumps({"node": node.model_dump(mode="json"), "server": server.model_dump(mode="json")}, indent=1)
+    )
+    return spec
+
+
+def run_flower_simulation(
+    config: ExperimentConfig,
+    out_dir: Path,
+    cache_root: Path | None = None,
+    *,
+    num_cpus: int = 1,
+    num_gpus: float = 0.0,
+    ray_init_args: dict[str, Any] | None = None,
+    min_nodes: int | None = None,
+    client_app: ClientApp | None = None,
+    log: Callable[[str], None] = lambda _m: None,
+) -> ExperimentResult:
+    """Run the experiment of ``config`` as a Flower simulation and write results.json/report.md.
+
+    Parameters
+    ----------
+    config:
+        The experiment (as for ``pft simulate``); each target subject becomes one virtual node.
+    out_dir, cache_root:
+        Output folder, and the cache root shared with the in-process engine.
+    num_cpus, num_gpus:
+        Resources per virtual node (``num_cpus`` integer in [1, cores]; ``num_gpus`` fractional).
+    ray_init_args:
+        Passed to ``ray.init`` (e.g. ``{"address": "auto"}`` to join a multi-machine Ray cluster).
+    min_nodes:
+        Quorum; default: every target subject.
+    client_app:
+        Another ClientApp (e.g. ``make_client_app(mods=[...])`` to record replies); default the app.
+
+    Returns
+    -------
+    ExperimentResult
+        The Flower run's results (same schema as ``pft simulate``; ``engine: "flower"``).
+    """
+    from flwr.simulation import run_simulation
+
+    from client.flower_app import app as default_client_app
+    from server.app import app as server_app
+
+    resources = client_resources(num_cpus, num_gpus)
+    cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    # Cohort, crops, F/C (stage 1), features and T0 (stage 2): the in-process engine's own cached
+    # pipeline, run once with the cheapest method to obtain the bundle.
+    prepared = run_experiment(
+        config.model_copy(update={"methods": ("source_only",), "embedding_plot": False}),
+        out_dir / "prepare",
+        cache_root,
+        log=log,
+    )
+    timings["prepare"] = round(time.perf_counter() - t0, 2)
+    spec = write_flower_spec(
+        config,
+        out_dir,
+        cache_root,
+        Path(prepared.results["bundle"]),
+        min_nodes=min_nodes,
+        torch_threads=torch.get_num_threads(),
+    )
+    nodes = len(json.loads(spec.read_text())["node"]["subjects"])
+    backend_config: dict[str, Any] = {"client_resources": resources, "init_args": dict(ray_init_args or {})}
+    results_path = out_dir / "results.json"
+    results_path.unlink(missing_ok=True)
+    t1 = time.perf_counter()
+    with _env(SPEC_ENV, str(spec)):
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app or default_client_app,
+            num_supernodes=nodes,
+            backend_config=backend_config,
+        )
+    timings["federation"] = round(time.perf_counter() - t1, 2)
+    if not results_path.is_file():
+        raise RuntimeError(f"the Flower simulation ended without results ({results_path} missing)")
+    results = json.loads(results_path.read_text())
+    results["timings_s"] = {**timings, **results.get("timings_s", {})}
+    config.resolved().write_json(out_dir / "config.json")
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    log(f"flower simulation: {nodes} node(s), {timings['federation']:.1f} s")
+    return ExperimentResult(results, out_dir, timings)

@@ -1,0 +1,213 @@
+"""The Flower apps' pieces without a federation: the egress allow-list, bundle publishing and the
+ClientApp's install/query handlers (signed bundles only; tampered and rolled-back ones refused)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+
+from client.egress import EgressViolationError, check_reply, describe_outgoing, metrics_reply
+from client.flower_app import install, query
+from client.store import generate_key_file
+from pft_core.bundle import save_bundle
+from pft_core.errors import (
+    BundleRollbackError,
+    BundleSignatureError,
+    BundleTamperedError,
+    BundleUnsignedFileError,
+)
+from pft_core.models import Classifier, FeatureExtractor, ModelConfig, StyleNormalizer, Translator
+from pft_core.signing import (
+    bundle_digest,
+    generate_signing_key,
+    load_public_key,
+    load_signing_key,
+    verify_bundle,
+    write_signing_key_pair,
+)
+from server.publish import bundle_arrays, publish_bundle
+
+CFG = ModelConfig(width=8, image_size=32, num_classes=2, translator_hidden=16)
+
+
+def _incoming(content: RecordDict, message_type: str) -> Message:
+    """A message as a node receives it (metadata filled in, as the SuperNode does)."""
+    metadata = Metadata(
+        run_id=1,
+        message_id="m-1",
+        src_node_id=1,
+        dst_node_id=11,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=message_type,
+    )
+    return Message(content=content, metadata=metadata)
+
+
+def _metrics(values: dict[str, object]) -> RecordDict:
+    return RecordDict({"metrics": MetricRecord(values)})  # type: ignore[arg-type]
+
+
+# --- egress allow-list ---------------------------------------------------------------------------
+def test_valid_metrics_pass() -> None:
+    got = check_reply(
+        "evaluate", _metrics({"f1": 55.5, "accuracy": 60.0, "eval-frames": 96, "subject-index": 1})
+    )
+    assert got == {"f1": 55.5, "accuracy": 60.0, "eval-frames": 96.0, "subject-index": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"f1": math.nan}, "not finite"),
+        ({"f1": math.inf}, "not finite"),
+        ({"accuracy": -1.0}, "outside"),
+        ({"f1": 100.5}, "outside"),
+        ({"adapt-seconds": -0.1}, "outside"),
+        ({"eval-frames": 0}, "positive count"),
+        ({"loss": 0.3}, "not allow-listed"),
+        ({"translator.weight": [0.1, 0.2]}, "not allow-listed"),
+    ],
+)
+def test_bad_metrics_are_rejected(values: dict[str, object], match: str) -> None:
+    with pytest.raises(EgressViolationError, match=match):
+        check_reply("evaluate", _metrics(values))
+
+
+def test_replies_with_arrays_or_config_records_are_rejected() -> None:
+    weights = ArrayRecord({"T": Array(np.zeros(4, dtype=np.float32))})
+    with pytest.raises(EgressViolationError, match="records"):
+        check_reply("train", RecordDict({"metrics": MetricRecord({"adapt-iterations": 3}), "T": weights}))
+    with pytest.raises(EgressViolationError, match="not a MetricRecord"):
+        check_reply("train", RecordDict({"metrics": ConfigRecord({"subject": "S001"})}))
+    with pytest.raises(EgressViolationError, match="no egress allow-list"):
+        check_reply("train.upload", _metrics({"adapt-iterations": 3}))
+
+
+def test_a_node_cannot_build_a_reply_outside_the_allow_list() -> None:
+    message = _incoming(RecordDict(), "train")
+    with pytest.raises(EgressViolationError):
+        metrics_reply(message, {"neutral-frames": 40, "loss": float("nan")})
+    reply = metrics_reply(message, {"neutral-frames": 40, "adapt-iterations": 30})
+    described = describe_outgoing(reply)
+    assert described["records"] == {
+        "metrics": {
+            "kind": "MetricRecord",
+            "keys": ["adapt-iterations", "neutral-frames"],
+            "values": {"adapt-iterations": 30.0, "neutral-frames": 40.0},
+        }
+    }
+
+
+# --- publishing and the install/query handlers -----------------------------------------------------
+@pytest.fixture
+def world(tmp_path: Path) -> dict[str, Path]:
+    torch.manual_seed(0)
+    source = save_bundle(
+        tmp_path / "trained",
+        extractor=FeatureExtractor(CFG).eval(),
+        classifier=Classifier(CFG).eval(),
+        translator=Translator(CFG).eval(),
+        normalizer=StyleNormalizer.fit(torch.randn(4, CFG.style_dim)),
+        model_config=CFG,
+        class_names=["neutral", "pain"],
+        source_styles={"code/s0": torch.randn(CFG.style_dim)},
+        descriptors={"s0": np.arange(3, dtype=np.float64)},
+        extra={"pairing": "cosine"},
+    )
+    key_path, pub_path = write_signing_key_pair(tmp_path / "keys")
+    spec = {
+        "node": {
+            "dataset_root": str(tmp_path / "data"),
+            "cache_root": str(tmp_path / "cache"),
+            "subjects": ["S001"],
+            "trusted_key": str(pub_path),
+            "store_key_file": str(generate_key_file(tmp_path / "keys" / "store.key")),
+            "state_root": str(tmp_path / "nodes"),
+        }
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    return {
+        "root": tmp_path,
+        "source": source,
+        "key": key_path,
+        "pub": pub_path,
+        "spec": tmp_path / "spec.json",
+    }
+
+
+def _context(world: dict[str, Path]) -> Context:
+    return Context(
+        run_id=1,
+        node_id=11,
+        node_config={"pft-spec": str(world["spec"]), "partition-id": 0},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def _release(world: dict[str, Path], version: int) -> Path:
+    folder = world["root"] / f"v{version}"
+    publish_bundle(world["source"], folder, version, load_signing_key(world["key"]))
+    return folder
+
+
+def _install_message(folder: Path, pub: Path) -> Message:
+    arrays, _ = bundle_arrays(folder, load_public_key(pub))
+    return _incoming(RecordDict({"bundle": arrays}), "train.install")
+
+
+def _ask(world: dict[str, Path], digest: str) -> dict[str, float]:
+    message = _incoming(RecordDict({"config": ConfigRecord({"bundle-digest": digest})}), "query")
+    return check_reply("query", query(message, _context(world)).content)
+
+
+def test_publish_signs_a_new_version(world: dict[str, Path]) -> None:
+    folder = _release(world, 4)
+    manifest = verify_bundle(folder, load_public_key(world["pub"]))
+    assert manifest["bundle_version"] == 4
+    with pytest.raises(BundleSignatureError):
+        verify_bundle(folder, generate_signing_key().public_key())
+
+
+def test_node_installs_signed_bundle_and_refuses_tampered_extra_and_rollback(world: dict[str, Path]) -> None:
+    v2, v1 = _release(world, 2), _release(world, 1)
+    pub = load_public_key(world["pub"])
+    digest2 = bundle_digest(verify_bundle(v2, pub))
+    assert _ask(world, digest2) == {"bundle-current": 0.0, "bundle-version": 0.0, "subject-index": 0.0}
+
+    reply = install(_install_message(v2, world["pub"]), _context(world))
+    assert check_reply("train.install", reply.content)["bundle-version"] == 2.0
+    assert _ask(world, digest2)["bundle-current"] == 1.0
+
+    # rollback to an older signed version: refused, v2 kept
+    with pytest.raises(BundleRollbackError):
+        install(_install_message(v1, world["pub"]), _context(world))
+    # one flipped byte in the weights, in transit
+    message = _install_message(_release(world, 3), world["pub"])
+    arrays = message.content["bundle"]
+    data = arrays["C.safetensors"].numpy().copy()
+    data[-1] ^= 0xFF
+    arrays["C.safetensors"] = Array(data)
+    with pytest.raises(BundleTamperedError):
+        install(message, _context(world))
+    # an unsigned extra file
+    message = _install_message(world["root"] / "v3", world["pub"])
+    message.content["bundle"]["payload.py"] = Array(np.frombuffer(b"import os", dtype=np.uint8).copy())
+    with pytest.raises(BundleUnsignedFileError):
+        install(message, _context(world))
+    # a file name escaping the folder
+    message = _install_message(world["root"] / "v3", world["pub"])
+    message.content["bundle"]["../evil.json"] = Array(np.frombuffer(b"{}", dtype=np.uint8).copy())
+    with pytest.raises(BundleTamperedError, match="outside"):
+        install(message, _context(world))
+    assert _ask(world, digest2) == {"bundle-current": 1.0, "bundle-version": 2.0, "subject-index": 0.0}

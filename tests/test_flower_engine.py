@@ -1,0 +1,90 @@
+"""The Flower simulation engine gives the in-process engine's per-subject numbers, and nothing but
+allow-listed metrics leaves a virtual node (every reply of a full run is recorded)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.egress import ALLOWED_METRICS, make_egress_audit_mod
+from client.flower_app import make_client_app
+from simulations.experiment import ExperimentConfig, ExperimentResult, run_experiment
+from simulations.flower_engine import client_resources, run_flower_simulation
+
+TINY = ExperimentConfig.model_validate(
+    {
+        "profile": "biovid",
+        "seed": 3,
+        "source_subjects": 4,
+        "target_subjects": 2,
+        "methods": ["source_only", "pft", "oracle"],
+        "embedding_plot": False,
+        "model": {"width": 8, "translator_hidden": 32},
+        "source_train": {"epochs": 4},
+        "pretrain": {"iterations": 40},
+        "settings": {
+            "pft": {"adapt": {"max_iterations": 30, "min_iterations": 30}},
+            "oracle": {"max_iterations": 5, "min_iterations": 5},
+        },
+    }
+)
+
+
+@pytest.fixture(scope="module")
+def both_engines(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentResult, ExperimentResult, Path]:
+    root = tmp_path_factory.mktemp("flower-engine")
+    loop = run_experiment(TINY, root / "loop", root / "cache")
+    audit = root / "egress.jsonl"
+    client_app = make_client_app(mods=[make_egress_audit_mod(audit)])
+    flower = run_flower_simulation(TINY, root / "flower", root / "cache", client_app=client_app)
+    return loop, flower, audit
+
+
+@pytest.mark.slow
+def test_flower_engine_equals_in_process_engine(both_engines: tuple[Any, Any, Path]) -> None:
+    loop, flower, _ = both_engines
+    assert flower.results["engine"] == "flower"
+    assert set(flower.results["methods"]) == set(TINY.methods)
+    for method in TINY.methods:
+        want = loop.results["methods"][method]["per_subject"]
+        got = flower.results["methods"][method]["per_subject"]
+        assert got == want, method
+        assert flower.results["methods"][method]["mean_f1"] == loop.results["methods"][method]["mean_f1"]
+    # not a degenerate oracle: the methods do not all give the same numbers
+    distinct = {json.dumps(loop.results["methods"][m]["per_subject"], sort_keys=True) for m in TINY.methods}
+    assert len(distinct) > 1
+    assert (flower.out_dir / "results.json").is_file() and (flower.out_dir / "report.md").is_file()
+    assert flower.results["federation"]["completed"] == 2
+
+
+@pytest.mark.slow
+def test_only_allow_listed_metrics_leave_a_node(both_engines: tuple[Any, Any, Path]) -> None:
+    _, flower, audit = both_engines
+    entries = [json.loads(line) for line in audit.read_text().splitlines()]
+    # every message each of the 2 nodes answered: query, install, train, 3 evaluations
+    types = sorted(e["type"] for e in entries)
+    assert types == sorted(["query", "train.install", "train"] * 2 + ["evaluate"] * 6)
+    for entry in entries:
+        assert entry["error"] is None
+        assert list(entry["records"]) == ["metrics"], entry
+        record = entry["records"]["metrics"]
+        assert record["kind"] == "MetricRecord", entry
+        assert set(record["keys"]) <= ALLOWED_METRICS[entry["type"]], entry
+        assert all(isinstance(v, int | float) for v in record["values"].values())
+    # the nodes' personal translators stayed on their disks, encrypted
+    stores = sorted((flower.out_dir / "flower" / "nodes").glob("*/translator.store"))
+    assert len(stores) == 2
+    assert all(s.read_bytes()[:8] == b"PFTSTORE" for s in stores)
+
+
+def test_client_resources_are_checked() -> None:
+    assert client_resources(1, 0.25) == {"num_cpus": 1, "num_gpus": 0.25}
+    for bad in (0, 0.5, (os.cpu_count() or 1) + 1, True):
+        with pytest.raises(ValueError, match="num_cpus"):
+            client_resources(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_gpus"):
+        client_resources(1, 1.5)
