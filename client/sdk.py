@@ -22,7 +22,10 @@ a summary of the enrollment and the digest of the bundle it was made with.
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -243,6 +246,23 @@ def _mean_descriptor(clips: Sequence[FaceClip]) -> np.ndarray | None:
     if not rows or len({len(r) for r in rows}) != 1:
         return None
     return np.mean(np.stack(rows), axis=0)
+
+
+def _contain_torch_cache(state_dir: Path) -> None:
+    """Keep torch's import-time cache folder inside ``state_dir`` (RELIABILITY row 14).
+
+    The first optimiser step imports ``torch._dynamo``, which creates an (empty) inductor cache
+    folder, by default ``$TMPDIR/torchinductor_<user>``. If the SDK is the first to import it,
+    point that folder into ``state_dir/.torch-cache`` for the import only (the environment is
+    restored; an explicit ``TORCHINDUCTOR_CACHE_DIR`` is respected).
+    """
+    if "torch._dynamo" in sys.modules or "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(state_dir / ".torch-cache")
+    try:
+        importlib.import_module("torch._dynamo")
+    finally:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
 
 
 class Personalizer:
@@ -631,6 +651,8 @@ class Personalizer:
     ) -> EnrollmentReport:
         from pft_core.training import extract_features
 
+        if self.state_dir is not None:
+            _contain_torch_cache(self.state_dir)
         if progress is not None:
             progress("features", 0, len(crops))
         features, frame_stats = extract_features(self.bundle.extractor, crops)
