@@ -10,27 +10,18 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
-import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pft_core.bundle import save_bundle
 from pft_core.cohort import CohortConfig, make_cohort
 from pft_core.data import (
-    AnnotatedFaceDetector,
-    AnnotatedLandmarkDetector,
     DatasetIndex,
-    FaceCropConfig,
-    VideoConfig,
     load_dataset,
-    process_videos,
 )
-from pft_core.models import ModelConfig, build_parts
-from pft_core.signing import generate_signing_key, save_public_key, sign_bundle
-from pft_core.training import SubjectFeatures, extract_features, source_styles
+from pft_core.models import ModelConfig
+from pft_core.signing import generate_signing_key, save_public_key
+from simulations.bench_sdk import build_demo_bundle
 
 SDK_MODEL = ModelConfig(width=8, image_size=32, num_classes=2, translator_hidden=32, style_embed_dim=8)
 
@@ -60,49 +51,7 @@ def build_bundle(
     index: DatasetIndex, out: Path, key: Ed25519PrivateKey, *, version: int = 1, seed: int = 0
 ) -> Path:
     """A small signed bundle for ``index``'s source subjects (see the module docstring)."""
-    torch.manual_seed(seed)
-    config = SDK_MODEL.model_copy(update={"num_classes": len(index.classes)})
-    extractor, classifier, translator = build_parts(config)
-    torch.nn.init.normal_(translator.out.weight, std=0.05)  # not the identity: T matters
-    for m in (extractor, classifier, translator):
-        m.eval()
-    records = list(index.filter(role="source", split="train").records)
-    report = process_videos(
-        records,
-        VideoConfig(isolate=False),
-        FaceCropConfig(size=config.image_size),
-        AnnotatedFaceDetector(),
-        AnnotatedLandmarkDetector(),
-    )
-    assert report.reconciles() and not report.rejected
-    subjects: dict[str, Any] = {}
-    for subject in sorted({c.record.subject for c in report.clips}):
-        clips = [c for c in report.clips if c.record.subject == subject]
-        f, s = extract_features(extractor, np.concatenate([c.crops for c in clips]))
-        labels = torch.cat(
-            [
-                torch.full((len(c),), index.classes.index(c.record.label or ""), dtype=torch.long)
-                for c in clips
-            ]
-        )
-        subjects[subject] = SubjectFeatures(f, s, labels, 0)
-    normalizer, styles = source_styles(subjects)
-    descriptors = {n: s.features[s.neutral_mask].double().mean(0).numpy() for n, s in subjects.items()}
-    save_bundle(
-        out,
-        extractor=extractor,
-        classifier=classifier,
-        translator=translator,
-        normalizer=normalizer,
-        model_config=config,
-        class_names=list(index.classes),
-        source_styles=styles.as_tensors(),
-        descriptors=descriptors,
-        bundle_version=version,
-        extra={"pairing": "cosine"},
-    )
-    sign_bundle(out, key)
-    return out
+    return build_demo_bundle(index, out, key, SDK_MODEL, version=version, seed=seed)
 
 
 def make_world(root: Path) -> SdkWorld:
