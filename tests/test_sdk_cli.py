@@ -21,6 +21,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> SdkWorld:
     return shared_world(tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_enroll_predict_export_info(world: SdkWorld, tmp_path: Path) -> None:
     state = tmp_path / "state"
     secret = tmp_path / "passphrase.txt"
