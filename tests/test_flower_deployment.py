@@ -1,0 +1,307 @@
+"""End to end on Flower's deployment engine: a real SuperLink and SuperNodes on 127.0.0.1 with TLS
+(our CA and server certificate) and node authentication (registered EC keys).
+
+A full personalisation run completes (checked through ``flwr ls --format json``, since ``flwr run``
+exits 0 on failure); an unregistered node and a node trusting another CA are refused; a SuperNode
+killed during the run leaves the others to finish above quorum. Every process is started in its
+own session and stopped by PID in a finalizer, also on failure; every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server import pki
+from simulations.experiment import ExperimentConfig, run_experiment
+from simulations.flower_engine import write_flower_spec
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CONNECTION = "e2e"
+
+TINY = ExperimentConfig.model_validate(
+    {
+        "profile": "biovid",
+        "seed": 5,
+        "source_subjects": 4,
+        "target_subjects": 2,
+        "methods": ["source_only", "pft"],
+        "embedding_plot": False,
+        "model": {"width": 8, "translator_hidden": 32},
+        "source_train": {"epochs": 1},
+        "pretrain": {"iterations": 10},
+        "settings": {"pft": {"adapt": {"max_iterations": 10, "min_iterations": 10}}},
+    }
+)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flwr is not installed"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Deployment:
+    """Processes of one local deployment, all stopped by PID in :meth:`stop`."""
+
+    root: Path
+    ca: pki.CAFiles
+    server: pki.ServerCertificateFiles
+    port: int = field(default_factory=_free_port)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "PFT_FLOWER_SPEC"}
+        env.update(FLWR_HOME=str(self.root / "flwr-home"), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+        return env
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.root / f"{name}.log").open("wb")
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True, cwd=self.root
+        )
+        log.close()
+        self.processes[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def start_superlink(self) -> None:
+        home = self.root / "flwr-home"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.ca.cert}"\n'
+        )
+        self.start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--ssl-ca-certfile", str(self.server.ca_cert),
+                "--ssl-certfile", str(self.server.cert),
+                "--ssl-keyfile", str(self.server.key),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--host", "127.0.0.1",
+                "--port", str(self.port),
+            ],
+        )  # fmt: skip
+        context = ssl.create_default_context(cafile=str(self.ca.cert))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.processes["superlink"].poll() is None, self.log("superlink")
+            try:
+                with (
+                    socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock,
+                    context.wrap_socket(sock, server_hostname="127.0.0.1"),
+                ):
+                    return
+            except (ConnectionRefusedError, TimeoutError, ssl.SSLError, OSError):
+                time.sleep(0.3)
+        raise TimeoutError("the SuperLink never accepted a TLS connection")
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+            cwd=self.root,
+        )
+
+    def start_supernode(
+        self,
+        name: str,
+        key: pki.NodeKeyFiles,
+        node_config: str,
+        *,
+        ca_cert: Path | None = None,
+        retries: int = 0,
+    ) -> subprocess.Popen[bytes]:
+        command = [
+            str(BIN / "flower-supernode"),
+            "--superlink", f"127.0.0.1:{self.port}",
+            "--root-certificates", str(ca_cert or self.ca.cert),
+            "--auth-supernode-private-key", str(key.private_key),
+            "--node-config", node_config,
+            "--port", str(_free_port()),
+        ]  # fmt: skip
+        if retries:
+            command += ["--max-retries", str(retries), "--max-wait-time", "15"]
+        return self.start(name, command)
+
+    def run_status(self, run_id: int) -> str:
+        listed = self.flwr("ls", CONNECTION, "--format", "json")
+        document = json.loads(listed.stdout)
+        for run in document.get("runs", []):
+            if int(run["run-id"]) == run_id:
+                return str(run["status"])
+        raise AssertionError(f"run {run_id} not listed: {listed.stdout} {listed.stderr}")
+
+    def wait_run(self, run_id: int, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        status = ""
+        while time.monotonic() < deadline:
+            status = self.run_status(run_id)
+            if status.startswith("finished"):
+                return status
+            time.sleep(2)
+        raise TimeoutError(
+            f"run {run_id} still {status!r} after {timeout} s\n{self.log('superlink')[-3000:]}"
+        )
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)  # the process and the children it started
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The tiny cohort's bundle, the PKI, and node keys (two registered later, one never)."""
+    root = tmp_path_factory.mktemp("deployment")
+    loop = run_experiment(TINY, root / "loop", root / "cache")
+    ca = pki.create_ca(root / "ca")
+    server = pki.issue_server_certificate(root / "ca", root / "server", ["127.0.0.1", "localhost"])
+    other_ca = pki.create_ca(root / "other-ca")
+    keys = {
+        name: pki.create_node_key_pair(root / "keys", name)
+        for name in ("node0", "node1", "wrong-ca", "stranger")
+    }
+    return {"root": root, "loop": loop, "ca": ca, "server": server, "other_ca": other_ca, "keys": keys}
+
+
+@pytest.fixture
+def deployment(prepared: dict[str, Any], tmp_path: Path) -> Iterator[Deployment]:
+    dep = Deployment(tmp_path, prepared["ca"], prepared["server"])
+    try:
+        dep.start_superlink()
+        for name in ("node0", "node1", "wrong-ca"):
+            done = dep.flwr("supernode", "register", str(prepared["keys"][name].public_key), CONNECTION)
+            assert done.returncode == 0, done.stdout + done.stderr
+        yield dep
+    finally:
+        dep.stop()
+
+
+def _spec(prepared: dict[str, Any], out: Path, *, min_nodes: int, round_timeout_s: float) -> Path:
+    return write_flower_spec(
+        TINY,
+        out,
+        prepared["root"] / "cache",
+        Path(prepared["loop"].results["bundle"]),
+        min_nodes=min_nodes,
+        round_timeout_s=round_timeout_s,
+    )
+
+
+def _start_run(dep: Deployment, spec: Path) -> int:
+    started = dep.flwr("run", str(REPO), CONNECTION, "--run-config", f'pft-spec="{spec}"', "--format", "json")
+    assert started.returncode == 0, started.stdout + started.stderr
+    return int(json.loads(started.stdout)["run-id"])
+
+
+def test_tls_and_node_auth_full_run(deployment: Deployment, prepared: dict[str, Any]) -> None:
+    dep = deployment
+    spec = _spec(prepared, dep.root / "out", min_nodes=2, round_timeout_s=120)
+    keys = prepared["keys"]
+    # refused: an unregistered key, and a registered key that trusts another CA
+    dep.start_supernode("stranger", keys["stranger"], f'partition-id=0 pft-spec="{spec}"', retries=1)
+    dep.start_supernode(
+        "wrong-ca",
+        keys["node1"],
+        f'partition-id=1 pft-spec="{spec}"',
+        ca_cert=prepared["other_ca"].cert,
+        retries=1,
+    )
+    for i in (0, 1):
+        dep.start_supernode(f"node{i}", keys[f"node{i}"], f'partition-id={i} pft-spec="{spec}"')
+    run_id = _start_run(dep, spec)
+    status = dep.wait_run(run_id, timeout=150)
+    assert status == "finished:completed", status + dep.log("superlink")[-3000:]
+    results = json.loads((dep.root / "out" / "results.json").read_text())
+    assert results["federation"]["nodes"] == 2 and results["federation"]["completed"] == 2
+    # the deployment gives the in-process engine's numbers
+    for method in TINY.methods:
+        assert (
+            results["methods"][method]["per_subject"]
+            == prepared["loop"].results["methods"][method]["per_subject"]
+        )
+    # the refused nodes never got in: still retrying (or given up), and the SuperLink lists 2 nodes
+    listed = dep.flwr("supernode", "ls", CONNECTION, "--format", "json")
+    (dep.root / "supernodes.json").write_text(listed.stdout)
+    nodes = json.loads(listed.stdout)["nodes"]
+    assert len(nodes) == 3  # node0, node1 and the wrong-CA node's key are registered ...
+    assert sum(n["status"] == "online" for n in nodes) == 2, nodes  # ... but only two got in
+    for name in ("stranger", "wrong-ca"):
+        assert "Connection attempt failed" in dep.log(name), dep.log(name)[-2000:]
+        assert "ClientApp" not in dep.log(name)
+
+
+def test_a_killed_supernode_leaves_the_others_to_finish(
+    deployment: Deployment, prepared: dict[str, Any]
+) -> None:
+    dep = deployment
+    out = dep.root / "out"
+    spec = _spec(prepared, out, min_nodes=1, round_timeout_s=25)
+    keys = prepared["keys"]
+    for i in (0, 1):
+        dep.start_supernode(f"node{i}", keys[f"node{i}"], f'partition-id={i} pft-spec="{spec}"')
+    run_id = _start_run(dep, spec)
+    # kill node 1 as soon as it has installed the bundle: mid-round (before its install reply or
+    # during training); the round completes with node 0, above the quorum of 1
+    marker = (
+        out
+        / "flower"
+        / "nodes"
+        / json.loads(spec.read_text())["node"]["subjects"][1]
+        / "bundles"
+        / "current.json"
+    )
+    deadline = time.monotonic() + 90
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), dep.log("node1")[-2000:]
+    os.killpg(dep.processes["node1"].pid, signal.SIGKILL)
+    dep.processes["node1"].wait(timeout=10)
+    status = dep.wait_run(run_id, timeout=120)
+    assert status == "finished:completed", status
+    results = json.loads((out / "results.json").read_text())
+    federation = results["federation"]
+    assert federation["nodes"] == 2 and federation["completed"] == 1
+    # the dead node is counted as failed in the round it was in (install or train), with a reason
+    failed = [e for e in federation["exchanges"] if e["failed"]]
+    assert len(failed) == 1 and failed[0]["type"] in ("train.install", "train"), federation
+    assert len(failed[0]["failed"]) == 1 and failed[0]["ok"] == 1
+    assert len(results["methods"]["pft"]["per_subject"]) == 1
