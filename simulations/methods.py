@@ -8,35 +8,96 @@ method is allowed to see (PFT: the person's NEUTRAL ``adapt`` frames; the oracle
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from pft_core.adaptation import AdaptationData, AdaptationTrainer, AdaptConfig, ModelParts, Oracle
+from pft_core.adaptation import (
+    AdaptationData,
+    AdaptationMethod,
+    AdaptationTrainer,
+    AdaptConfig,
+    ModelParts,
+    Oracle,
+    predict,
+)
+from pft_core.baselines import (
+    NeutralNorm,
+    NRCConfig,
+    SHOTConfig,
+    TPDSConfig,
+    baseline_translator,
+    reestimate_batchnorm,
+)
 from pft_core.config import FrozenConfig
-from pft_core.personalize import PersonalizeConfig, SourceModel, personalize
-from simulations.workspace import FrameSet
+from pft_core.data import VideoRecord
+from pft_core.models import FeatureExtractor, style_code
+from pft_core.pairing import match_reference
+from pft_core.personalize import PersonalizeConfig, SourceModel, pairing_query, personalize
+from pft_core.training import extract_features
+from simulations.workspace import FrameSet, FrameStore
 
 
 class MethodSettings(FrozenConfig):
-    """Per-method settings: PFT's stage 3 and the oracle's supervised fine-tuning."""
+    """Per-method settings: PFT's stage 3, the oracle's supervised fine-tuning and the baselines'
+    (SHOT, NRC, TPDS: see ``pft_core.baselines``; AdaBN's batch size for re-estimating BatchNorm)."""
 
     pft: PersonalizeConfig = PersonalizeConfig()
     oracle: AdaptConfig = AdaptConfig(max_iterations=150, min_iterations=150, lr=1e-3)
+    shot: SHOTConfig = SHOTConfig()
+    nrc: NRCConfig = NRCConfig()
+    tpds: TPDSConfig = TPDSConfig()
+    adabn_batch_size: int = Field(256, ge=2)
     seed: int = Field(0, ge=0)
 
 
 @dataclass
+class TargetImages:
+    """Face crops of a target's ``adapt`` and ``eval`` frames (rows aligned with those FrameSets)
+    and the source F, for methods that re-run F (AdaBN)."""
+
+    extractor: FeatureExtractor
+    adapt: np.ndarray  # uint8 (N_adapt, S, S, 3)
+    eval: np.ndarray  # uint8 (N_eval, S, S, 3)
+
+
+@dataclass
 class TargetData:
-    """One target person's frames by split; ``eval`` is never shown to a method before predicting."""
+    """One target person's frames by split; ``eval`` is never shown to a method before predicting.
+
+    ``images`` (optional) carries the face crops for methods that need them (AdaBN); build it with
+    :func:`target_images`.
+    """
 
     subject: str
     adapt: FrameSet
     oracle: FrameSet | None
     eval: FrameSet
+    images: TargetImages | None = None
+
+
+def target_images(
+    store: FrameStore,
+    extractor: FeatureExtractor,
+    adapt_records: Sequence[VideoRecord],
+    eval_records: Sequence[VideoRecord],
+) -> TargetImages:
+    """The crops of ``adapt_records`` and ``eval_records`` in ``FrameStore.frame_set``'s row order
+    (records in order, videos without usable frames skipped)."""
+
+    def crops(records: Sequence[VideoRecord]) -> np.ndarray:
+        parts = [store.videos[r.path].crops for r in records if r.path in store.videos]
+        if not parts:
+            raise ValueError("none of these videos has usable face frames")
+        return np.concatenate(parts)
+
+    return TargetImages(extractor, crops(adapt_records), crops(eval_records))
 
 
 @dataclass
@@ -47,6 +108,8 @@ class MethodOutcome:
     iterations: int
     seconds: float
     translated: Tensor | None = None
+    converged: bool | None = None
+    trainable_parameters: int = 0
 
 
 Runner = Callable[[SourceModel, TargetData, MethodSettings, int], MethodOutcome]
@@ -97,8 +160,118 @@ def run_oracle(model: SourceModel, target: TargetData, settings: MethodSettings,
     return MethodOutcome(logits, result.iterations, result.seconds)
 
 
+# --- baselines (pft_core.baselines; docs/baselines.md) -------------------------------------------------
+def _reference(model: SourceModel, neutral: FrameSet, seed: int) -> str:
+    """The source subject a target is matched with (the same rule as ``personalize``)."""
+    query = pairing_query(model.pairing, neutral.features, neutral.mean_descriptor())
+    candidates = {k: v for k, v in model.descriptors.items() if k in model.styles.codes}
+    return match_reference(query, candidates, model.pairing, seed)
+
+
+BaselineConfig = SHOTConfig | NRCConfig | TPDSConfig
+
+
+def _run_translator_baseline(
+    model: SourceModel, target: TargetData, config: BaselineConfig, seed: int
+) -> MethodOutcome:
+    """Adapt a copy of T with a model-based SFDA method on the NEUTRAL ``adapt`` frames; C frozen."""
+    neutral = target.adapt
+    reference = _reference(model, neutral, seed)
+    translator = baseline_translator(model.translator, config.init)
+    parts = ModelParts(
+        classifier=model.classifier,
+        translator=translator,
+        style_target=style_code(neutral.features, neutral.frame_stats, model.normalizer).detach(),
+        style_reference=model.styles.codes[reference],
+    )
+    data = AdaptationData(neutral.features, video_ids=neutral.video_ids, time_index=neutral.time_index)
+    method: AdaptationMethod = config.method(neutral.features)
+    result = AdaptationTrainer(config.adapt.model_copy(update={"seed": seed})).fit(method, parts, data)
+    with torch.no_grad():
+        assert parts.style_target is not None and parts.style_reference is not None
+        translated = translator(target.eval.features, parts.style_target, parts.style_reference)
+    logits = predict(method, parts, target.eval.features)
+    n_params = sum(p.numel() for p in method.trainable_parameters(parts))
+    return MethodOutcome(logits, result.iterations, result.seconds, translated, result.converged, n_params)
+
+
+def run_shot(model: SourceModel, target: TargetData, settings: MethodSettings, seed: int) -> MethodOutcome:
+    """SHOT (Liang et al. 2020) on T, C frozen, the person's neutral frames only."""
+    return _run_translator_baseline(model, target, settings.shot, seed)
+
+
+def run_nrc(model: SourceModel, target: TargetData, settings: MethodSettings, seed: int) -> MethodOutcome:
+    """NRC (Yang et al. 2021) on T, C frozen, the person's neutral frames only."""
+    return _run_translator_baseline(model, target, settings.nrc, seed)
+
+
+def run_tpds(model: SourceModel, target: TargetData, settings: MethodSettings, seed: int) -> MethodOutcome:
+    """TPDS (Tang et al. 2024) on T, C frozen, the person's neutral frames only."""
+    return _run_translator_baseline(model, target, settings.tpds, seed)
+
+
+def _run_neutral_norm(
+    model: SourceModel, target: TargetData, reference: Literal["source_mean", "matched"], seed: int
+) -> MethodOutcome:
+    t0 = time.perf_counter()
+    styles = model.styles
+    if reference == "matched":
+        name = _reference(model, target.adapt, seed)
+        ref = (styles.neutral_mean[name], styles.neutral_std[name])
+    else:
+        names = sorted(styles.neutral_mean)
+        ref = (
+            torch.stack([styles.neutral_mean[n] for n in names]).mean(0),
+            torch.stack([styles.neutral_std[n] for n in names]).mean(0),
+        )
+    method = NeutralNorm.from_neutral(target.adapt.features, ref)
+    seconds = time.perf_counter() - t0
+    logits = predict(method, ModelParts(classifier=model.classifier), target.eval.features)
+    return MethodOutcome(logits, 0, seconds, converged=True)
+
+
+def run_neutral_norm(
+    model: SourceModel, target: TargetData, settings: MethodSettings, seed: int
+) -> MethodOutcome:
+    """Per-person neutral normalisation to the MEAN source neutral statistics; ``C(f')``."""
+    return _run_neutral_norm(model, target, "source_mean", seed)
+
+
+def run_neutral_norm_matched(
+    model: SourceModel, target: TargetData, settings: MethodSettings, seed: int
+) -> MethodOutcome:
+    """Per-person neutral normalisation to the MATCHED reference subject's neutral statistics."""
+    return _run_neutral_norm(model, target, "matched", seed)
+
+
+def run_adabn(model: SourceModel, target: TargetData, settings: MethodSettings, seed: int) -> MethodOutcome:
+    """AdaBN (Li et al. 2016): F's BatchNorm statistics re-estimated on the person's neutral crops;
+    eval features recomputed with that F (never written to the feature cache); ``C(F'(x))``."""
+    if target.images is None:
+        raise ValueError(
+            f"{target.subject}: adabn needs the face crops (TargetData.images; build it with "
+            "simulations.methods.target_images)"
+        )
+    t0 = time.perf_counter()
+    adapted = reestimate_batchnorm(target.images.extractor, target.images.adapt, settings.adabn_batch_size)
+    seconds = time.perf_counter() - t0
+    features, _ = extract_features(adapted, target.images.eval)
+    if len(features) != len(target.eval):
+        raise ValueError(f"{target.subject}: {len(features)} eval crops for {len(target.eval)} eval frames")
+    with torch.no_grad():
+        model.classifier.eval()
+        logits = model.classifier(features)
+    return MethodOutcome(logits, 0, seconds, converged=True)
+
+
 METHODS: dict[str, Runner] = {
     "source_only": run_source_only,
     "pft": run_pft,
     "oracle": run_oracle,
+    "shot": run_shot,
+    "nrc": run_nrc,
+    "tpds": run_tpds,
+    "neutral_norm": run_neutral_norm,
+    "neutral_norm_matched": run_neutral_norm_matched,
+    "adabn": run_adabn,
 }
