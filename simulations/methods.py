@@ -121,7 +121,7 @@ def run_source_only(
 ) -> MethodOutcome:
     """The source model as it ships: ``C(F(x))``, no adaptation."""
     model.classifier.eval()
-    return MethodOutcome(model.classifier(target.eval.features), 0, 0.0)
+    return MethodOutcome(model.classifier(target.eval.features), 0, 0.0, converged=True)
 
 
 def run_pft(model: SourceModel, target: TargetData, settings: MethodSettings, seed: int) -> MethodOutcome:
@@ -139,7 +139,10 @@ def run_pft(model: SourceModel, target: TargetData, settings: MethodSettings, se
     translated = result.translate(target.eval.features)
     with torch.no_grad():
         logits = model.classifier(translated)
-    return MethodOutcome(logits, result.result.iterations, result.result.seconds, translated)
+    n_params = sum(p.numel() for p in result.translator.last_layers_parameters(settings.pft.last_layers))
+    return MethodOutcome(
+        logits, result.result.iterations, result.result.seconds, translated, result.result.converged, n_params
+    )
 
 
 def run_oracle(model: SourceModel, target: TargetData, settings: MethodSettings, seed: int) -> MethodOutcome:
@@ -157,7 +160,8 @@ def run_oracle(model: SourceModel, target: TargetData, settings: MethodSettings,
     result = AdaptationTrainer(settings.oracle.model_copy(update={"seed": seed})).fit(Oracle(), parts, data)
     with torch.no_grad():
         logits = classifier(target.eval.features)
-    return MethodOutcome(logits, result.iterations, result.seconds)
+    n_params = sum(p.numel() for p in classifier.parameters())
+    return MethodOutcome(logits, result.iterations, result.seconds, None, result.converged, n_params)
 
 
 # --- baselines (pft_core.baselines; docs/baselines.md) -------------------------------------------------
