@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from pft_cli.client import client_app
 from pft_cli.cohort import cohort_app
 from pft_cli.data import data_app
 from pft_cli.keys import certs_app, keys_app
@@ -43,6 +44,7 @@ app.add_typer(cohort_app, name="cohort", help="Make, preview and inspect the syn
 app.add_typer(
     data_app, name="data", help="Run the video pipeline on a dataset folder: check files, preview crops."
 )
+app.add_typer(client_app, name="client", help="On-device personalisation: enroll, predict, export, info.")
 app.add_typer(keys_app, name="keys", help="Bundle-signing keys and SuperNode authentication keys.")
 app.add_typer(
     certs_app, name="certs", help="TLS certificates for a SuperLink: CA, server certificate, rotation."

@@ -16,9 +16,15 @@ def _results() -> dict:
         "seed": 0,
         "classes": ["neutral", "pain"],
         "methods": {
-            "oracle": summarise_method({"S1": {"f1": 95.0, "accuracy": 95.0}, "S2": {"f1": 91.0, "accuracy": 90.0}}, 10, 0.1),
-            "pft": summarise_method({"S1": {"f1": 80.0, "accuracy": 81.0}, "S2": {"f1": 60.0, "accuracy": 62.0}}, 20, 0.2),
-            "source_only": summarise_method({"S1": {"f1": 70.0, "accuracy": 71.0}, "S2": {"f1": 66.0, "accuracy": 64.0}}, 0, 0.0),
+            "oracle": summarise_method(
+                {"S1": {"f1": 95.0, "accuracy": 95.0}, "S2": {"f1": 91.0, "accuracy": 90.0}}, 10, 0.1
+            ),
+            "pft": summarise_method(
+                {"S1": {"f1": 80.0, "accuracy": 81.0}, "S2": {"f1": 60.0, "accuracy": 62.0}}, 20, 0.2
+            ),
+            "source_only": summarise_method(
+                {"S1": {"f1": 70.0, "accuracy": 71.0}, "S2": {"f1": 66.0, "accuracy": 64.0}}, 0, 0.0
+            ),
         },
     }
 
