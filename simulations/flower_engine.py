@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -72,18 +73,22 @@ def write_flower_spec(
     """Publish the stage-2 bundle (signed, version 1) and write the apps' JSON spec; returns its path.
 
     Keys made here (the signing key, the nodes' store key) are the simulation's own, under
-    ``out_dir/flower/keys``.
+    ``out_dir/flower/keys`` (reused when present); the virtual nodes' folders are reset.
     """
     config = config.resolved()
     work = out_dir / "flower"
     keys = work / "keys"
-    signing_key_path, public_key_path = write_signing_key_pair(keys, overwrite=True)
-    store_key = generate_key_file(keys / "store.key")
+    signing_key_path, public_key_path = keys / "bundle-signing.key", keys / "bundle-signing.pub"
+    if not (signing_key_path.is_file() and public_key_path.is_file()):
+        signing_key_path, public_key_path = write_signing_key_pair(keys, overwrite=True)
+    store_key = keys / "store.key"
+    if not store_key.is_file():
+        generate_key_file(store_key)
+    # virtual nodes start fresh in every simulation (their bundle caches and stores)
+    for stale in (work / "nodes", work / "bundle-v1"):
+        if stale.exists():
+            shutil.rmtree(stale)
     bundle_dir = work / "bundle-v1"
-    if bundle_dir.exists():
-        import shutil
-
-        shutil.rmtree(bundle_dir)
     publish_bundle(bundle_source, bundle_dir, 1, load_signing_key(signing_key_path))
     cohort_dir = ensure_cohort(config.cohort, cache_root)
     index = open_cohort(cohort_dir)
