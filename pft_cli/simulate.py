@@ -68,6 +68,18 @@ def simulate(
             help="Cache root (cohorts, crops, features, models). Default $PFT_CACHE_DIR or ~/.cache/pft."
         ),
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="loop: subjects one after another in this process; flower: one Flower virtual node each."
+        ),
+    ] = "loop",
+    num_cpus: Annotated[
+        int, typer.Option(help="Flower engine: CPUs per virtual node (integer, 1..cores).")
+    ] = 1,
+    num_gpus: Annotated[
+        float, typer.Option(help="Flower engine: GPUs per virtual node (fractional, e.g. 0.1).")
+    ] = 0.0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Run SFDA-PFT per target subject on a synthetic cohort and write the paper-style results.
@@ -89,6 +101,7 @@ def simulate(
                 profile=name,
                 seed=seed,
                 methods=method_list,
+                engine=engine,
                 source_subjects=source_subjects,
                 target_subjects=target_subjects,
             )
@@ -97,14 +110,21 @@ def simulate(
             raise typer.Exit(2) from exc
         run_dir = out / name if len(profiles) > 1 else out
         try:
-            with stage_bars(progress) as bars:
-                result = run_experiment(
-                    cfg,
-                    run_dir,
-                    cache_dir,
-                    progress=bars,
-                    log=lambda m: console.print(f"[yellow]{m}[/yellow]"),
+            if cfg.engine == "flower":
+                from simulations.flower_engine import run_flower_simulation
+
+                result = run_flower_simulation(
+                    cfg, run_dir, cache_dir, num_cpus=num_cpus, num_gpus=num_gpus, log=console.print
                 )
+            else:
+                with stage_bars(progress) as bars:
+                    result = run_experiment(
+                        cfg,
+                        run_dir,
+                        cache_dir,
+                        progress=bars,
+                        log=lambda m: console.print(f"[yellow]{m}[/yellow]"),
+                    )
         except PFTError as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from exc

@@ -27,7 +27,7 @@ from torch import Tensor
 from pft_core.bundle import load_bundle, save_bundle
 from pft_core.cohort import CohortConfig
 from pft_core.config import FrozenConfig
-from pft_core.data import DatasetIndex, FaceCropConfig, VideoConfig
+from pft_core.data import DatasetIndex, FaceCropConfig, VideoConfig, VideoRecord
 from pft_core.data.cache import state_dict_sha256
 from pft_core.metrics import accuracy, macro_f1
 from pft_core.models import Classifier, FeatureExtractor, ModelConfig
@@ -43,7 +43,7 @@ from pft_core.training import (
     train_source,
 )
 from simulations.machine import describe_machine
-from simulations.methods import METHODS, MethodOutcome, MethodSettings, TargetData
+from simulations.methods import METHODS, MethodOutcome, MethodSettings, TargetData, target_images
 from simulations.report import (
     markdown_table,
     plot_embedding,
@@ -71,10 +71,10 @@ class ExperimentConfig(FrozenConfig):
     source_subjects: int | None = Field(None, ge=2)
     target_subjects: int | None = Field(None, ge=1)
     methods: tuple[str, ...] = DEFAULT_METHODS
-    engine: Literal["loop"] = "loop"
+    engine: Literal["loop", "flower"] = "loop"
     cohort: CohortConfig = CohortConfig()
     video: VideoConfig = VideoConfig()
-    crop: FaceCropConfig = FaceCropConfig()
+    crop: FaceCropConfig = FaceCropConfig(margin=0.0)
     model: ModelConfig = ModelConfig()
     source_train: SourceTrainConfig = SourceTrainConfig()
     pretrain: TranslatorPretrainConfig = TranslatorPretrainConfig()
@@ -305,8 +305,9 @@ def run_experiment(
     with _timed(timings, "features"):
         step = progress("features: F on every frame", len(by_subject))
         frames: dict[str, dict[str, FrameSet]] = {}
+        split_records: dict[str, dict[str, list[VideoRecord]]] = {}
         for done, (subject, recs) in enumerate(by_subject.items(), start=1):
-            splits: dict[str, list[Any]] = {}
+            splits: dict[str, list[VideoRecord]] = split_records.setdefault(subject, {})
             for r in recs:
                 splits.setdefault(r.split or "train", []).append(r)
             frames[subject] = {
@@ -335,6 +336,9 @@ def run_experiment(
             if target is None:
                 log(f"{subject}: skipped (no usable adapt or eval frames)")
                 continue
+            if "adabn" in config.methods:  # the one method that needs pixels, not cached features
+                own = split_records[subject]
+                target.images = target_images(store, extractor, own["adapt"], own["eval"])
             for method in config.methods:
                 outcome: MethodOutcome = METHODS[method](
                     model, target, config.settings, config.seed * 1000 + k
