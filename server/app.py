@@ -27,6 +27,7 @@ from client.flower_app import BUNDLE_RECORD, CONFIG_RECORD, SPEC_ENV
 from pft_core.config import FrozenConfig
 from pft_core.personalize import PersonalizeConfig
 from pft_core.signing import bundle_digest, load_public_key
+from server.audit import AuditLog, RunAudit
 from server.publish import bundle_arrays
 from server.rounds import Exchange, QuorumError, exchange, wait_for_nodes
 from simulations.machine import describe_machine
@@ -53,6 +54,7 @@ class ServerSpec(FrozenConfig):
     connect_timeout_s: float = Field(120.0, gt=0)
     evaluate: bool = True
     results_meta: dict[str, Any] = Field(default_factory=dict)
+    audit_log: Path | None = None
 
 
 def load_server_spec(context: Context) -> ServerSpec:
@@ -81,20 +83,33 @@ def _subject(spec: ServerSpec, metrics: dict[str, float], node: int) -> str:
     return spec.subjects[index] if 0 <= index < len(spec.subjects) else f"node-{node}"
 
 
-def run_federation(grid: Grid, spec: ServerSpec) -> dict[str, Any]:
-    """Run the whole personalisation federation and write its results; returns the results dict."""
+def run_federation(grid: Grid, spec: ServerSpec, audit: RunAudit | None = None) -> dict[str, Any]:
+    """Run the whole personalisation federation and write its results; returns the results dict.
+
+    ``audit``: where each step is recorded (``server.audit``); default: ``spec.audit_log``, run 0.
+    """
+    audit = audit or RunAudit(AuditLog(spec.audit_log) if spec.audit_log else None, 0)
     t_start = time.monotonic()
     public_key = load_public_key(spec.trusted_key)
     arrays, manifest = bundle_arrays(spec.bundle_dir, public_key)
     digest, version = bundle_digest(manifest), int(manifest["bundle_version"])
+    audit.event(
+        "run.started",
+        bundle_version=version,
+        bundle_digest=digest,
+        min_nodes=spec.min_nodes,
+        rounds=spec.rounds,
+    )
     nodes = wait_for_nodes(
         grid, spec.expected_nodes or spec.min_nodes, spec.min_nodes, spec.connect_timeout_s
     )
+    audit.event("run.nodes", nodes=nodes)
     history: list[Exchange] = []
 
     config = _same_config
     asked = exchange(grid, nodes, "query", config({"bundle-digest": digest}), spec.round_timeout_s)
     history.append(asked)
+    audit.exchange(0, asked)
     asked.require(spec.min_nodes)
     have = [n for n, m in asked.replies.items() if m["bundle-current"] == 1.0]
     need = [n for n in asked.replies if n not in have]
@@ -107,6 +122,7 @@ def run_federation(grid: Grid, spec: ServerSpec) -> dict[str, Any]:
             spec.round_timeout_s,
         )
         history.append(sent)
+        audit.exchange(0, sent)
         have += [n for n, m in sent.replies.items() if int(m["bundle-version"]) == version]
     active = sorted(have)
     logger.info("bundle v%d (%s) on %d node(s)", version, digest[:12], len(active))
@@ -126,6 +142,7 @@ def run_federation(grid: Grid, spec: ServerSpec) -> dict[str, Any]:
             spec.round_timeout_s,
         )
         history.append(trained)
+        audit.exchange(round_no, trained)
         trained.require(spec.min_nodes)
         active = sorted(trained.replies)
         if not spec.evaluate:
@@ -147,6 +164,7 @@ def run_federation(grid: Grid, spec: ServerSpec) -> dict[str, Any]:
                 spec.round_timeout_s,
             )
             history.append(scored)
+            audit.exchange(round_no, scored)
             scored.require(spec.min_nodes)
             for node, metrics in scored.replies.items():
                 per_method[method][_subject(spec, metrics, node)] = {
@@ -230,5 +248,12 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """The ServerApp's entry point (Flower Message API)."""
-    run_federation(grid, load_server_spec(context))
+    """The ServerApp's entry point (Flower Message API); the run's end is audited either way."""
+    spec = load_server_spec(context)
+    audit = RunAudit(AuditLog(spec.audit_log) if spec.audit_log else None, int(context.run_id))
+    try:
+        results = run_federation(grid, spec, audit)
+    except BaseException as exc:
+        audit.event("run.finished", status="failed", reason=f"{type(exc).__name__}: {exc}", completed=0)
+        raise
+    audit.event("run.finished", status="completed", reason="", completed=results["federation"]["completed"])

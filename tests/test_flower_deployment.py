@@ -9,29 +9,20 @@ own session and stopped by PID in a finalizer, also on failure; every wait has a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
-import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from deploy_support import BIN, CONNECTION, Deployment
 
 from server import pki
 from simulations.experiment import ExperimentConfig, run_experiment
 from simulations.flower_engine import write_flower_spec
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-CONNECTION = "e2e"
 
 TINY = ExperimentConfig.model_validate(
     {
@@ -52,139 +43,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flwr is not installed"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Deployment:
-    """Processes of one local deployment, all stopped by PID in :meth:`stop`."""
-
-    root: Path
-    ca: pki.CAFiles
-    server: pki.ServerCertificateFiles
-    port: int = field(default_factory=_free_port)
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    @property
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != "PFT_FLOWER_SPEC"}
-        env.update(FLWR_HOME=str(self.root / "flwr-home"), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
-        return env
-
-    def start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.root / f"{name}.log").open("wb")
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True, cwd=self.root
-        )
-        log.close()
-        self.processes[name] = process
-        return process
-
-    def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text(errors="replace")
-
-    def start_superlink(self) -> None:
-        home = self.root / "flwr-home"
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.ca.cert}"\n'
-        )
-        self.start(
-            "superlink",
-            [
-                str(BIN / "flower-superlink"),
-                "--ssl-ca-certfile", str(self.server.ca_cert),
-                "--ssl-certfile", str(self.server.cert),
-                "--ssl-keyfile", str(self.server.key),
-                "--enable-supernode-auth",
-                "--disable-runtime-dependency-installation",
-                "--host", "127.0.0.1",
-                "--port", str(self.port),
-            ],
-        )  # fmt: skip
-        context = ssl.create_default_context(cafile=str(self.ca.cert))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.processes["superlink"].poll() is None, self.log("superlink")
-            try:
-                with (
-                    socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock,
-                    context.wrap_socket(sock, server_hostname="127.0.0.1"),
-                ):
-                    return
-            except (ConnectionRefusedError, TimeoutError, ssl.SSLError, OSError):
-                time.sleep(0.3)
-        raise TimeoutError("the SuperLink never accepted a TLS connection")
-
-    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(BIN / "flwr"), *args],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=timeout,
-            cwd=self.root,
-        )
-
-    def start_supernode(
-        self,
-        name: str,
-        key: pki.NodeKeyFiles,
-        node_config: str,
-        *,
-        ca_cert: Path | None = None,
-        retries: int = 0,
-    ) -> subprocess.Popen[bytes]:
-        command = [
-            str(BIN / "flower-supernode"),
-            "--superlink", f"127.0.0.1:{self.port}",
-            "--root-certificates", str(ca_cert or self.ca.cert),
-            "--auth-supernode-private-key", str(key.private_key),
-            "--node-config", node_config,
-            "--port", str(_free_port()),
-        ]  # fmt: skip
-        if retries:
-            command += ["--max-retries", str(retries), "--max-wait-time", "15"]
-        return self.start(name, command)
-
-    def run_status(self, run_id: int) -> str:
-        listed = self.flwr("ls", CONNECTION, "--format", "json")
-        document = json.loads(listed.stdout)
-        for run in document.get("runs", []):
-            if int(run["run-id"]) == run_id:
-                return str(run["status"])
-        raise AssertionError(f"run {run_id} not listed: {listed.stdout} {listed.stderr}")
-
-    def wait_run(self, run_id: int, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        status = ""
-        while time.monotonic() < deadline:
-            status = self.run_status(run_id)
-            if status.startswith("finished"):
-                return status
-            time.sleep(2)
-        raise TimeoutError(
-            f"run {run_id} still {status!r} after {timeout} s\n{self.log('superlink')[-3000:]}"
-        )
-
-    def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)  # the process and the children it started
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -227,9 +85,7 @@ def _spec(prepared: dict[str, Any], out: Path, *, min_nodes: int, round_timeout_
 
 
 def _start_run(dep: Deployment, spec: Path) -> int:
-    started = dep.flwr("run", str(REPO), CONNECTION, "--run-config", f'pft-spec="{spec}"', "--format", "json")
-    assert started.returncode == 0, started.stdout + started.stderr
-    return int(json.loads(started.stdout)["run-id"])
+    return dep.start_run(spec)
 
 
 def test_tls_and_node_auth_full_run(deployment: Deployment, prepared: dict[str, Any]) -> None:

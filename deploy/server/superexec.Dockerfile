@@ -1,0 +1,16 @@
+# The SuperExec that runs the PFT ServerApp: Flower's image plus this project and a CPU torch,
+# installed at build time (runtime dependency installation stays disabled).
+FROM flwr/superexec:1.42.0
+USER root
+WORKDIR /opt/pft
+COPY pyproject.toml LICENSE README.md ./
+COPY pft_core ./pft_core
+COPY client ./client
+COPY server ./server
+COPY simulations ./simulations
+COPY pft_cli ./pft_cli
+RUN python -m pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+ && python -m pip install --no-cache-dir .
+ENV FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+USER app
+ENTRYPOINT ["flower-superexec"]

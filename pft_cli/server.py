@@ -1,0 +1,129 @@
+"""``pft server``: operator commands for a deployment (publish a bundle, register a site, audit log).
+
+A thin layer over :mod:`server.publish`, ``flwr supernode register`` and :mod:`server.audit`;
+every state-changing command appends an event to the audit log (``--audit-log``).
+Registered by the main app as ``app.add_typer(server_app, name="server")``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pft_core.errors import PFTError
+from pft_core.signing import bundle_digest, key_id, load_signing_key
+from server.audit import AuditLog, read_audit_log
+from server.publish import publish_bundle
+
+__all__ = ["server_app"]
+
+server_app = typer.Typer(
+    help="Operate a deployment: publish signed bundles, register sites, read the audit log.",
+    no_args_is_help=True,
+)
+
+AuditOption = Annotated[
+    Path, typer.Option("--audit-log", help="The server's audit log (JSON lines, append-only).")
+]
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=1)
+
+
+@server_app.command("publish")
+def publish_command(
+    source: Annotated[Path, typer.Option("--source", help="The bundle folder to release.")],
+    out: Annotated[Path, typer.Option("--out", help="A new folder for the signed release.")],
+    version: Annotated[int, typer.Option("--version", min=1, help="bundle_version; only goes up.")],
+    signing_key: Annotated[Path, typer.Option("--signing-key", help="bundle-signing.key (PEM).")],
+    audit_log: AuditOption,
+    passphrase_env: Annotated[
+        str | None, typer.Option("--passphrase-env", help="Env variable holding the key's passphrase.")
+    ] = None,
+) -> None:
+    """Copy a bundle into a new folder with VERSION, sign it, and audit the release."""
+    passphrase: bytes | None = None
+    if passphrase_env is not None:
+        value = os.environ.get(passphrase_env)
+        if not value:
+            raise _fail(ValueError(f"environment variable {passphrase_env} is empty or unset"))
+        passphrase = value.encode("utf-8")
+    try:
+        key = load_signing_key(signing_key, passphrase)
+        manifest = publish_bundle(source, out, version, key)
+        digest = bundle_digest(manifest)
+        AuditLog(audit_log).append(
+            "bundle.published",
+            version=version,
+            digest=digest,
+            key_id=key_id(key.public_key()),
+            dir=out.resolve(),
+            files=len(manifest["files"]),
+        )
+    except (PFTError, OSError, ValueError) as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"published bundle v{version} -> {out}  (digest {digest})")
+
+
+def _flwr() -> str:
+    beside = Path(sys.executable).parent / "flwr"
+    found = str(beside) if beside.exists() else shutil.which("flwr")
+    if not found:
+        raise _fail(FileNotFoundError("the `flwr` command is not installed"))
+    return found
+
+
+@server_app.command("register-node")
+def register_node_command(
+    public_key: Annotated[Path, typer.Argument(help="The site's NAME.pub (from `pft keys node`).")],
+    connection: Annotated[str, typer.Argument(help="The flwr connection ($FLWR_HOME/config.toml).")],
+    audit_log: AuditOption,
+) -> None:
+    """Register a site's public key with the SuperLink (``flwr supernode register``) and audit it."""
+    try:
+        line = public_key.read_bytes()
+    except OSError as exc:
+        raise _fail(exc) from exc
+    done = subprocess.run(
+        [_flwr(), "supernode", "register", str(public_key), connection],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    typer.echo(done.stdout.strip())
+    if done.returncode != 0:
+        raise _fail(RuntimeError(f"flwr supernode register failed: {done.stderr.strip()}"))
+    AuditLog(audit_log).append(
+        "node.registered",
+        name=public_key.name.removesuffix(".pub"),
+        public_key_sha256=hashlib.sha256(line.strip()).hexdigest(),
+        connection=connection,
+    )
+
+
+@server_app.command("audit")
+def audit_command(
+    audit_log: AuditOption,
+    event: Annotated[str | None, typer.Option("--event", help="Only this event, e.g. run.finished.")] = None,
+) -> None:
+    """Print the audit log's events as JSON lines (a torn last line is reported, not printed)."""
+    try:
+        read = read_audit_log(audit_log)
+    except PFTError as exc:
+        raise _fail(exc) from exc
+    for record in read.events:
+        if event is None or record["event"] == event:
+            typer.echo(json.dumps(record))
+    if read.torn_lines:
+        typer.secho(f"torn line(s) skipped: {read.torn_lines}", fg=typer.colors.YELLOW, err=True)
