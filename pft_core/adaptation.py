@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
+import torch.nn.functional as F_nn
 from torch import Tensor, nn
 
 from pft_core.config import FrozenConfig
@@ -342,6 +343,12 @@ class PFTAdaptation:
     ``p_b = C(T(f_b + noise))`` (``consistency_target="translated"``) or ``C(f_b + noise)`` (the
     frozen path as the paper's figure draws it, ``"frozen"``) for a partner frame b of the same
     person; ``ref`` is the reference source subject's neutral (mean, std). F and C stay frozen.
+
+    ``neutral_smoothing`` = eps turns the known-neutral term into a calibration: its target puts
+    probability ``1 - eps + eps / K`` on neutral, so frames that C already finds deeply neutral are
+    pulled back toward the boundary and frames it finds expressive are pulled toward neutral.
+    ``bias_only`` adapts only T's output bias - a per-person shift in feature space that cannot
+    fold expressive frames onto neutral ones (the collapse METHOD.md warns about).
     """
 
     lambda_consistency: float = 1.0
@@ -351,11 +358,16 @@ class PFTAdaptation:
     last_layers: int | None = None
     consistency_target: Literal["translated", "frozen"] = "translated"
     neutral_class: int = 0
+    neutral_smoothing: float = 0.0
+    bias_only: bool = False
     name: str = "pft"
 
     def trainable_parameters(self, parts: ModelParts) -> list[nn.Parameter]:
-        """T's parameters (its last ``last_layers`` groups when set)."""
+        """T's parameters: its output bias with ``bias_only``, else its last ``last_layers`` groups
+        (all when ``None``)."""
         translator, _, _ = parts.require_translation()
+        if self.bias_only:
+            return [translator.out.bias]
         return translator.last_layers_parameters(self.last_layers)
 
     def loss(self, parts: ModelParts, batch: Batch) -> tuple[Tensor, dict[str, float]]:
@@ -385,7 +397,7 @@ class PFTAdaptation:
             target = torch.full(
                 (len(logits_a),), self.neutral_class, dtype=torch.long, device=logits_a.device
             )
-            neu = classification_loss(logits_a, target)
+            neu = F_nn.cross_entropy(logits_a, target, label_smoothing=self.neutral_smoothing)
             total = total + self.lambda_neutral * neu
             terms["neutral"] = float(neu.detach())
         return total, terms

@@ -75,10 +75,30 @@ def match_reference(
     seed: int = 0,
 ) -> str:
     """The source subject whose style a target person is translated to (closest by ``strategy``)."""
+    return match_references(descriptor, source_descriptors, strategy, 1, seed)[0]
+
+
+def match_references(
+    descriptor: np.ndarray,
+    source_descriptors: Mapping[str, np.ndarray],
+    strategy: Strategy,
+    k: int,
+    seed: int = 0,
+) -> list[str]:
+    """The ``k`` source subjects closest to a target by ``strategy``, closest first.
+
+    ``random`` draws ``k`` distinct subjects with ``seed``; ``k`` larger than the number of source
+    subjects returns them all.
+    """
+    if k < 1:
+        raise ValueError("k must be at least 1")
     names, mat = _matrix(source_descriptors)
+    k = min(k, len(names))
     if strategy == "random":
-        return names[int(np.random.default_rng(seed).integers(len(names)))]
+        picks = np.random.default_rng(seed).permutation(len(names))[:k]
+        return [names[int(i)] for i in picks]
     query = np.asarray(descriptor, dtype=np.float64).ravel()
     if query.shape[0] != mat.shape[1]:
         raise ValueError(f"descriptor has {query.shape[0]} dims, source descriptors {mat.shape[1]}")
-    return names[int(np.argmax(_scores(query, mat, strategy)))]
+    order = np.argsort(-_scores(query, mat, strategy), kind="stable")
+    return [names[int(i)] for i in order[:k]]

@@ -22,24 +22,31 @@ from pft_core.adaptation import AdaptConfig, AdaptResult, ModelParts, PFTAdaptat
 from pft_core.config import FrozenConfig
 from pft_core.errors import TooFewFacesError
 from pft_core.models import Classifier, StyleNormalizer, Translator, style_code
-from pft_core.pairing import Strategy, match_reference
+from pft_core.pairing import Strategy, match_references
 from pft_core.training import SourceStyles
 
 
 class PersonalizeConfig(FrozenConfig):
     """Stage 3 settings: the trainer's (``adapt``) and the PFT loss weights.
 
-    ``min_frames`` is the fewest usable neutral face frames adaptation accepts (RELIABILITY row
-    13: refuse rather than learn from noise).
+    Defaults (chosen on the biovid cohort, seed 0; see docs/results.md for the sweep): only T's
+    output bias adapts (``bias_only``), for at most 60 Adam steps at lr 0.01, with the
+    known-neutral calibration term (label smoothing 0.4), the partner-frame consistency term and
+    a light style term towards the mean neutral statistics of the ``reference_k`` = 5 source
+    subjects closest by the pairing strategy. ``min_frames`` is the fewest usable neutral face
+    frames adaptation accepts (RELIABILITY row 13: refuse rather than learn from noise).
     """
 
-    adapt: AdaptConfig = AdaptConfig()
-    lambda_consistency: float = Field(1.0, ge=0)
-    lambda_style: float = Field(1.0, ge=0)
-    lambda_neutral: float = Field(0.1, ge=0)
+    adapt: AdaptConfig = AdaptConfig(lr=0.01)
+    lambda_consistency: float = Field(0.5, ge=0)
+    lambda_style: float = Field(0.1, ge=0)
+    lambda_neutral: float = Field(1.0, ge=0)
     noise_std: float = Field(0.05, ge=0)
     last_layers: int | None = Field(None, ge=1)
     consistency_target: Literal["translated", "frozen"] = "translated"
+    neutral_smoothing: float = Field(0.4, ge=0, lt=1)
+    bias_only: bool = True
+    reference_k: int = Field(5, ge=1)
     min_frames: int = Field(8, ge=1)
     seed: int = 0
 
@@ -52,6 +59,8 @@ class PersonalizeConfig(FrozenConfig):
             noise_std=self.noise_std,
             last_layers=self.last_layers,
             consistency_target=self.consistency_target,
+            neutral_smoothing=self.neutral_smoothing,
+            bias_only=self.bias_only,
         )
 
 
@@ -134,16 +143,22 @@ def personalize(
     s_target = style_code(features, frame_stats, model.normalizer).detach()
     query = pairing_query(model.pairing, features, descriptor)
     candidates = {k: v for k, v in model.descriptors.items() if k in model.styles.codes}
-    reference = match_reference(query, candidates, model.pairing, config.seed)
+    references = match_references(query, candidates, model.pairing, config.reference_k, config.seed)
+    s_reference = torch.stack([model.styles.codes[r] for r in references]).mean(0)
+    reference_stats = (
+        torch.stack([model.styles.neutral_mean[r] for r in references]).mean(0),
+        torch.stack([model.styles.neutral_std[r] for r in references]).mean(0),
+    )
+    reference = references[0]
     parts = ModelParts(
         classifier=model.classifier,
         translator=model.translator,
         style_target=s_target,
-        style_reference=model.styles.codes[reference],
-        reference_stats=(model.styles.neutral_mean[reference], model.styles.neutral_std[reference]),
+        style_reference=s_reference,
+        reference_stats=reference_stats,
     )
     adapt_config = config.adapt.model_copy(update={"seed": config.seed})
     translator, result = adapt_translator(
         parts, features, adapt_config, config.method(), video_ids=video_ids, time_index=time_index
     )
-    return Personalization(translator, s_target, model.styles.codes[reference], reference, result)
+    return Personalization(translator, s_target, s_reference, reference, result)

@@ -76,7 +76,7 @@ class ExperimentConfig(FrozenConfig):
     video: VideoConfig = VideoConfig()
     crop: FaceCropConfig = FaceCropConfig(margin=0.0)
     model: ModelConfig = ModelConfig()
-    source_train: SourceTrainConfig = SourceTrainConfig()
+    source_train: SourceTrainConfig = SourceTrainConfig(epochs=12)
     pretrain: TranslatorPretrainConfig = TranslatorPretrainConfig()
     settings: MethodSettings = MethodSettings()
     embedding_plot: bool = True

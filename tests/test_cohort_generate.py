@@ -35,7 +35,8 @@ def test_every_video_is_h264_with_the_stated_frames_and_digest(cohort: Path) -> 
     manifest = load_manifest(cohort)
     assert manifest.format == "pft-cohort/1"
     assert manifest.classes == ["neutral", "pain"]
-    assert len(manifest.videos) == 2 * 4 + 2 * (3 + 4 + 6)
+    # biovid clips: source 3 train per class; target 3 adapt (neutral), 3 oracle and 3 eval per class
+    assert len(manifest.videos) == 2 * (3 * 2) + 2 * (3 + 3 * 2 + 3 * 2)
     for entry in manifest.videos:
         path = cohort / entry.path
         assert path.name == f"{entry.split}_{entry.clip}.mp4"

@@ -156,9 +156,13 @@ PROFILES: dict[str, ProfileSpec] = {
             )
         },
         resting_lean_aus={"AU4": 0.6, "AU7": 0.55, "AU15": 0.45, "AU6": 0.2},
-        intensity=_r(0.3, 1.0),  # PA1..PA4-like spread
+        resting_lean_fraction=0.5,
+        resting_lean_strength=_r(0.45, 0.8),
+        intensity=_r(0.5, 1.0),  # PA3..PA4-like spread (the binary BL1 vs PA4 protocol)
+        expressiveness=_r(0.45, 1.25),
+        elderly_expressiveness=0.75,
         age_mix=(0.3, 0.35, 0.35),  # BioVid spans 18-65 years
-        clips=ClipCounts(train=2, adapt=3, oracle=2, eval=3),
+        clips=ClipCounts(train=3, adapt=3, oracle=3, eval=3),
     ),
     "stressid": ProfileSpec(
         name="stressid",
