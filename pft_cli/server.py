@@ -104,12 +104,15 @@ def register_node_command(
     typer.echo(done.stdout.strip())
     if done.returncode != 0:
         raise _fail(RuntimeError(f"flwr supernode register failed: {done.stderr.strip()}"))
-    AuditLog(audit_log).append(
-        "node.registered",
-        name=public_key.name.removesuffix(".pub"),
-        public_key_sha256=hashlib.sha256(line.strip()).hexdigest(),
-        connection=connection,
-    )
+    try:
+        AuditLog(audit_log).append(
+            "node.registered",
+            name=public_key.name.removesuffix(".pub"),
+            public_key_sha256=hashlib.sha256(line.strip()).hexdigest(),
+            connection=connection,
+        )
+    except PFTError as exc:
+        raise _fail(exc) from exc
 
 
 @server_app.command("audit")

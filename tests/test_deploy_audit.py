@@ -1,0 +1,132 @@
+"""The server audit log (server.audit) and the `pft server` commands that write it."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pft_cli.server import server_app
+from pft_core.signing import (
+    bundle_digest,
+    key_id,
+    load_public_key,
+    verify_bundle,
+    write_manifest_files,
+    write_signing_key_pair,
+)
+from server.audit import AuditLog, AuditLogError, RunAudit, read_audit_log
+from server.rounds import Exchange
+
+
+def test_append_and_read_back(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit" / "audit.jsonl")
+    first = log.append("bundle.published", version=3, digest="ab" * 32, dir=tmp_path, nodes={2, 1})
+    log.append("run.finished", run_id=7, status="failed", reason="QuorumError: x")
+    raw = log.path.read_bytes()
+    assert raw.count(b"\n") == 2 and raw.endswith(b"\n")
+    read = read_audit_log(log.path)
+    assert read.torn_lines == []
+    assert read.events[0] == first
+    assert first["dir"] == str(tmp_path) and first["nodes"] == [1, 2]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", first["ts"])
+    assert read.of("run.finished", status="failed")[0]["run_id"] == 7
+    assert read.of("run.finished", status="completed") == []
+    assert oct(log.path.stat().st_mode & 0o777) == "0o640"
+
+
+def test_torn_last_line_is_skipped_and_closed_by_the_next_append(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append("a", n=1)
+    with log.path.open("ab") as handle:  # a writer killed mid-line
+        handle.write(b'{"ts":"2026-01-01T00:00:00.000000Z","event":"b","n":')
+    read = read_audit_log(log.path)
+    assert [e["n"] for e in read.events] == [1] and read.torn_lines == [2]
+    log.append("c", n=3)  # starts on a fresh line; the torn one stays, never rewritten
+    read = read_audit_log(log.path)
+    assert [e["event"] for e in read.events] == ["a", "c"] and read.torn_lines == [2]
+
+
+def test_an_altered_middle_line_is_an_error(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    for n in range(3):
+        log.append("e", n=n)
+    lines = log.path.read_text().splitlines()
+    lines[1] = lines[1].replace('"n":1', '"n":1,}')  # complete line, not JSON
+    log.path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(AuditLogError, match="line 2"):
+        read_audit_log(log.path)
+    assert read_audit_log(tmp_path / "missing.jsonl").events == []
+
+
+def test_nan_and_bad_event_names(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    assert log.append("m", value=float("nan"))["value"] == "nan"  # stays valid JSON
+    with pytest.raises(AuditLogError):
+        log.append("two\nlines")
+    with pytest.raises(AuditLogError, match="cannot append"):
+        AuditLog(tmp_path / "audit.jsonl" / "below-a-file").append("x")
+
+
+def _append_many(path: str, worker: int, count: int) -> None:
+    log = AuditLog(Path(path))
+    for n in range(count):
+        log.append("w", worker=worker, n=n, pad="x" * 3000)
+
+
+def test_concurrent_writers_never_interleave(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_append_many, args=(str(path), w, 40)) for w in range(3)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    read = read_audit_log(path)
+    assert read.torn_lines == [] and len(read.events) == 120
+    for w in range(3):
+        assert [e["n"] for e in read.events if e["worker"] == w] == list(range(40))
+
+
+def test_run_audit_records_an_exchange(tmp_path: Path) -> None:
+    outcome = Exchange("train", replies={5: {"adapt-iterations": 3.0}}, failures={9: "no reply within 30 s"})
+    outcome.seconds = 1.23456
+    RunAudit(AuditLog(tmp_path / "a.jsonl"), 42).exchange(2, outcome)
+    RunAudit(None, 42).exchange(2, outcome)  # no log configured: nothing written, no error
+    (event,) = read_audit_log(tmp_path / "a.jsonl").events
+    assert event["run_id"] == 42 and event["round"] == 2 and event["type"] == "train"
+    assert event["asked"] == [5, 9] and event["replied"] == [5]
+    assert event["failures"] == {"9": "no reply within 30 s"} and event["seconds"] == 1.235
+
+
+def test_pft_server_publish_audits_the_release(tmp_path: Path) -> None:
+    source = tmp_path / "source"  # a bundle folder: payload files + manifest (signed or not)
+    source.mkdir()
+    (source / "classes.json").write_text('["neutral", "pain"]')
+    (source / "weights.bin").write_bytes(bytes(range(256)))
+    write_manifest_files(source, {"format": "test", "bundle_version": 1})
+    signing, public = write_signing_key_pair(tmp_path / "keys")
+    audit = tmp_path / "audit.jsonl"
+    runner = CliRunner()
+    args = ["publish", "--source", str(source), "--out", str(tmp_path / "v2"), "--version", "2"]
+    args += ["--signing-key", str(signing), "--audit-log", str(audit)]
+    done = runner.invoke(server_app, args)
+    assert done.exit_code == 0, done.output
+    manifest = verify_bundle(tmp_path / "v2", load_public_key(public))
+    assert manifest["bundle_version"] == 2
+    (event,) = read_audit_log(audit).events
+    assert event["event"] == "bundle.published" and event["version"] == 2
+    assert event["digest"] == bundle_digest(manifest) and event["key_id"] == key_id(load_public_key(public))
+    # publishing into an existing folder fails, and nothing is audited
+    again = runner.invoke(server_app, args)
+    assert again.exit_code == 1 and "exists" in again.output
+    assert len(read_audit_log(audit).events) == 1
+    shown = runner.invoke(server_app, ["audit", "--audit-log", str(audit), "--event", "bundle.published"])
+    assert json.loads(shown.output.strip())["digest"] == event["digest"]
+    assert os.stat(tmp_path / "v2" / "manifest.json").st_size > 0
