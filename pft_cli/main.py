@@ -10,7 +10,7 @@ from pft_cli.client import client_app
 from pft_cli.cohort import cohort_app
 from pft_cli.data import data_app
 from pft_cli.keys import certs_app, keys_app
-from pft_cli.simulate import simulate
+from pft_cli.simulate import ablate, simulate
 from pft_core import __version__
 
 app = typer.Typer(
@@ -40,6 +40,7 @@ def main(
 
 
 app.command("simulate")(simulate)
+app.command("ablate")(ablate)
 app.add_typer(cohort_app, name="cohort", help="Make, preview and inspect the synthetic face-video cohort.")
 app.add_typer(
     data_app, name="data", help="Run the video pipeline on a dataset folder: check files, preview crops."

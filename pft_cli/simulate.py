@@ -129,3 +129,34 @@ def simulate(
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from exc
         typer.echo(result.summary())
+
+
+def ablate(
+    kinds: Annotated[
+        list[str] | None,
+        typer.Argument(help="Which: losses, pairing, dims, weights, branches (default: all of them)."),
+    ] = None,
+    profile: Annotated[str, typer.Option(help=f"Cohort profile: {', '.join(PROFILES)}.")] = "biovid",
+    seed: Annotated[int, typer.Option(help="Seed of the cohort and every stage.")] = 0,
+    out: Annotated[Path, typer.Option(help="Output folder for ablation_<kind>.json/.md.")] = Path(
+        "runs/ablations"
+    ),
+    config: Annotated[Path | None, typer.Option(help="JSON/YAML file of ExperimentConfig fields.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache root (as for pft simulate).")] = None,
+) -> None:
+    """The paper's ablations: loss terms, pairing strategies, feature dimension, loss weights, and
+    the expression-vs-identity similarity of features before and after translation."""
+    from simulations.ablations import ABLATIONS, ablation_markdown, run_ablation
+
+    chosen = kinds or list(ABLATIONS)
+    unknown = [k for k in chosen if k not in ABLATIONS]
+    if unknown:
+        raise typer.BadParameter(f"unknown ablation(s) {unknown}; choose from {list(ABLATIONS)}")
+    try:
+        base = build_config(load_config_file(config), profile=profile, seed=seed)
+    except ValidationError as exc:
+        console.print(f"[red]invalid configuration:[/red]\n{exc}")
+        raise typer.Exit(2) from exc
+    for kind in chosen:
+        result = run_ablation(kind, base, out, cache_dir, log=lambda m: console.print(f"[dim]{m}[/dim]"))  # type: ignore[arg-type]
+        typer.echo(f"\n## {kind}\n\n{ablation_markdown(result)}")

@@ -266,21 +266,41 @@ def _load_or_pretrain_translator(
     return SourceModel(classifier, translator, normalizer, styles, descriptors, strategy), bundle_dir
 
 
-def run_experiment(
+@dataclass
+class PreparedExperiment:
+    """Everything before per-subject adaptation: cohort, frames, F and C, features, T0 (cached)."""
+
+    config: ExperimentConfig
+    index: DatasetIndex
+    store: FrameStore
+    classes: list[str]
+    extractor: FeatureExtractor
+    classifier: Classifier
+    model: SourceModel
+    bundle_dir: Path
+    frames: dict[str, dict[str, FrameSet]]
+    split_records: dict[str, dict[str, list[VideoRecord]]]
+    sources: list[str]
+    targets: list[str]
+    timings: dict[str, float]
+
+    def target(self, subject: str) -> TargetData | None:
+        """One target's data (None when it has no usable adapt or eval frames)."""
+        return _target_data(subject, self.frames[subject])
+
+
+def prepare_experiment(
     config: ExperimentConfig,
-    out_dir: Path,
     cache_root: Path | None = None,
     progress: ProgressFactory = _silent,
     log: Callable[[str], None] = lambda _m: None,
-) -> ExperimentResult:
-    """Run ``pft simulate`` end to end and write its outputs to ``out_dir``."""
-    config = config.resolved()
-    cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config.write_json(out_dir / "config.json")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    timings: dict[str, float] = {}
+) -> PreparedExperiment:
+    """Cohort, face crops, stage 1, features and stage 2 for ``config`` - each made once, cached.
 
+    ``config`` should be resolved (:meth:`ExperimentConfig.resolved`).
+    """
+    cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
+    timings: dict[str, float] = {}
     with _timed(timings, "cohort"):
         cohort_dir = ensure_cohort(config.cohort, cache_root, progress("cohort: rendering videos", 1))
         index = open_cohort(cohort_dir)
@@ -324,6 +344,39 @@ def run_experiment(
         model, bundle_dir = _load_or_pretrain_translator(
             config, source_dir, extractor, classifier, source_feats, model_config, classes, progress
         )
+    return PreparedExperiment(
+        config,
+        index,
+        store,
+        classes,
+        extractor,
+        classifier,
+        model,
+        bundle_dir,
+        frames,
+        split_records,
+        sources,
+        targets,
+        timings,
+    )
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    out_dir: Path,
+    cache_root: Path | None = None,
+    progress: ProgressFactory = _silent,
+    log: Callable[[str], None] = lambda _m: None,
+) -> ExperimentResult:
+    """Run ``pft simulate`` end to end and write its outputs to ``out_dir``."""
+    config = config.resolved()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.write_json(out_dir / "config.json")
+    prepared = prepare_experiment(config, cache_root, progress, log)
+    timings = prepared.timings
+    classes, store, extractor = prepared.classes, prepared.store, prepared.extractor
+    model, bundle_dir, frames = prepared.model, prepared.bundle_dir, prepared.frames
+    split_records, sources, targets = prepared.split_records, prepared.sources, prepared.targets
 
     per_method: dict[str, dict[str, dict[str, float]]] = {m: {} for m in config.methods}
     costs: dict[str, list[tuple[int, float]]] = {m: [] for m in config.methods}
