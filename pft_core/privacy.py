@@ -156,13 +156,16 @@ def epsilon_spent(history: Sequence[Mechanism], delta: float, accountant: Accoun
     the privacy-loss distributions), which is tighter than summing per-release epsilons. Returns
     0 for an empty history and ``inf`` when any step had no noise.
     """
-    steps = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
-    if not steps:
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, n in history:  # identical mechanisms self-compose: (s, q, a) + (s, q, b) = (s, q, a + b)
+        if n > 0:
+            merged[(float(s), float(q))] = merged.get((float(s), float(q)), 0) + int(n)
+    if not merged:
         return 0.0
-    if any(s <= 0 for s, _, _ in steps):
+    if any(s <= 0 for s, _ in merged):
         return math.inf
     acc = create_accountant(mechanism=accountant)
-    acc.history = list(steps)
+    acc.history = [(s, q, n) for (s, q), n in merged.items()]
     return float(acc.get_epsilon(delta=delta))
 
 
