@@ -23,6 +23,7 @@ from pft_core.config import FrozenConfig
 from pft_core.errors import TooFewFacesError
 from pft_core.models import Classifier, StyleNormalizer, Translator, style_code
 from pft_core.pairing import Strategy, match_references
+from pft_core.privacy import DPConfig, DPRelease, adapt_translator_private
 from pft_core.training import SourceStyles
 
 
@@ -49,6 +50,7 @@ class PersonalizeConfig(FrozenConfig):
     reference_k: int = Field(5, ge=1)
     min_frames: int = Field(8, ge=1)
     seed: int = 0
+    dp: DPConfig | None = None  # DP-SGD on T (pft_core.privacy); None = no DP
 
     def method(self) -> PFTAdaptation:
         """The stage-3 method with these weights."""
@@ -85,6 +87,7 @@ class Personalization:
     style_reference: Tensor
     reference_subject: str
     result: AdaptResult
+    privacy: DPRelease | None = None  # the DP release when ``config.dp`` was set
 
     @torch.no_grad()
     def translate(self, features: Tensor) -> Tensor:
@@ -158,6 +161,11 @@ def personalize(
         reference_stats=reference_stats,
     )
     adapt_config = config.adapt.model_copy(update={"seed": config.seed})
+    if config.dp is not None:  # DP-SGD (Opacus) on the same trainer; see pft_core.privacy
+        translator, result, release = adapt_translator_private(
+            parts, features, adapt_config, config.method(), config.dp, video_ids, time_index
+        )
+        return Personalization(translator, s_target, s_reference, reference, result, release)
     translator, result = adapt_translator(
         parts, features, adapt_config, config.method(), video_ids=video_ids, time_index=time_index
     )
