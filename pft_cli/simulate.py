@@ -36,6 +36,14 @@ def build_config(base: dict[str, Any], **overrides: Any) -> ExperimentConfig:
     return ExperimentConfig.model_validate(merged)
 
 
+def with_dp(base: dict[str, Any], epsilon: float, delta: float, unit: str, accountant: str) -> dict[str, Any]:
+    """``base`` with ``settings.pft.dp`` set (validated with the rest of the config)."""
+    merged = json.loads(json.dumps(base))
+    pft = merged.setdefault("settings", {}).setdefault("pft", {})
+    pft["dp"] = {"epsilon": epsilon, "delta": delta, "privacy_unit": unit, "accountant": accountant}
+    return merged
+
+
 def simulate(
     profile: Annotated[
         str, typer.Option(help=f"Cohort profile: {', '.join(PROFILES)}, or 'all' for every profile.")
@@ -81,6 +89,19 @@ def simulate(
         float, typer.Option(help="Flower engine: GPUs per virtual node (fractional, e.g. 0.1).")
     ] = 0.0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    dp_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            help="Run PFT's stage 3 with DP-SGD (Opacus) at this epsilon per subject (docs/privacy.md)."
+        ),
+    ] = None,
+    dp_delta: Annotated[float, typer.Option(help="DP delta (with --dp-epsilon).")] = 1e-5,
+    dp_unit: Annotated[
+        str, typer.Option(help="DP privacy unit: frame, video (one clip) or person (with --dp-epsilon).")
+    ] = "frame",
+    dp_accountant: Annotated[
+        str, typer.Option(help="DP accountant: rdp or prv (with --dp-epsilon).")
+    ] = "rdp",
 ) -> None:
     """Run SFDA-PFT per target subject on a synthetic cohort and write the paper-style results.
 
@@ -88,6 +109,8 @@ def simulate(
     translator per target subject from its NEUTRAL videos only, evaluates on its held-out videos.
     """
     base = load_config_file(config)
+    if dp_epsilon is not None:
+        base = with_dp(base, dp_epsilon, dp_delta, dp_unit, dp_accountant)
     method_list = None
     if methods is not None:
         method_list = (

@@ -71,6 +71,7 @@ __all__ = [
     "noise_for_target",
     "plan_release",
     "strip_module_prefix",
+    "summarise_releases",
 ]
 
 
@@ -507,3 +508,32 @@ def adapt_translator_private(
         raise RuntimeError(f"DP adaptation took {hook.steps} noisy steps, planned {release.steps}")
     personal.eval()
     return personal, result, release
+
+
+def summarise_releases(releases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One method's DP releases over subjects (``subject -> DPRelease.summary()``) for results.json.
+
+    Each subject is a different device and person, so the guarantee is per subject: ``epsilon``
+    is the largest any subject spent (at ``delta``, for ``privacy_unit``, by ``accountant``).
+    """
+    if not releases:
+        return {}
+    rows = list(releases.values())
+    first = rows[0]
+    worst_group = [r["group_epsilon"] for r in rows if r.get("group_epsilon") is not None]
+    return {
+        "privacy_unit": first["privacy_unit"],
+        "accountant": first["accountant"],
+        "delta": first["delta"],
+        "epsilon": max(r["epsilon"] for r in rows),
+        "noise_multiplier": [
+            min(r["noise_multiplier"] for r in rows),
+            max(r["noise_multiplier"] for r in rows),
+        ],
+        "sample_rate": [min(r["sample_rate"] for r in rows), max(r["sample_rate"] for r in rows)],
+        "steps": first["steps"],
+        "max_grad_norm": first["max_grad_norm"],
+        "group_epsilon": max(worst_group) if worst_group else None,
+        "group_size": max(r.get("group_size", 1) for r in rows),
+        "per_subject": {s: r["epsilon"] for s, r in releases.items()},
+    }

@@ -33,6 +33,7 @@ from pft_core.metrics import accuracy, macro_f1
 from pft_core.models import Classifier, FeatureExtractor, ModelConfig
 from pft_core.pairing import Strategy
 from pft_core.personalize import SourceModel
+from pft_core.privacy import summarise_releases
 from pft_core.safe_weights import load_safetensors, save_safetensors
 from pft_core.training import (
     SourceStyles,
@@ -380,6 +381,7 @@ def run_experiment(
 
     per_method: dict[str, dict[str, dict[str, float]]] = {m: {} for m in config.methods}
     costs: dict[str, list[tuple[int, float]]] = {m: [] for m in config.methods}
+    releases: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in config.methods}  # DP, if any
     embeddings: dict[str, np.ndarray] = {}
     with _timed(timings, "adaptation"):
         step = progress("stage 3: adapt + evaluate per target", len(targets) * len(config.methods))
@@ -403,6 +405,8 @@ def run_experiment(
                     "accuracy": accuracy(y, pred),
                 }
                 costs[method].append((outcome.iterations, outcome.seconds))
+                if outcome.privacy is not None:
+                    releases[method][subject] = outcome.privacy
                 if method == "pft" and outcome.translated is not None and not embeddings:
                     embeddings = {
                         "target": target.eval.features.numpy(),
@@ -434,6 +438,9 @@ def run_experiment(
         "translator_params": sum(p.numel() for p in model.translator.parameters()),
         "extractor_params": sum(p.numel() for p in extractor.parameters()),
     }
+    for m, rel in releases.items():  # DP: epsilon, delta, privacy unit, accountant per method
+        if rel and m in results["methods"]:
+            results["methods"][m]["privacy"] = summarise_releases(rel)
     write_results(out_dir, results)
     _write_report(out_dir, results, frames, sources, targets, embeddings, classes, config)
     return ExperimentResult(results, out_dir, timings)

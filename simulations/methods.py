@@ -11,7 +11,7 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -110,6 +110,7 @@ class MethodOutcome:
     translated: Tensor | None = None
     converged: bool | None = None
     trainable_parameters: int = 0
+    privacy: dict[str, Any] | None = None  # the DP release (epsilon, delta, unit, accountant...) if any
 
 
 Runner = Callable[[SourceModel, TargetData, MethodSettings, int], MethodOutcome]
@@ -141,7 +142,13 @@ def run_pft(model: SourceModel, target: TargetData, settings: MethodSettings, se
         logits = model.classifier(translated)
     n_params = sum(p.numel() for p in result.translator.last_layers_parameters(settings.pft.last_layers))
     return MethodOutcome(
-        logits, result.result.iterations, result.result.seconds, translated, result.result.converged, n_params
+        logits,
+        result.result.iterations,
+        result.result.seconds,
+        translated,
+        result.result.converged,
+        n_params,
+        privacy=result.privacy.summary() if result.privacy is not None else None,
     )
 
 
