@@ -79,9 +79,16 @@ def simulate(
     engine: Annotated[
         str,
         typer.Option(
-            help="loop: subjects one after another in this process; flower: one Flower virtual node each."
+            help="loop: subjects one after another in this process; flower: one Flower virtual node each; "
+            "batched: many subjects' translators adapted at once (stacked, same numbers as loop)."
         ),
     ] = "loop",
+    chunk_size: Annotated[
+        int | None, typer.Option(help="Batched engine: subjects per chunk (bounds memory; default 256).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="Batched engine: torch device, e.g. cpu or cuda (default cpu).")
+    ] = None,
     num_cpus: Annotated[
         int, typer.Option(help="Flower engine: CPUs per virtual node (integer, 1..cores).")
     ] = 1,
@@ -109,6 +116,9 @@ def simulate(
     translator per target subject from its NEUTRAL videos only, evaluates on its held-out videos.
     """
     base = load_config_file(config)
+    batched = {k: v for k, v in {"chunk_size": chunk_size, "device": device}.items() if v is not None}
+    if batched:
+        base = {**base, "batched": {**base.get("batched", {}), **batched}}
     if dp_epsilon is not None:
         base = with_dp(base, dp_epsilon, dp_delta, dp_unit, dp_accountant)
     method_list = None

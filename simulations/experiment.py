@@ -43,6 +43,7 @@ from pft_core.training import (
     pretrain_translator,
     train_source,
 )
+from simulations.batched import BatchedConfig, run_pft_batched
 from simulations.machine import describe_machine
 from simulations.methods import METHODS, MethodOutcome, MethodSettings, TargetData, target_images
 from simulations.report import (
@@ -72,7 +73,8 @@ class ExperimentConfig(FrozenConfig):
     source_subjects: int | None = Field(None, ge=2)
     target_subjects: int | None = Field(None, ge=1)
     methods: tuple[str, ...] = DEFAULT_METHODS
-    engine: Literal["loop", "flower"] = "loop"
+    engine: Literal["loop", "flower", "batched"] = "loop"
+    batched: BatchedConfig = BatchedConfig()
     cohort: CohortConfig = CohortConfig()
     video: VideoConfig = VideoConfig()
     crop: FaceCropConfig = FaceCropConfig(margin=0.0)
@@ -386,6 +388,10 @@ def run_experiment(
     with _timed(timings, "adaptation"):
         step = progress("stage 3: adapt + evaluate per target", len(targets) * len(config.methods))
         done = 0
+        batched_pft: dict[str, MethodOutcome] = {}
+        if config.engine == "batched" and "pft" in config.methods and config.settings.pft.dp is None:
+            ready = [(k, t) for k, s in enumerate(targets) if (t := _target_data(s, frames[s])) is not None]
+            batched_pft = run_pft_batched(model, ready, config.settings, config.seed, config.batched)
         for k, subject in enumerate(targets):
             target = _target_data(subject, frames[subject])
             if target is None:
@@ -395,8 +401,10 @@ def run_experiment(
                 own = split_records[subject]
                 target.images = target_images(store, extractor, own["adapt"], own["eval"])
             for method in config.methods:
-                outcome: MethodOutcome = METHODS[method](
-                    model, target, config.settings, config.seed * 1000 + k
+                outcome: MethodOutcome = (
+                    batched_pft[subject]
+                    if method == "pft" and subject in batched_pft
+                    else METHODS[method](model, target, config.settings, config.seed * 1000 + k)
                 )
                 pred = outcome.logits.argmax(1).numpy()
                 y = target.eval.labels.numpy()

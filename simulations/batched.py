@@ -1,0 +1,551 @@
+"""The batched engine (``pft simulate --engine batched``): many subjects' translators adapted at once.
+
+The per-client engine adapts one subject after another with
+:class:`~pft_core.adaptation.AdaptationTrainer` and :class:`~pft_core.adaptation.PFTAdaptation`.
+This engine runs the SAME math over the SAME sampled batches for a chunk of subjects at a time:
+
+- every trainable tensor of T gets a leading subject axis (stacked per-subject parameters); the
+  frozen ones stay shared. Linear layers with stacked weights are one ``baddbmm`` per layer; with
+  shared weights (``bias_only``, the default) one ``addmm`` over all subjects' rows;
+- the per-subject losses are summed and ONE autograd backward gives every subject's gradient (a
+  subject's parameters reach only its own loss); Adam/SGD are applied elementwise on the stacks,
+  with the exact update sequence of ``torch.optim.Adam``/``SGD`` (single-tensor path);
+- each subject's random streams are replicated exactly: the trainer seeds the global generator and
+  a ``torch.Generator`` with the run's seed, draws frame indices (``randint``), partners (one
+  ``randint`` per frame with another frame in its video), the partner noise (``randn``) from the
+  generator, and T's dropout masks (``bernoulli(1 - p)``, two draws of the 64-bit stream per element)
+  from the global one. Here every subject has two generators seeded the same way, the scalar
+  partner draws are read from the 64-bit stream in pairs, and the dropout masks are the
+  ``uniform < 1 - p`` test on that stream - bit-identical to what the trainer draws;
+- early stopping is per subject: the trainer's EMA rule runs on each subject's loss; a subject
+  that stops leaves the chunk (its parameters are taken at its own stop step) and the chunk is
+  compacted, so finished subjects cost nothing.
+
+Agreement with the per-client engine: the sampled batches, masks and noise are identical; the
+arithmetic differs only by float re-association (``bmm`` vs ``mm``, a fused vs an unfused
+LayerNorm), ~1e-6 relative on the loss. Per-subject iterations, parameters (``atol 1e-4``) and
+predictions agree; a subject whose EMA criterion sits within ~1e-6 of the threshold could stop one
+step apart (tests check a few subjects). Memory is bounded by ``chunk_size`` subjects, not by their
+number: chunks are produced one at a time and the caller consumes each before the next.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F_nn
+from pydantic import Field
+from torch import Tensor
+
+from pft_core.adaptation import AdaptConfig, ModelParts, PFTAdaptation
+from pft_core.config import FrozenConfig
+from pft_core.errors import TooFewFacesError
+from pft_core.losses import STATS_EPS
+from pft_core.models import Classifier, Translator, style_code
+from pft_core.pairing import match_references
+from pft_core.personalize import PersonalizeConfig, SourceModel, pairing_query
+from pft_core.training import torch_threads
+from simulations.methods import MethodOutcome, MethodSettings, TargetData
+
+_MASK53 = (1 << 53) - 1
+_MASK32 = 0xFFFFFFFF
+
+
+class BatchedConfig(FrozenConfig):
+    """How the batched engine runs: subjects per chunk (bounds memory), device, intra-op threads.
+
+    ``num_threads``: intra-op threads while adapting (None leaves torch's setting). One is the
+    default: on a shared, loaded 2-core box two spinning threads made a chunk 10x slower; on a
+    quiet machine set it to the core count.
+    """
+
+    chunk_size: int = Field(256, ge=1)
+    device: str = "cpu"
+    num_threads: int | None = Field(1, ge=1)
+
+
+@dataclass
+class SubjectTask:
+    """One subject's adaptation input: its neutral features, style codes, reference and seed."""
+
+    subject: str
+    features: Tensor
+    style_target: Tensor
+    style_reference: Tensor
+    reference_stats: tuple[Tensor, Tensor]
+    seed: int
+    video_ids: Tensor | None = None
+    time_index: Tensor | None = None
+    reference_subject: str = ""
+
+
+def subject_task(
+    model: SourceModel,
+    features: Tensor,
+    frame_stats: Tensor,
+    config: PersonalizeConfig,
+    seed: int,
+    *,
+    subject: str = "",
+    descriptor: np.ndarray | None = None,
+    video_ids: Tensor | None = None,
+    time_index: Tensor | None = None,
+) -> SubjectTask:
+    """What :func:`pft_core.personalize.personalize` computes before adapting (style code, the
+    ``reference_k`` matched source subjects and their statistics), for seed ``seed``.
+
+    Raises
+    ------
+    TooFewFacesError
+        Fewer than ``config.min_frames`` frames.
+    """
+    if len(features) < config.min_frames:
+        raise TooFewFacesError(len(features), config.min_frames)
+    s_target = style_code(features, frame_stats, model.normalizer).detach()
+    query = pairing_query(model.pairing, features, descriptor)
+    candidates = {k: v for k, v in model.descriptors.items() if k in model.styles.codes}
+    references = match_references(query, candidates, model.pairing, config.reference_k, seed)
+    styles = model.styles
+    return SubjectTask(
+        subject=subject,
+        features=features,
+        style_target=s_target,
+        style_reference=torch.stack([styles.codes[r] for r in references]).mean(0),
+        reference_stats=(
+            torch.stack([styles.neutral_mean[r] for r in references]).mean(0),
+            torch.stack([styles.neutral_std[r] for r in references]).mean(0),
+        ),
+        seed=seed,
+        video_ids=video_ids,
+        time_index=time_index,
+        reference_subject=references[0],
+    )
+
+
+@dataclass
+class SubjectAdaptation:
+    """A subject's adapted trainable tensors of T (name -> tensor), steps, convergence, last loss."""
+
+    subject: str
+    position: int
+    state: dict[str, Tensor]
+    iterations: int
+    converged: bool
+    final_loss: float
+
+    def translator(self, base: Translator) -> Translator:
+        """A copy of ``base`` with this subject's adapted tensors, in eval mode."""
+        personal = copy.deepcopy(base)
+        own = dict(personal.named_parameters())
+        with torch.no_grad():
+            for name, value in self.state.items():
+                own[name].copy_(value)
+        return personal.eval()
+
+
+# --- exact replication of the trainer's random streams ------------------------------------------
+def _raw32(generator: torch.Generator, count: int) -> Tensor:
+    """``count`` (even) consecutive 32-bit outputs of ``generator``'s mt19937 stream, as int64."""
+    v = torch.empty(count // 2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
+    return torch.stack([(v >> 32) & _MASK32, v & _MASK32], 1).flatten()
+
+
+def _bernoulli_mask(generator: torch.Generator, shape: tuple[int, ...], keep: float) -> Tensor:
+    """``torch.empty(shape).bernoulli_(keep, generator)`` (CPU), from the 64-bit stream."""
+    v = torch.empty(shape, dtype=torch.int64).random_(-(2**63), None, generator=generator)
+    return (v & _MASK53).double().mul_(2.0**-53) < keep
+
+
+class _Partners:
+    """``AdaptationData.partners`` as a table: for each frame, the frames it may be paired with."""
+
+    def __init__(self, n: int, video_ids: Tensor | None, time_index: Tensor | None) -> None:
+        vids = video_ids if video_ids is not None else torch.zeros(n, dtype=torch.long)
+        _, group_of = torch.unique(vids, return_inverse=True)
+        same_group = group_of[:, None] == group_of[None, :]
+        if time_index is not None:
+            allowed = same_group & (time_index[:, None] != time_index[None, :])
+        else:
+            allowed = same_group & ~torch.eye(n, dtype=torch.bool)
+        self.count = allowed.sum(1)
+        width = max(1, int(self.count.max()))
+        # stable sort puts allowed frames first, in increasing index: the trainer's order
+        order = torch.sort((~allowed).to(torch.int8), dim=1, stable=True).indices
+        self.table = order[:, :width].contiguous()
+
+    def draw(self, index: Tensor, generator: torch.Generator) -> Tensor:
+        """The partners of ``index`` drawn exactly as the trainer draws them from ``generator``."""
+        counts = self.count[index]
+        need = torch.nonzero(counts > 0).flatten()
+        out = index.clone()
+        k = len(need)
+        if k == 0:
+            return out
+        sizes = counts[need]
+        raw = _raw32(generator, k - (k % 2)) if k > 1 else torch.empty(0, dtype=torch.long)
+        if k % 2:
+            last = torch.randint(int(sizes[-1]), (1,), generator=generator)
+            choice = torch.cat([raw % sizes[:-1], last])
+        else:
+            choice = raw % sizes
+        out[need] = self.table[index[need], choice]
+        return out
+
+
+# --- stacked translator ----------------------------------------------------------------------------
+def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``x @ W^T + b`` for x (S, B, in); W (S, out, in) or shared (out, in); b (S, out) or (out,)."""
+    if weight.ndim == 3:
+        b = bias.unsqueeze(1) if bias.ndim == 2 else bias
+        return torch.baddbmm(b, x, weight.transpose(1, 2))
+    if bias.ndim == 2:
+        return F_nn.linear(x, weight) + bias.unsqueeze(1)
+    return F_nn.linear(x, weight, bias)
+
+
+def _translate(
+    p: dict[str, Tensor],
+    f: Tensor,
+    e_from: Tensor,
+    e_to: Tensor,
+    blocks: int,
+    masks: Sequence[Tensor] | None,
+    eps: float,
+) -> Tensor:
+    """T's forward on (S, B, D) with per-subject (stacked) or shared tensors ``p``."""
+    d = f.shape[-1]
+    w, b = p["norm.weight"], p["norm.bias"]
+    if w.ndim == 1 and b.ndim == 1:
+        normed = F_nn.layer_norm(f, (d,), w, b, eps)
+    else:
+        normed = F_nn.layer_norm(f, (d,), None, None, eps) * _rows(w) + _rows(b)
+    s, n = f.shape[0], f.shape[1]
+    h = torch.cat([normed, e_from.expand(s, n, -1), e_to.expand(s, n, -1)], dim=2)
+    for i in range(blocks):
+        h = F_nn.gelu(_linear(h, p[f"blocks.{i}.0.weight"], p[f"blocks.{i}.0.bias"]))
+        if masks is not None:
+            h = h * masks[i]
+    return f + _linear(h, p["out.weight"], p["out.bias"])
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.unsqueeze(1) if t.ndim == 2 else t
+
+
+def _embed(p: dict[str, Tensor], code: Tensor) -> Tensor:
+    """``E(s)`` per subject: codes (S, style_dim) -> (S, 1, E)."""
+    return _linear(code.unsqueeze(1), p["style_embed.weight"], p["style_embed.bias"])
+
+
+@dataclass
+class _Chunk:
+    """The live state of the subjects of one chunk still adapting."""
+
+    positions: list[int]
+    tasks: list[SubjectTask]
+    partners: list[_Partners]
+    gens: list[torch.Generator]
+    drop_gens: list[torch.Generator]
+    offsets: Tensor
+    features: Tensor
+    s_t: Tensor
+    s_r: Tensor
+    ref_mu: Tensor
+    ref_sigma: Tensor
+    params: dict[str, Tensor]
+    state: dict[str, list[Tensor]]
+    ema: list[list[float]]
+    history: list[list[float]]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only the subjects at ``rows`` (compaction after some stopped)."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.s_t.device)
+        for name in ("positions", "tasks", "partners", "gens", "drop_gens", "ema", "history"):
+            values = getattr(self, name)
+            setattr(self, name, [values[r] for r in rows])
+        self.offsets = self.offsets[idx.cpu()]
+        for name in ("s_t", "s_r", "ref_mu", "ref_sigma"):
+            setattr(self, name, getattr(self, name)[idx])
+        self.params = {k: v.detach()[idx].clone().requires_grad_(True) for k, v in self.params.items()}
+        self.state = {k: [s[idx].clone() for s in v] for k, v in self.state.items()}
+
+
+def trainable_names(translator: Translator, classifier: Classifier, method: PFTAdaptation) -> list[str]:
+    """Names of the tensors of T that ``method`` adapts (``bias_only``: ``out.bias``)."""
+    dummy = torch.zeros(translator.style_dim)
+    parts = ModelParts(classifier, translator, None, dummy, dummy)
+    wanted = {id(p) for p in method.trainable_parameters(parts)}
+    return [n for n, p in translator.named_parameters() if id(p) in wanted]
+
+
+def adapt_subjects(
+    translator: Translator,
+    classifier: Classifier,
+    tasks: Sequence[SubjectTask],
+    config: PersonalizeConfig,
+    engine: BatchedConfig | None = None,
+) -> Iterator[list[SubjectAdaptation]]:
+    """Adapt a copy of ``translator`` for every task, ``engine.chunk_size`` subjects at a time.
+
+    Yields, per chunk, that chunk's :class:`SubjectAdaptation` (in task order); consume each
+    before asking for the next to keep memory bounded by the chunk size.
+
+    Raises
+    ------
+    TooFewFacesError
+        A task with fewer than ``config.adapt.min_frames`` frames (the trainer's rule).
+    """
+    engine = engine or BatchedConfig()
+    if config.dp is not None:
+        raise ValueError("the batched engine does not run DP-SGD; use the per-client engine for config.dp")
+    method = config.method()
+    adapt = config.adapt
+    for task in tasks:
+        if len(task.features) < adapt.min_frames:
+            raise TooFewFacesError(len(task.features), adapt.min_frames)
+    device = torch.device(engine.device)
+    names = trainable_names(translator, classifier, method)
+    base = {n: p.detach().to(device) for n, p in translator.named_parameters()}
+    cls_w = classifier.fc.weight.detach().to(device)
+    cls_b = classifier.fc.bias.detach().to(device)
+    for start in range(0, len(tasks), engine.chunk_size):
+        chunk_tasks = list(tasks[start : start + engine.chunk_size])
+        with torch_threads(engine.num_threads):
+            yield _run_chunk(translator, base, names, cls_w, cls_b, chunk_tasks, start, method, adapt, device)
+
+
+def _run_chunk(
+    translator: Translator,
+    base: dict[str, Tensor],
+    names: list[str],
+    cls_w: Tensor,
+    cls_b: Tensor,
+    tasks: list[SubjectTask],
+    start: int,
+    method: PFTAdaptation,
+    cfg: AdaptConfig,
+    device: torch.device,
+) -> list[SubjectAdaptation]:
+    s = len(tasks)
+    sizes = torch.tensor([len(t.features) for t in tasks])
+    offsets = torch.cumsum(sizes, 0) - sizes
+    stacked = {n: base[n].unsqueeze(0).repeat(s, *([1] * base[n].ndim)).requires_grad_(True) for n in names}
+    chunk = _Chunk(
+        positions=list(range(start, start + s)),
+        tasks=tasks,
+        partners=[_Partners(len(t.features), t.video_ids, t.time_index) for t in tasks],
+        gens=[torch.Generator().manual_seed(t.seed) for t in tasks],
+        drop_gens=[torch.Generator().manual_seed(t.seed) for t in tasks],
+        offsets=offsets,
+        features=torch.cat([t.features for t in tasks]).float().to(device),
+        s_t=torch.stack([t.style_target for t in tasks]).float().to(device),
+        s_r=torch.stack([t.style_reference for t in tasks]).float().to(device),
+        ref_mu=torch.stack([t.reference_stats[0] for t in tasks]).float().to(device),
+        ref_sigma=torch.stack([t.reference_stats[1] for t in tasks]).float().to(device),
+        params=stacked,
+        state={n: [] for n in names},
+        ema=[[] for _ in tasks],
+        history=[[] for _ in tasks],
+    )
+    blocks = len(translator.blocks)
+    drop_p = [float(translator.blocks[i][2].p) for i in range(blocks)]  # type: ignore[index]
+    ln_eps = translator.norm.eps
+    results: list[SubjectAdaptation] = []
+    for step in range(1, cfg.max_iterations + 1):
+        losses = _step(chunk, base, cls_w, cls_b, method, cfg, step, blocks, drop_p, ln_eps, device)
+        done: list[int] = []
+        for r, value in enumerate(losses):
+            ema, hist = chunk.ema[r], chunk.history[r]
+            hist.append(value)
+            ema.append(value if not ema else cfg.ema_beta * ema[-1] + (1 - cfg.ema_beta) * value)
+            converged = False
+            if step >= cfg.min_iterations and step > cfg.window:
+                before = ema[-1 - cfg.window]
+                converged = abs(ema[-1] - before) <= cfg.tol * max(abs(before), 1e-8)
+            if converged or step == cfg.max_iterations:
+                done.append(r)
+                results.append(
+                    SubjectAdaptation(
+                        chunk.tasks[r].subject,
+                        chunk.positions[r],
+                        {n: chunk.params[n][r].detach().cpu().clone() for n in names},
+                        step,
+                        converged,
+                        value,
+                    )
+                )
+        if len(done) == len(chunk.positions):
+            break
+        if done:
+            chunk.keep([r for r in range(len(chunk.positions)) if r not in set(done)])
+    results.sort(key=lambda a: a.position)
+    return results
+
+
+def _step(
+    chunk: _Chunk,
+    base: dict[str, Tensor],
+    cls_w: Tensor,
+    cls_b: Tensor,
+    method: PFTAdaptation,
+    cfg: AdaptConfig,
+    step: int,
+    blocks: int,
+    drop_p: list[float],
+    ln_eps: float,
+    device: torch.device,
+) -> list[float]:
+    """One optimiser step for every live subject of ``chunk``; returns each subject's loss."""
+    bsz = cfg.batch_size
+    idx_rows, partner_rows, noise_rows = [], [], []
+    masks_a: list[list[Tensor]] = [[] for _ in range(blocks)]
+    masks_b: list[list[Tensor]] = [[] for _ in range(blocks)]
+    hidden = [int(base[f"blocks.{i}.0.weight"].shape[0]) for i in range(blocks)]
+    d = chunk.features.shape[1]
+    for r, task in enumerate(chunk.tasks):
+        gen, drop = chunk.gens[r], chunk.drop_gens[r]
+        index = torch.randint(len(task.features), (bsz,), generator=gen)
+        partner = chunk.partners[r].draw(index, gen)
+        off = int(chunk.offsets[r])
+        idx_rows.append(index + off)
+        partner_rows.append(partner + off)
+        # the trainer's order: T(f_a) dropout masks (global stream), noise, T(f_b) masks
+        for i in range(blocks):
+            if drop_p[i] > 0:
+                masks_a[i].append(_bernoulli_mask(drop, (bsz, hidden[i]), 1 - drop_p[i]))
+        if method.noise_std > 0:
+            noise_rows.append(torch.randn((bsz, d), generator=gen))
+        if method.consistency_target == "translated":
+            for i in range(blocks):
+                if drop_p[i] > 0:
+                    masks_b[i].append(_bernoulli_mask(drop, (bsz, hidden[i]), 1 - drop_p[i]))
+    s = len(chunk.tasks)
+    fa = chunk.features[torch.cat(idx_rows).to(device)].view(s, bsz, d)
+    fb = chunk.features[torch.cat(partner_rows).to(device)].view(s, bsz, d)
+    if noise_rows:
+        fb = fb + method.noise_std * torch.stack(noise_rows).to(device)
+
+    def scaled(rows: list[list[Tensor]]) -> list[Tensor] | None:
+        if not any(rows):
+            return None
+        out = []
+        for i in range(blocks):
+            keep = 1 - drop_p[i]
+            m = torch.stack(rows[i]).to(device=device, dtype=torch.float32)
+            out.append(m.div_(keep))
+        return out
+
+    p = {**base, **chunk.params}
+    e_from, e_to = _embed(p, chunk.s_t), _embed(p, chunk.s_r)
+    f_hat = _translate(p, fa, e_from, e_to, blocks, scaled(masks_a), ln_eps)
+    logits_a = F_nn.linear(f_hat, cls_w, cls_b)
+    with torch.no_grad():
+        if method.consistency_target == "translated":
+            logits_b = F_nn.linear(
+                _translate(p, fb, e_from, e_to, blocks, scaled(masks_b), ln_eps), cls_w, cls_b
+            )
+        else:
+            logits_b = F_nn.linear(fb, cls_w, cls_b)
+    log_pa = F_nn.log_softmax(logits_a, dim=2)
+    log_pb = F_nn.log_softmax(logits_b, dim=2)
+    cons = (log_pb.exp() * (log_pb - log_pa)).sum(dim=(1, 2)) / bsz
+    total = method.lambda_consistency * cons
+    if method.lambda_style > 0:
+        mu = f_hat.mean(1)
+        sigma = torch.sqrt(f_hat.var(1, unbiased=False) + STATS_EPS)
+        sty = (mu - chunk.ref_mu).pow(2).sum(1) + (sigma - chunk.ref_sigma).pow(2).sum(1)
+        total = total + method.lambda_style * sty
+    if method.lambda_neutral > 0:
+        eps = method.neutral_smoothing
+        k = log_pa.shape[2]
+        nll = -log_pa[:, :, method.neutral_class].mean(1)
+        smooth = -log_pa.sum(2).mean(1)
+        neu = (1 - eps) * nll + (eps / k) * smooth if eps > 0 else nll
+        total = total + method.lambda_neutral * neu
+    leaves = list(chunk.params.values())
+    grads = torch.autograd.grad(total.sum(), leaves)
+    with torch.no_grad():
+        for (name, param), grad in zip(chunk.params.items(), grads, strict=True):
+            _optimizer_update(param, grad, chunk.state[name], cfg, step)
+    return total.detach().double().cpu().tolist()
+
+
+def _optimizer_update(param: Tensor, grad: Tensor, state: list[Tensor], cfg: AdaptConfig, step: int) -> None:
+    """``torch.optim.Adam``/``SGD`` (single-tensor path, default options) on a stacked tensor."""
+    if cfg.weight_decay != 0:
+        grad = grad.add(param, alpha=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        if cfg.momentum != 0:
+            if not state:
+                state.append(grad.clone())
+            else:
+                state[0].mul_(cfg.momentum).add_(grad)
+            grad = state[0]
+        param.add_(grad, alpha=-cfg.lr)
+        return
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    if not state:
+        state.extend([torch.zeros_like(param), torch.zeros_like(param)])
+    exp_avg, exp_avg_sq = state
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = cfg.lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def run_pft_batched(
+    model: SourceModel,
+    targets: Sequence[tuple[int, TargetData]],
+    settings: MethodSettings,
+    seed: int,
+    engine: BatchedConfig | None = None,
+) -> dict[str, MethodOutcome]:
+    """``simulations.methods.run_pft`` for many targets at once: target ``(k, data)`` adapts with
+    seed ``seed * 1000 + k`` (as the per-client engine), then predicts on its ``eval`` frames.
+
+    Returns the outcome per subject name (the reported seconds are the chunk's wall time shared
+    equally by its subjects).
+    """
+    import time
+
+    pft = settings.pft
+    tasks = [
+        subject_task(
+            model,
+            t.adapt.features,
+            t.adapt.frame_stats,
+            pft,
+            seed * 1000 + k,
+            subject=t.subject,
+            descriptor=t.adapt.mean_descriptor(),
+            video_ids=t.adapt.video_ids,
+            time_index=t.adapt.time_index,
+        )
+        for k, t in targets
+    ]
+    by_name = {t.subject: t for _, t in targets}
+    n_params = sum(p.numel() for p in model.translator.last_layers_parameters(pft.last_layers))
+    outcomes: dict[str, MethodOutcome] = {}
+    t0 = time.perf_counter()
+    for chunk in adapt_subjects(model.translator, model.classifier, tasks, pft, engine):
+        seconds = (time.perf_counter() - t0) / max(1, len(chunk))
+        for a in chunk:
+            task = tasks[a.position]
+            translator = a.translator(model.translator)
+            with torch.no_grad():
+                translated = translator(
+                    by_name[a.subject].eval.features, task.style_target, task.style_reference
+                )
+                logits = model.classifier.eval()(translated)
+            outcomes[a.subject] = MethodOutcome(
+                logits, a.iterations, seconds, translated, a.converged, n_params
+            )
+        t0 = time.perf_counter()
+    return outcomes
