@@ -39,6 +39,7 @@ from pydantic import Field
 from torch import Tensor
 
 from client.export import ExportFormat, InputDType, PersonalizedModel, export_model
+from client.ledger import LEDGER_FILE, PrivacyBudget, PrivacyLedger
 from client.store import EncryptedStore, StoreKey
 from pft_core.adaptation import AdaptResult
 from pft_core.bundle import Bundle, load_bundle
@@ -72,6 +73,7 @@ from pft_core.errors import (
 from pft_core.models import preprocess
 from pft_core.pairing import Strategy
 from pft_core.personalize import Personalization, PersonalizeConfig, SourceModel, personalize
+from pft_core.privacy import plan_release
 from pft_core.signing import TrustedBundleCache, bundle_digest, key_id, load_public_key, verify_bundle
 from pft_core.training import SourceStyles
 
@@ -125,6 +127,7 @@ class ClientConfig(FrozenConfig):
     detector: Literal["auto", "haar", "annotated"] = "auto"
     smoothing: Literal["mean", "ema"] = "mean"
     ema_alpha: float = Field(0.3, gt=0.0, le=1.0)
+    privacy_budget: PrivacyBudget = PrivacyBudget()  # DP budget of the ledger (personalize.dp set)
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ class EnrollmentReport:
     seconds: float
     reference_subject: str
     pairing: str
+    privacy: dict[str, Any] | None = None  # the DP release (epsilon, delta, unit...) when DP was on
 
     def reconciles(self) -> bool:
         """Whether every given video is either used or rejected, exactly once."""
@@ -292,7 +296,13 @@ class Personalizer:
         self.bundle_digest = bundle_digest(bundle.manifest)
         self.crop_config = self.config.crop or FaceCropConfig(size=bundle.model_config.image_size)
         self.personalization: Personalization | None = None
-        self.privacy_ledger: list[dict[str, Any]] = []
+        # DP releases (client.ledger): on disk beside the store when there is a state_dir
+        budget = self.config.privacy_budget
+        self.ledger = (
+            PrivacyLedger.open(self.state_dir / LEDGER_FILE, budget)
+            if self.state_dir is not None
+            else PrivacyLedger(budget)
+        )
         self.enrollment: dict[str, Any] = {}
         self.recovered_from_backup = False
         self._key = key
@@ -461,6 +471,11 @@ class Personalizer:
     def class_names(self) -> tuple[str, ...]:
         """The bundle's class names."""
         return tuple(self.bundle.class_names)
+
+    @property
+    def privacy_ledger(self) -> list[dict[str, Any]]:
+        """The DP releases recorded on this device (see :mod:`client.ledger`)."""
+        return self.ledger.as_list()
 
     @property
     def enrolled(self) -> bool:
@@ -651,6 +666,10 @@ class Personalizer:
     ) -> EnrollmentReport:
         from pft_core.training import extract_features
 
+        dp = self.config.personalize.dp
+        if dp is not None:  # refuse BEFORE anything runs; write-ahead: a crash still counts
+            planned = plan_release(dp, self.config.personalize.adapt, len(crops), video_ids)
+            self.ledger.record(planned, "adaptation", note=f"enrollment of {len(crops)} frames")
         if self.state_dir is not None:
             _contain_torch_cache(self.state_dir)
         if progress is not None:
@@ -694,6 +713,7 @@ class Personalizer:
             seconds=time.perf_counter() - started,
             reference_subject=result.reference_subject,
             pairing=model.pairing,
+            privacy=result.privacy.summary() if result.privacy is not None else None,
         )
         self.enrollment = {
             "frames_used": report.frames_used,
@@ -702,6 +722,7 @@ class Personalizer:
             "converged": report.converged,
             "adapt_seconds": report.adapt_seconds,
             "pairing": report.pairing,
+            "privacy": report.privacy,
             "enrolled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         return report
@@ -864,7 +885,7 @@ class Personalizer:
         self.personalization = Personalization(
             translator, style_target, style_reference, str(payload["reference_subject"]), result
         )
-        self.privacy_ledger = list(payload.get("privacy_ledger") or [])
+        self.ledger.merge(list(payload.get("privacy_ledger") or []))  # keeps the longer history
         self.enrollment = enrollment
 
     # export ----------------------------------------------------------------------------------

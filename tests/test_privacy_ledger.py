@@ -21,10 +21,10 @@ import torch
 from client.ledger import PrivacyBudget, PrivacyLedger
 from pft_core.adaptation import AdaptConfig
 from pft_core.errors import PrivacyBudgetExceededError, StoreError
-from pft_core.privacy import DPConfig, DPRelease, epsilon_spent, plan_release
+from pft_core.privacy import DPConfig, DPRelease, PrivacyUnit, epsilon_spent, plan_release
 
 
-def _release(sigma: float = 1.0, q: float = 0.2, steps: int = 50, unit: str = "frame") -> DPRelease:
+def _release(sigma: float = 1.0, q: float = 0.2, steps: int = 50, unit: PrivacyUnit = "frame") -> DPRelease:
     eps = epsilon_spent([(sigma, q, steps)], 1e-5)
     return DPRelease(
         noise_multiplier=sigma,
@@ -33,7 +33,7 @@ def _release(sigma: float = 1.0, q: float = 0.2, steps: int = 50, unit: str = "f
         delta=1e-5,
         max_grad_norm=1.0,
         accountant="rdp",
-        privacy_unit=unit,  # type: ignore[arg-type]
+        privacy_unit=unit,
         records=100,
         epsilon=eps,
     )
