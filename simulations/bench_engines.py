@@ -1,0 +1,316 @@
+"""Subjects adapted per second by each engine, side by side in ONE run (``pft bench engines``).
+
+Engines: ``loop`` (the per-client trainer, one subject after another - what ``pft simulate`` runs),
+``batched`` (:mod:`simulations.batched`, stacked translators) and ``flower`` (Flower's simulation
+engine: one virtual node per subject, each running the same per-client adaptation in a Ray actor).
+
+Same work for every engine: the synthetic cached-feature subjects of
+:mod:`simulations.synthetic_world` (each engine - each Flower node - builds subject k's features
+from the seed; nothing is re-extracted), the same source model, and a fixed number of iterations
+(``min_iterations = max_iterations``, so no engine stops early) at the same batch size. Only the
+adaptation is timed (``wall_s``); each engine runs in its own child process so that its peak memory
+is its own: ``peak_rss_mb`` is the peak over the run of the summed VmRSS of the child and every
+process it started (Ray's workers for Flower), sampled every 50 ms; ``vmhwm_mb`` is the child's own
+VmHWM. ``gflops`` is the useful translator-training rate: ``subjects x iterations x batch x 6 x
+params(T) / wall_s``; ``matmul_gflops`` is this machine's dense fp32 matrix-multiply rate,
+measured in the same run with the same thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pft_core.adaptation import AdaptConfig, ModelParts, adapt_translator
+from pft_core.personalize import PersonalizeConfig
+from simulations.batched import BatchedConfig, SubjectTask, adapt_subjects, subject_task
+from simulations.machine import describe_machine
+from simulations.synthetic_world import synthetic_model, synthetic_subject
+
+ENGINES = ("loop", "batched", "flower")
+SPEC_ENV = "PFT_BENCH_ENGINES_SPEC"
+
+
+def work_config(iterations: int = 50, batch_size: int = 64, bias_only: bool = False) -> PersonalizeConfig:
+    """Stage 3 with a fixed number of steps (no early stop), so every engine does the same work."""
+    adapt = AdaptConfig(lr=0.01, max_iterations=iterations, min_iterations=iterations, batch_size=batch_size)
+    return PersonalizeConfig(adapt=adapt, bias_only=bias_only)
+
+
+def make_tasks(spec: dict[str, Any], indices: range) -> list[SubjectTask]:
+    """The subjects ``indices`` of the benchmark's synthetic cohort, ready to adapt."""
+    model = synthetic_model(spec["seed"])
+    config = work_config(spec["iterations"], spec["batch_size"], spec["bias_only"])
+    tasks = []
+    for k in indices:
+        s = synthetic_subject(k, spec["seed"], frames=spec["frames"])
+        tasks.append(
+            subject_task(
+                model,
+                s.features,
+                s.frame_stats,
+                config,
+                spec["seed"] * 1000 + k,
+                subject=s.name,
+                video_ids=s.video_ids,
+                time_index=s.time_index,
+            )
+        )
+    return tasks
+
+
+def adapt_one(spec: dict[str, Any], task: SubjectTask, model_parts: ModelParts) -> int:
+    """The per-client engine's work for one subject (the trainer via ``adapt_translator``)."""
+    config = work_config(spec["iterations"], spec["batch_size"], spec["bias_only"])
+    parts = ModelParts(
+        classifier=model_parts.classifier,
+        translator=model_parts.translator,
+        style_target=task.style_target,
+        style_reference=task.style_reference,
+        reference_stats=task.reference_stats,
+    )
+    _, result = adapt_translator(
+        parts,
+        task.features,
+        config.adapt.model_copy(update={"seed": task.seed}),
+        config.method(),
+        video_ids=task.video_ids,
+        time_index=task.time_index,
+    )
+    return result.iterations
+
+
+def matmul_gflops(threads: int, size: int = 1024, seconds: float = 2.0) -> float:
+    """Dense fp32 ``size x size`` matrix-multiply rate (GFLOP/s, median of timed repeats)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        torch.mm(a, b)
+        rates = []
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end or len(rates) < 5:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            rates.append(2 * size**3 / (time.perf_counter() - t0) / 1e9)
+        return round(statistics.median(rates), 1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _vm_kb(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return 0
+    return 0
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def run_engine(engine: str, spec: dict[str, Any], timeout_s: float = 1800) -> dict[str, Any]:
+    """Run one engine in a child process; its numbers plus the peak RSS of its process tree."""
+    with tempfile.TemporaryDirectory(prefix="bench-engines-") as tmp:
+        out = Path(tmp) / "result.json"
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps({**spec, "work_dir": tmp}))
+        cmd = [sys.executable, "-m", "simulations.bench_engines", "--child", engine, str(spec_path), str(out)]
+        proc = subprocess.Popen(cmd)
+        peak = [0]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], sum(_vm_kb(p, "VmRSS") for p in _tree(proc.pid)))
+                stop.wait(0.05)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        finally:
+            stop.set()
+            thread.join()
+            if proc.poll() is None:
+                proc.kill()
+        if rc != 0 or not out.is_file():
+            return {"error": f"exit status {rc}"}
+        result: dict[str, Any] = json.loads(out.read_text())
+    result["peak_rss_mb"] = round(peak[0] / 1024, 1)
+    n = spec["subjects"]
+    flops = n * spec["iterations"] * spec["batch_size"] * 6 * spec["translator_params"]
+    result["subjects_per_s"] = round(n / result["wall_s"], 3)
+    result["gflops"] = round(flops / result["wall_s"] / 1e9, 2)
+    result["peak_rss_mb_per_subject"] = round(result["peak_rss_mb"] / n, 3)
+    return result
+
+
+def bench_engines(
+    subjects: int,
+    *,
+    engines: tuple[str, ...] = ENGINES,
+    iterations: int = 50,
+    batch_size: int = 64,
+    bias_only: bool = False,
+    chunk_size: int = 256,
+    threads: int = 1,
+    device: str = "cpu",
+    frames: int = 96,
+    seed: int = 0,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Measure ``engines`` on ``subjects`` synthetic subjects in one run; returns the JSON dict."""
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        raise ValueError(f"unknown engine(s) {unknown}; choose from {ENGINES}")
+    model = synthetic_model(seed)
+    params = model.translator.param_count()
+    spec = {
+        "subjects": subjects,
+        "iterations": iterations,
+        "batch_size": batch_size,
+        "bias_only": bias_only,
+        "chunk_size": chunk_size,
+        "threads": threads,
+        "device": device,
+        "frames": frames,
+        "seed": seed,
+        "translator_params": params,
+    }
+    result: dict[str, Any] = {
+        "subjects": subjects,
+        "machine": {**describe_machine(), "load_average": list(os.getloadavg())},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "work": {**spec, "flop_per_subject": iterations * batch_size * 6 * params},
+        "matmul_gflops": matmul_gflops(threads),
+        "engines": {},
+    }
+    for engine in engines:
+        log(f"engine {engine}: {subjects} subjects ...")
+        result["engines"][engine] = run_engine(engine, spec)
+        log(f"  {json.dumps(result['engines'][engine])}")
+    rates = {e: r["subjects_per_s"] for e, r in result["engines"].items() if "subjects_per_s" in r}
+    if "batched" in rates:
+        result["batched_vs"] = {e: round(rates["batched"] / v, 2) for e, v in rates.items() if e != "batched"}
+        result["batched_fraction_of_matmul"] = round(
+            result["engines"]["batched"]["gflops"] / result["matmul_gflops"], 3
+        )
+    result["machine"]["load_average_after"] = list(os.getloadavg())
+    return result
+
+
+# --- children ---------------------------------------------------------------------------------------
+def _child(engine: str, spec: dict[str, Any], out: Path) -> None:
+    torch.set_num_threads(spec["threads"])
+    n = spec["subjects"]
+    iterations = 0
+    if engine == "flower":
+        wall, iterations = _flower(spec)
+    else:
+        tasks = make_tasks(spec, range(n))
+        model = synthetic_model(spec["seed"])
+        t0 = time.perf_counter()
+        if engine == "loop":
+            parts = ModelParts(classifier=model.classifier, translator=model.translator)
+            for task in tasks:
+                iterations += adapt_one(spec, task, parts)
+        else:
+            config = work_config(spec["iterations"], spec["batch_size"], spec["bias_only"])
+            batched = BatchedConfig(chunk_size=spec["chunk_size"], device=spec["device"], num_threads=spec["threads"])
+            for chunk in adapt_subjects(model.translator, model.classifier, tasks, config, batched):
+                iterations += sum(a.iterations for a in chunk)
+        wall = time.perf_counter() - t0
+    out.write_text(
+        json.dumps(
+            {
+                "wall_s": round(wall, 3),
+                "iterations": iterations,
+                "vmhwm_mb": round(_vm_kb(os.getpid(), "VmHWM") / 1024, 1),
+            }
+        )
+    )
+
+
+def _flower(spec: dict[str, Any]) -> tuple[float, int]:
+    from flwr.simulation import run_simulation
+
+    from simulations.bench_flower_apps import client_app, server_app
+
+    spec_path = Path(spec["work_dir"]) / "flower-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    os.environ[SPEC_ENV] = str(spec_path)
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=spec["subjects"],
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {}},
+    )
+    done = json.loads((Path(spec["work_dir"]) / "flower-done.json").read_text())
+    return float(done["wall_s"]), int(done["iterations"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m simulations.bench_engines --subjects 100 --json out.json`` (see ``pft bench engines``)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--child", nargs=3, metavar=("ENGINE", "SPEC", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--subjects", type=int, default=100)
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--bias-only", action="store_true")
+    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.child:
+        engine, spec_path, out = args.child
+        _child(engine, json.loads(Path(spec_path).read_text()), Path(out))
+        return
+    result = bench_engines(
+        args.subjects,
+        engines=tuple(e.strip() for e in args.engines.split(",") if e.strip()),
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        bias_only=args.bias_only,
+        chunk_size=args.chunk_size,
+        threads=args.threads,
+        device=args.device,
+    )
+    text = json.dumps(result, indent=2) + "\n"
+    if args.json is not None:
+        args.json.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The Flower apps of ``pft bench engines --engines flower``: one virtual node per synthetic subject.
+
+The ServerApp sends one ``train`` message to every node and waits for all replies; each node (in a
+Ray actor) builds its subject's cached features and the source model (once per actor) and runs
+the per-client trainer, exactly the work of the ``loop`` engine. The timed span is from the first
+message sent to the last reply received (Ray's start-up and node registration are not in it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from pft_core.adaptation import ModelParts
+
+SPEC_ENV = "PFT_BENCH_ENGINES_SPEC"
+_PARTS: dict[int, ModelParts] = {}
+
+
+def _spec() -> dict[str, Any]:
+    spec: dict[str, Any] = json.loads(Path(os.environ[SPEC_ENV]).read_text())
+    return spec
+
+
+client_app = ClientApp()
+server_app = ServerApp()
+
+
+@client_app.train()
+def train(message: Message, context: Context) -> Message:
+    """Adapt this node's subject (partition-id k) with the per-client trainer; reply its steps."""
+    import torch
+
+    from simulations.bench_engines import adapt_one, make_tasks
+    from simulations.synthetic_world import synthetic_model
+
+    spec = _spec()
+    torch.set_num_threads(spec["threads"])
+    k = int(context.node_config["partition-id"])
+    if spec["seed"] not in _PARTS:  # a full model per actor, loaded once
+        model = synthetic_model(spec["seed"])
+        _PARTS[spec["seed"]] = ModelParts(classifier=model.classifier, translator=model.translator)
+    task = make_tasks(spec, range(k, k + 1))[0]
+    iterations = adapt_one(spec, task, _PARTS[spec["seed"]])
+    return Message(RecordDict({"metrics": MetricRecord({"iterations": iterations})}), reply_to=message)
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Send ``train`` to every node, wait for all replies, write the timing beside the spec."""
+    spec = _spec()
+    wanted = int(spec["subjects"])
+    deadline = time.monotonic() + 600
+    nodes = sorted(grid.get_node_ids())
+    while len(nodes) < wanted and time.monotonic() < deadline:
+        time.sleep(0.2)
+        nodes = sorted(grid.get_node_ids())
+    t0 = time.perf_counter()
+    messages = [
+        Message(RecordDict({"config": ConfigRecord({"seed": int(spec["seed"])})}), dst_node_id=n, message_type="train")
+        for n in nodes
+    ]
+    iterations, failures = 0, 0
+    for reply in grid.send_and_receive(messages, timeout=3600):
+        if reply.has_error():
+            failures += 1
+            continue
+        metrics = reply.content["metrics"]
+        assert isinstance(metrics, MetricRecord)
+        iterations += int(metrics["iterations"])  # type: ignore[call-overload]
+    wall = time.perf_counter() - t0
+    done = {"wall_s": wall, "iterations": iterations, "failures": failures, "nodes": len(nodes)}
+    (Path(spec["work_dir"]) / "flower-done.json").write_text(json.dumps(done))
