@@ -10,6 +10,7 @@ from pft_cli.client import client_app
 from pft_cli.cohort import cohort_app
 from pft_cli.data import data_app
 from pft_cli.keys import certs_app, keys_app
+from pft_cli.server import server_app
 from pft_cli.simulate import ablate, simulate
 from pft_core import __version__
 
@@ -46,6 +47,11 @@ app.add_typer(
     data_app, name="data", help="Run the video pipeline on a dataset folder: check files, preview crops."
 )
 app.add_typer(client_app, name="client", help="On-device personalisation: enroll, predict, export, info.")
+app.add_typer(
+    server_app,
+    name="server",
+    help="Operate a deployment: publish a signed bundle, register sites, read the audit log.",
+)
 app.add_typer(keys_app, name="keys", help="Bundle-signing keys and SuperNode authentication keys.")
 app.add_typer(
     certs_app, name="certs", help="TLS certificates for a SuperLink: CA, server certificate, rotation."
