@@ -177,8 +177,11 @@ def ablate(
     config: Annotated[Path | None, typer.Option(help="JSON/YAML file of ExperimentConfig fields.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache root (as for pft simulate).")] = None,
 ) -> None:
-    """The paper's ablations: loss terms, pairing strategies, feature dimension, loss weights, and
-    the expression-vs-identity similarity of features before and after translation."""
+    """The paper's ablations: loss terms, pairing, feature dimension, loss weights, identity vs expression.
+
+    Each variant re-runs the evaluation of `pft simulate` (same cohort, caches and seeds) for PFT and
+    source-only; `branches` measures feature similarity before and after each person's translator.
+    """
     from simulations.ablations import ABLATIONS, ablation_markdown, run_ablation
 
     chosen = kinds or list(ABLATIONS)
