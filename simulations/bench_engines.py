@@ -98,7 +98,7 @@ def matmul_gflops(threads: int, size: int = 1024, seconds: float = 2.0) -> float
     try:
         a, b = torch.randn(size, size), torch.randn(size, size)
         torch.mm(a, b)
-        rates = []
+        rates: list[float] = []
         t_end = time.perf_counter() + seconds
         while time.perf_counter() < t_end or len(rates) < 5:
             t0 = time.perf_counter()
@@ -184,6 +184,7 @@ def bench_engines(
     chunk_size: int = 256,
     threads: int = 1,
     device: str = "cpu",
+    fused_adam: bool = True,
     frames: int = 96,
     seed: int = 0,
     log: Any = print,
@@ -202,6 +203,7 @@ def bench_engines(
         "chunk_size": chunk_size,
         "threads": threads,
         "device": device,
+        "fused_adam": fused_adam,
         "frames": frames,
         "seed": seed,
         "translator_params": params,
@@ -245,7 +247,12 @@ def _child(engine: str, spec: dict[str, Any], out: Path) -> None:
                 iterations += adapt_one(spec, task, parts)
         else:
             config = work_config(spec["iterations"], spec["batch_size"], spec["bias_only"])
-            batched = BatchedConfig(chunk_size=spec["chunk_size"], device=spec["device"], num_threads=spec["threads"])
+            batched = BatchedConfig(
+                chunk_size=spec["chunk_size"],
+                device=spec["device"],
+                num_threads=spec["threads"],
+                fused_adam=spec["fused_adam"],
+            )
             for chunk in adapt_subjects(model.translator, model.classifier, tasks, config, batched):
                 iterations += sum(a.iterations for a in chunk)
         wall = time.perf_counter() - t0
@@ -290,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--exact-adam", action="store_true", help="batched: the trainer's unfused Adam")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.child:
@@ -305,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         chunk_size=args.chunk_size,
         threads=args.threads,
         device=args.device,
+        fused_adam=not args.exact_adam,
     )
     text = json.dumps(result, indent=2) + "\n"
     if args.json is not None:

@@ -64,7 +64,11 @@ def main(grid: Grid, context: Context) -> None:
         nodes = sorted(grid.get_node_ids())
     t0 = time.perf_counter()
     messages = [
-        Message(RecordDict({"config": ConfigRecord({"seed": int(spec["seed"])})}), dst_node_id=n, message_type="train")
+        Message(
+            RecordDict({"config": ConfigRecord({"seed": int(spec["seed"])})}),
+            dst_node_id=n,
+            message_type="train",
+        )
         for n in nodes
     ]
     iterations, failures = 0, 0
@@ -74,7 +78,7 @@ def main(grid: Grid, context: Context) -> None:
             continue
         metrics = reply.content["metrics"]
         assert isinstance(metrics, MetricRecord)
-        iterations += int(metrics["iterations"])  # type: ignore[call-overload]
+        iterations += int(metrics["iterations"])  # type: ignore[arg-type]
     wall = time.perf_counter() - t0
     done = {"wall_s": wall, "iterations": iterations, "failures": failures, "nodes": len(nodes)}
     (Path(spec["work_dir"]) / "flower-done.json").write_text(json.dumps(done))
