@@ -1,0 +1,48 @@
+"""`pft bench` commands: the engines benchmark's JSON schema and the same work for every engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pft_cli.bench import bench_app
+from simulations.bench_latency import bench_adapt, bench_features
+
+
+@pytest.mark.slow
+def test_bench_engines_json(tmp_path: Path) -> None:
+    out = tmp_path / "engines.json"
+    result = CliRunner().invoke(
+        bench_app,
+        ["engines", "--subjects", "3", "--engines", "loop,batched", "--iterations", "3", "--json", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["subjects"] == 3 and data["matmul_gflops"] > 0
+    assert {"cpu", "cores", "load_average"} <= set(data["machine"])
+    flop = data["work"]["flop_per_subject"]
+    assert flop == 3 * 64 * 6 * data["work"]["translator_params"]
+    for engine in ("loop", "batched"):
+        row = data["engines"][engine]
+        assert row["iterations"] == 3 * 3  # the same fixed work, no early stop
+        assert row["subjects_per_s"] == pytest.approx(3 / row["wall_s"], rel=1e-2)
+        assert row["gflops"] == pytest.approx(3 * flop / row["wall_s"] / 1e9, rel=1e-2)
+        assert row["peak_rss_mb"] > 50  # a python + torch child, measured from /proc
+    assert set(data["batched_vs"]) == {"loop"}
+
+
+@pytest.mark.slow
+def test_bench_adapt_and_features_numbers() -> None:
+    adapt = bench_adapt(repeats=2, frames=24)
+    assert len(adapt["runs_ms"]) == 2 and adapt["median_ms"] > 0
+    assert all(1 <= n <= 60 for n in adapt["iterations"])
+    features = bench_features(frames=32, batch_size=16, repeats=1)
+    assert features["frames_per_s"] > 0 and features["frames"] == 32
+
+
+def test_bench_engines_refuses_unknown_engine() -> None:
+    result = CliRunner().invoke(bench_app, ["engines", "--subjects", "2", "--engines", "ray"])
+    assert result.exit_code != 0
