@@ -24,6 +24,7 @@ Pieces, all over the ONE :class:`~pft_core.adaptation.AdaptationTrainer`:
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -170,6 +171,7 @@ def epsilon_spent(history: Sequence[Mechanism], delta: float, accountant: Accoun
     return float(acc.get_epsilon(delta=delta))
 
 
+@functools.lru_cache(maxsize=256)  # a pure function; planning and running ask twice
 def noise_for_target(
     epsilon: float, delta: float, sample_rate: float, steps: int, accountant: AccountantName = "rdp"
 ) -> float:

@@ -18,11 +18,11 @@ from pft_core.adaptation import AdaptConfig
 from pft_core.data import VideoConfig
 from pft_core.errors import PrivacyBudgetExceededError
 from pft_core.personalize import PersonalizeConfig
-from pft_core.privacy import DPConfig, plan_release
+from pft_core.privacy import DPConfig, epsilon_spent, plan_release
 
 KEY = StoreKey.from_bytes(bytes(range(32)))
 ADAPT = AdaptConfig(max_iterations=6, min_iterations=2, batch_size=16, lr=0.01)
-DP = DPConfig(epsilon=2.0, privacy_unit="video", sample_rate=0.5)
+DP = DPConfig(noise_multiplier=1.5, privacy_unit="video", sample_rate=0.5)
 
 
 @pytest.fixture()
@@ -51,7 +51,8 @@ def test_dp_enrollment_records_release_and_keeps_f_and_c(world: SdkWorld, tmp_pa
     crops, vids = _crops()
     report = p.enroll_crops(crops, video_ids=vids)
     assert report.privacy is not None and report.privacy["privacy_unit"] == "video"
-    assert report.privacy["epsilon"] <= 2.0 and report.iterations == ADAPT.max_iterations
+    expected = epsilon_spent([(1.5, 0.5, ADAPT.max_iterations)], DP.delta)
+    assert report.privacy["epsilon"] == pytest.approx(expected) and report.iterations == ADAPT.max_iterations
     assert len(p.privacy_ledger) == 1 and (state / LEDGER_FILE).is_file()
     assert p.privacy_ledger[0]["release"] == report.privacy
     assert not p.bundle.extractor.training and not p.bundle.classifier.training
