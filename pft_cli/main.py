@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from pft_cli.client import client_app
+from pft_cli.bench import bench_app
 from pft_cli.cohort import cohort_app
 from pft_cli.data import data_app
 from pft_cli.keys import certs_app, keys_app
