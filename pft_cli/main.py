@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from pft_cli.client import client_app
 from pft_cli.bench import bench_app
+from pft_cli.client import client_app
 from pft_cli.cohort import cohort_app
 from pft_cli.data import data_app
 from pft_cli.keys import certs_app, keys_app
@@ -52,6 +52,11 @@ app.add_typer(
     server_app,
     name="server",
     help="Operate a deployment: publish a signed bundle, register sites, read the audit log.",
+)
+app.add_typer(
+    bench_app,
+    name="bench",
+    help="Benchmarks: engines, adaptation latency, features, pipeline, methods, SDK (JSON out).",
 )
 app.add_typer(keys_app, name="keys", help="Bundle-signing keys and SuperNode authentication keys.")
 app.add_typer(
