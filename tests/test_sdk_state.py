@@ -23,6 +23,7 @@ from pft_core.adaptation import AdaptConfig
 from pft_core.data import VideoConfig
 from pft_core.errors import PersonalStateMismatchError, PFTError, StoreAuthenticationError, StoreError
 from pft_core.personalize import PersonalizeConfig
+from pft_core.privacy import DPRelease
 
 FAST = ClientConfig(
     video=VideoConfig(isolate=False),
@@ -58,7 +59,20 @@ def test_save_and_load_give_the_same_personal_model(world: SdkWorld, tmp_path: P
     state = tmp_path / "state"
     key = StoreKey.from_passphrase("correct horse battery staple")
     p = _enrolled(world, state, key=key)
-    p.privacy_ledger.append({"epsilon": 0.5, "delta": 1e-5, "unit": "video"})
+    release = DPRelease(
+        noise_multiplier=5.0,
+        sample_rate=0.5,
+        steps=10,
+        delta=1e-5,
+        max_grad_norm=1.0,
+        accountant="rdp",
+        privacy_unit="video",
+        records=6,
+        epsilon=0.5,
+    )
+    p.ledger.record(release, "adaptation")
+    recorded = p.privacy_ledger
+    assert len(recorded) == 1
     path = p.save()
     assert path == state / STATE_FILE
     q = Personalizer.load(
@@ -68,7 +82,7 @@ def test_save_and_load_give_the_same_personal_model(world: SdkWorld, tmp_path: P
     np.testing.assert_array_equal(
         q.predict_crops(_crops()).probabilities, p.predict_crops(_crops()).probabilities
     )
-    assert q.privacy_ledger == [{"epsilon": 0.5, "delta": 1e-5, "unit": "video"}]
+    assert q.privacy_ledger == recorded
     assert q.personalization is not None and p.personalization is not None
     assert q.personalization.reference_subject == p.personalization.reference_subject
     assert q.info()["enrollment"]["frames_used"] == 16
