@@ -140,7 +140,10 @@ def run_pft(model: SourceModel, target: TargetData, settings: MethodSettings, se
     translated = result.translate(target.eval.features)
     with torch.no_grad():
         logits = model.classifier(translated)
-    n_params = sum(p.numel() for p in result.translator.last_layers_parameters(settings.pft.last_layers))
+    adapted = settings.pft.method().trainable_parameters(
+        ModelParts(model.classifier, result.translator, None, result.style_target, result.style_reference)
+    )
+    n_params = sum(p.numel() for p in adapted)
     return MethodOutcome(
         logits,
         result.result.iterations,
