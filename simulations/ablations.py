@@ -1,6 +1,7 @@
 """The paper's ablations and the reviewers' checks, runnable from the CLI (``pft ablate``).
 
-- ``losses``: each stage-3 loss term removed in turn, stage 3 removed (T0 only), and each stage-2
+- ``losses``: each stage-3 loss term removed in turn (the style term, off by default, added), stage 3
+  removed (T0 only), and each stage-2
   loss term removed (T re-trained without it);
 - ``pairing``: random vs cosine vs landmark pairing (stage 2 pairs and the stage-3 reference);
 - ``dims``: feature dimension 64/128/256/512 (F re-trained with a projection to that size);
@@ -53,7 +54,7 @@ def _variants(kind: AblationKind, base: ExperimentConfig) -> dict[str, Experimen
         return {
             "full": base,
             "stage 3 - consistency": _with(base, **{"settings.pft.lambda_consistency": 0.0}),
-            "stage 3 - style": _with(base, **{"settings.pft.lambda_style": 0.0}),
+            "stage 3 + style term (0.1; off by default)": _with(base, **{"settings.pft.lambda_style": 0.1}),
             "stage 3 - neutral calibration": _with(base, **{"settings.pft.lambda_neutral": 0.0}),
             "no stage 3 (T0)": _with(base, **none),
             "stage 2 - style": _with(base, **{"pretrain.lambda_style": 0.0}),
