@@ -57,9 +57,6 @@ class Deployment:
         """The environment of every process: own FLWR_HOME, runtime dependency installation off."""
         env = {k: v for k, v in os.environ.items() if k != "PFT_FLOWER_SPEC"}
         env.update(FLWR_HOME=str(self.root / "flwr-home"), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
-        # Flower's processes start each other by name (flower-superexec, flwr-clientapp): put this
-        # environment's scripts first on PATH, so the suite works without an activated venv (CI).
-        env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
         return env
 
     def start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:

@@ -88,8 +88,11 @@ def test_a_whole_session_writes_only_inside_state_dir(tmp_path_factory: pytest.T
     script.write_text(_SESSION)
     roots = [world.root, base]
     before = _snapshot(roots, state)
+    # A fresh app process: torch in this pytest process may already have exported its own cache
+    # folder (TORCHINDUCTOR_CACHE_DIR) into os.environ, which the child must not inherit.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("TORCHINDUCTOR_")}
     env = {
-        **os.environ,
+        **inherited,
         "HOME": str(home),
         "TMPDIR": str(tmp),
         "XDG_CACHE_HOME": str(home / ".cache"),
