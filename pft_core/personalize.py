@@ -114,6 +114,49 @@ def pairing_query(strategy: Strategy, features: Tensor, descriptor: np.ndarray |
     return features.double().mean(0).numpy()
 
 
+@dataclass
+class TranslationGoal:
+    """Where a person's features are translated from and to (computed before adaptation)."""
+
+    style_target: Tensor
+    style_reference: Tensor
+    reference_stats: tuple[Tensor, Tensor]
+    references: list[str]
+
+
+def translation_goal(
+    model: SourceModel,
+    features: Tensor,
+    frame_stats: Tensor,
+    config: PersonalizeConfig,
+    descriptor: np.ndarray | None = None,
+) -> TranslationGoal:
+    """The person's style code, the ``reference_k`` source subjects matched by the pairing
+    strategy (closest first), and their mean style code and neutral statistics.
+
+    Raises
+    ------
+    TooFewFacesError
+        Fewer than ``config.min_frames`` frames.
+    """
+    if len(features) < config.min_frames:
+        raise TooFewFacesError(len(features), config.min_frames)
+    s_target = style_code(features, frame_stats, model.normalizer).detach()
+    query = pairing_query(model.pairing, features, descriptor)
+    candidates = {k: v for k, v in model.descriptors.items() if k in model.styles.codes}
+    references = match_references(query, candidates, model.pairing, config.reference_k, config.seed)
+    styles = model.styles
+    return TranslationGoal(
+        s_target,
+        torch.stack([styles.codes[r] for r in references]).mean(0),
+        (
+            torch.stack([styles.neutral_mean[r] for r in references]).mean(0),
+            torch.stack([styles.neutral_std[r] for r in references]).mean(0),
+        ),
+        references,
+    )
+
+
 def personalize(
     model: SourceModel,
     features: Tensor,
@@ -144,32 +187,23 @@ def personalize(
     TooFewFacesError
         Fewer than ``config.min_frames`` frames.
     """
-    if len(features) < config.min_frames:
-        raise TooFewFacesError(len(features), config.min_frames)
-    s_target = style_code(features, frame_stats, model.normalizer).detach()
-    query = pairing_query(model.pairing, features, descriptor)
-    candidates = {k: v for k, v in model.descriptors.items() if k in model.styles.codes}
-    references = match_references(query, candidates, model.pairing, config.reference_k, config.seed)
-    s_reference = torch.stack([model.styles.codes[r] for r in references]).mean(0)
-    reference_stats = (
-        torch.stack([model.styles.neutral_mean[r] for r in references]).mean(0),
-        torch.stack([model.styles.neutral_std[r] for r in references]).mean(0),
-    )
-    reference = references[0]
+    goal = translation_goal(model, features, frame_stats, config, descriptor)
     parts = ModelParts(
         classifier=model.classifier,
         translator=model.translator,
-        style_target=s_target,
-        style_reference=s_reference,
-        reference_stats=reference_stats,
+        style_target=goal.style_target,
+        style_reference=goal.style_reference,
+        reference_stats=goal.reference_stats,
     )
     adapt_config = config.adapt.model_copy(update={"seed": config.seed})
     if config.dp is not None:  # DP-SGD (Opacus) on the same trainer; see pft_core.privacy
         translator, result, release = adapt_translator_private(
             parts, features, adapt_config, config.method(), config.dp, video_ids, time_index
         )
-        return Personalization(translator, s_target, s_reference, reference, result, release)
+        return Personalization(
+            translator, goal.style_target, goal.style_reference, goal.references[0], result, release
+        )
     translator, result = adapt_translator(
         parts, features, adapt_config, config.method(), video_ids=video_ids, time_index=time_index
     )
-    return Personalization(translator, s_target, s_reference, reference, result)
+    return Personalization(translator, goal.style_target, goal.style_reference, goal.references[0], result)

@@ -45,9 +45,8 @@ from pft_core.adaptation import AdaptConfig, ModelParts, PFTAdaptation
 from pft_core.config import FrozenConfig
 from pft_core.errors import TooFewFacesError
 from pft_core.losses import STATS_EPS
-from pft_core.models import Classifier, Translator, style_code
-from pft_core.pairing import match_references
-from pft_core.personalize import PersonalizeConfig, SourceModel, pairing_query
+from pft_core.models import Classifier, Translator
+from pft_core.personalize import PersonalizeConfig, SourceModel, translation_goal
 from pft_core.training import torch_threads
 from simulations.methods import MethodOutcome, MethodSettings, TargetData
 
@@ -108,26 +107,19 @@ def subject_task(
     TooFewFacesError
         Fewer than ``config.min_frames`` frames.
     """
-    if len(features) < config.min_frames:
-        raise TooFewFacesError(len(features), config.min_frames)
-    s_target = style_code(features, frame_stats, model.normalizer).detach()
-    query = pairing_query(model.pairing, features, descriptor)
-    candidates = {k: v for k, v in model.descriptors.items() if k in model.styles.codes}
-    references = match_references(query, candidates, model.pairing, config.reference_k, seed)
-    styles = model.styles
+    goal = translation_goal(
+        model, features, frame_stats, config.model_copy(update={"seed": seed}), descriptor
+    )
     return SubjectTask(
         subject=subject,
         features=features,
-        style_target=s_target,
-        style_reference=torch.stack([styles.codes[r] for r in references]).mean(0),
-        reference_stats=(
-            torch.stack([styles.neutral_mean[r] for r in references]).mean(0),
-            torch.stack([styles.neutral_std[r] for r in references]).mean(0),
-        ),
+        style_target=goal.style_target,
+        style_reference=goal.style_reference,
+        reference_stats=goal.reference_stats,
         seed=seed,
         video_ids=video_ids,
         time_index=time_index,
-        reference_subject=references[0],
+        reference_subject=goal.references[0],
     )
 
 
