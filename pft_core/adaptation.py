@@ -370,20 +370,29 @@ class PFTAdaptation:
             return [translator.out.bias]
         return translator.last_layers_parameters(self.last_layers)
 
-    def loss(self, parts: ModelParts, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        """Consistency + style + known-neutral terms on one batch of neutral frames."""
+    def pair_forward(self, parts: ModelParts, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """``(T(f_a), C(T(f_a)), C(.(f_b + noise)))`` for a batch: the translated frames a, their
+        logits, and the (gradient-free) logits of the partner frames b. Style codes are expanded to
+        one row per frame, so every layer of T sees a batch dimension (per-sample gradients)."""
         translator, s_t, s_r = parts.require_translation()
-        f_a_hat = translator(batch.features, s_t, s_r)
+        n = len(batch.features)
+        s_t_rows, s_r_rows = s_t.reshape(1, -1).expand(n, -1), s_r.reshape(1, -1).expand(n, -1)
+        f_a_hat = translator(batch.features, s_t_rows, s_r_rows)
         logits_a = parts.classifier(f_a_hat)
         f_b = batch.partner_features
         if self.noise_std > 0:
             f_b = f_b + self.noise_std * torch.randn(f_b.shape, generator=batch.generator).to(f_b.device)
         with torch.no_grad():
             logits_b = (
-                parts.classifier(translator(f_b, s_t, s_r))
+                parts.classifier(translator(f_b, s_t_rows, s_r_rows))
                 if self.consistency_target == "translated"
                 else parts.classifier(f_b)
             )
+        return f_a_hat, logits_a, logits_b
+
+    def loss(self, parts: ModelParts, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """Consistency + style + known-neutral terms on one batch of neutral frames."""
+        f_a_hat, logits_a, logits_b = self.pair_forward(parts, batch)
         cons = consistency_loss(logits_a, logits_b)
         total = self.lambda_consistency * cons
         terms = {"consistency": float(cons.detach())}

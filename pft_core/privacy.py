@@ -287,21 +287,7 @@ class DPPFTAdaptation:
     def per_sample_losses(self, parts: ModelParts, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-frame losses ``l_a`` (B,) and their per-frame terms."""
         b = self.base
-        translator, s_t, s_r = parts.require_translation()
-        n = len(batch.features)
-        # Style codes as (B, S) rows so every layer of T sees a batch dimension (per-sample grads).
-        s_t_rows, s_r_rows = s_t.reshape(1, -1).expand(n, -1), s_r.reshape(1, -1).expand(n, -1)
-        f_a_hat = translator(batch.features, s_t_rows, s_r_rows)
-        logits_a = parts.classifier(f_a_hat)
-        f_b = batch.partner_features
-        if b.noise_std > 0:
-            f_b = f_b + b.noise_std * torch.randn(f_b.shape, generator=batch.generator).to(f_b.device)
-        with torch.no_grad():
-            logits_b = (
-                parts.classifier(translator(f_b, s_t_rows, s_r_rows))
-                if b.consistency_target == "translated"
-                else parts.classifier(f_b)
-            )
+        f_a_hat, logits_a, logits_b = b.pair_forward(parts, batch)
         log_p_a = F_nn.log_softmax(logits_a, dim=1)
         log_p_b = F_nn.log_softmax(logits_b, dim=1)
         cons = (log_p_b.exp() * (log_p_b - log_p_a)).sum(1)
@@ -314,7 +300,7 @@ class DPPFTAdaptation:
             terms["style"] = sty
             total = total + b.lambda_style * sty
         if b.lambda_neutral > 0:
-            target = torch.full((n,), b.neutral_class, dtype=torch.long, device=logits_a.device)
+            target = torch.full((len(logits_a),), b.neutral_class, dtype=torch.long, device=logits_a.device)
             neu = F_nn.cross_entropy(logits_a, target, label_smoothing=b.neutral_smoothing, reduction="none")
             terms["neutral"] = neu
             total = total + b.lambda_neutral * neu
