@@ -6,12 +6,12 @@ A thin layer: every command parses its options and calls :mod:`pft_core.signing`
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from pft_cli.secrets import passphrase_from_env
 from pft_core.errors import PFTError
 from pft_core.signing import key_id, load_public_key, write_signing_key_pair
 from server import pki
@@ -46,12 +46,10 @@ def signing_command(
     force: Force = False,
 ) -> None:
     """Create the bundle-signing key pair: bundle-signing.key (0600) and bundle-signing.pub."""
-    passphrase: bytes | None = None
-    if passphrase_env is not None:
-        value = os.environ.get(passphrase_env)
-        if not value:
-            raise _fail(ValueError(f"environment variable {passphrase_env} is empty or unset"))
-        passphrase = value.encode("utf-8")
+    try:
+        passphrase = passphrase_from_env(passphrase_env)
+    except ValueError as exc:
+        raise _fail(exc) from exc
     try:
         key_path, pub_path = write_signing_key_pair(out, passphrase, overwrite=force)
     except (PFTError, FileExistsError) as exc:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from pft_cli.secrets import passphrase_from_env
 from pft_core.errors import PFTError
 from pft_core.signing import bundle_digest, key_id, load_signing_key
 from server.audit import AuditLog, read_audit_log
@@ -52,12 +52,10 @@ def publish_command(
     ] = None,
 ) -> None:
     """Copy a bundle into a new folder with VERSION, sign it, and audit the release."""
-    passphrase: bytes | None = None
-    if passphrase_env is not None:
-        value = os.environ.get(passphrase_env)
-        if not value:
-            raise _fail(ValueError(f"environment variable {passphrase_env} is empty or unset"))
-        passphrase = value.encode("utf-8")
+    try:
+        passphrase = passphrase_from_env(passphrase_env)
+    except ValueError as exc:
+        raise _fail(exc) from exc
     try:
         key = load_signing_key(signing_key, passphrase)
         manifest = publish_bundle(source, out, version, key)
