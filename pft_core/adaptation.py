@@ -88,6 +88,17 @@ class ModelParts:
             self.reference_stats = (self.reference_stats[0].to(device), self.reference_stats[1].to(device))
         return self
 
+    def with_translator(self, translator: Translator) -> ModelParts:
+        """The same C, style codes and reference statistics with another T (and no F)."""
+        return ModelParts(
+            classifier=self.classifier,
+            translator=translator,
+            extractor=None,
+            style_target=self.style_target,
+            style_reference=self.style_reference,
+            reference_stats=self.reference_stats,
+        )
+
     def require_translation(self) -> tuple[Translator, Tensor, Tensor]:
         """T and the two style codes, or a clear error if one is missing."""
         if self.translator is None or self.style_target is None or self.style_reference is None:
@@ -456,14 +467,7 @@ def adapt_translator(
     """
     translator, _, _ = parts.require_translation()
     personal = copy.deepcopy(translator)
-    run_parts = ModelParts(
-        classifier=parts.classifier,
-        translator=personal,
-        extractor=None,
-        style_target=parts.style_target,
-        style_reference=parts.style_reference,
-        reference_stats=parts.reference_stats,
-    )
+    run_parts = parts.with_translator(personal)
     data = AdaptationData(features=neutral_features, video_ids=video_ids, time_index=time_index)
     result = AdaptationTrainer(config).fit(method or PFTAdaptation(), run_parts, data, progress)
     return personal, result

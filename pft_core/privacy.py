@@ -471,14 +471,7 @@ def adapt_translator_private(
     translator, _, _ = parts.require_translation()
     release = plan_release(dp, config, len(neutral_features), video_ids)
     personal = copy.deepcopy(translator)
-    run_parts = ModelParts(
-        classifier=parts.classifier,
-        translator=personal,
-        extractor=None,
-        style_target=parts.style_target,
-        style_reference=parts.style_reference,
-        reference_stats=parts.reference_stats,
-    )
+    run_parts = parts.with_translator(personal)
     data = RecordSampledData(
         neutral_features, dp.privacy_unit, release.sample_rate, dp.frames_per_record, video_ids, time_index
     )
