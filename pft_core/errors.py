@@ -136,3 +136,13 @@ class IncompatibleWeightsError(PFTError):
 # --- client SDK --------------------------------------------------------------------------------
 class PersonalStateMismatchError(StoreError):
     """The saved personal state was made with another model bundle than the one installed."""
+
+
+# --- federated translator prior ----------------------------------------------------------------
+class InvalidPriorUpdateError(PFTError):
+    """A translator update (or the aggregate of updates) is not finite or does not match T's tensors."""
+
+
+class SecureAggregationHaltedError(PFTError):
+    """Secure aggregation of the prior stopped (too few survivors, no participant, a bad aggregate);
+    no new bundle was published. The message names the stage and the counts."""
