@@ -22,12 +22,13 @@ a summary of the enrollment and the digest of the bundle it was made with.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -119,6 +120,10 @@ class ClientConfig(FrozenConfig):
         ``e_1 = p_1, e_t = ema_alpha * p_t + (1 - ema_alpha) * e_{t-1}``; the last value is used).
     ema_alpha:
         Weight of the newest frame for ``ema``.
+    prestart_decoder:
+        Start the isolated decoder process in the background as soon as the ``Personalizer`` is
+        made (when ``video.isolate``), so its start-up overlaps loading the bundle instead of
+        delaying the first ``enroll`` or video ``predict``. ``False`` starts it on first use.
     """
 
     video: VideoConfig = VideoConfig(max_frames=64)
@@ -128,6 +133,7 @@ class ClientConfig(FrozenConfig):
     smoothing: Literal["mean", "ema"] = "mean"
     ema_alpha: float = Field(0.3, gt=0.0, le=1.0)
     privacy_budget: PrivacyBudget = PrivacyBudget()  # DP budget of the ledger (personalize.dp set)
+    prestart_decoder: bool = True
 
 
 @dataclass(frozen=True)
@@ -269,12 +275,34 @@ def _contain_torch_cache(state_dir: Path) -> None:
         os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
 
 
+@contextlib.contextmanager
+def _prestarted_decoder(config: ClientConfig | None) -> Iterator[VideoDecoder | None]:
+    """A decoder whose worker starts now, while the bundle is verified and loaded (or ``None``).
+
+    Closed if the block raises (a refused bundle leaves no process behind); otherwise the new
+    ``Personalizer`` owns it.
+    """
+    config = config or ClientConfig()
+    if not (config.video.isolate and config.prestart_decoder):
+        yield None
+        return
+    decoder = VideoDecoder()
+    decoder.start()
+    try:
+        yield decoder
+    except BaseException:
+        decoder.close()
+        raise
+
+
 class Personalizer:
     """A person's expression model on the device: the verified bundle and, once enrolled, their T.
 
     Build one with :meth:`from_bundle` (a received bundle), :meth:`from_installed` (the bundle a
     ``state_dir`` already trusts) or :meth:`load` (the installed bundle and the saved personal
     state). Call :meth:`close` (or use it as a context manager) to stop the decoder process.
+    ``decoder`` (optional) is a :class:`~pft_core.data.VideoDecoder` the new object takes over
+    and closes; by default one is made and started in the background (``config.prestart_decoder``).
     """
 
     def __init__(
@@ -288,6 +316,7 @@ class Personalizer:
         owner: str | None = None,
         detector: FaceDetector | None = None,
         landmarker: LandmarkDetector | None = None,
+        decoder: VideoDecoder | None = None,
     ) -> None:
         self.bundle = bundle
         self.config = config or ClientConfig()
@@ -310,7 +339,9 @@ class Personalizer:
         self._detector = detector
         self._landmarker = landmarker
         self._haar: HaarFaceDetector | None = None
-        self._decoder: VideoDecoder | None = None
+        self._decoder: VideoDecoder | None = decoder  # owned: close() stops it
+        if decoder is None and self.config.video.isolate and self.config.prestart_decoder:
+            self._video_decoder().start()
         styles = SourceStyles.from_tensors(bundle.source_styles)
         pairing: Strategy = bundle.extra.get("pairing", "cosine")
         self.source_model = SourceModel(
@@ -369,17 +400,18 @@ class Personalizer:
             A weights file is not plain safetensors (e.g. a pickle); nothing was unpickled.
         """
         public_key = _public_key(trusted_public_key)
-        manifest = verify_bundle(path, public_key, min_version=min_version)
-        # Load (and so fully parse) the candidate BEFORE installing it: a signed bundle whose
-        # weights are unreadable (e.g. a pickle) must never become the device's current bundle.
-        bundle = load_bundle(path, manifest)
-        if state_dir is not None:
-            cache = TrustedBundleCache(Path(state_dir) / BUNDLES_DIR, public_key)
-            cache.install(path)
-            folder, installed = cache.load_current()
-            if bundle_digest(installed) != bundle_digest(manifest):
-                raise BundleTamperedError(f"{path}: the bundle changed while it was being installed")
-            bundle.folder = folder
+        with _prestarted_decoder(config) as decoder:
+            manifest = verify_bundle(path, public_key, min_version=min_version)
+            # Load (and so fully parse) the candidate BEFORE installing it: a signed bundle whose
+            # weights are unreadable (e.g. a pickle) must never become the device's current bundle.
+            bundle = load_bundle(path, manifest)
+            if state_dir is not None:
+                cache = TrustedBundleCache(Path(state_dir) / BUNDLES_DIR, public_key)
+                cache.install(path)
+                folder, installed = cache.load_current()
+                if bundle_digest(installed) != bundle_digest(manifest):
+                    raise BundleTamperedError(f"{path}: the bundle changed while it was being installed")
+                bundle.folder = folder
         return cls(
             bundle,
             config=config,
@@ -389,6 +421,7 @@ class Personalizer:
             owner=owner,
             detector=detector,
             landmarker=landmarker,
+            decoder=decoder,
         )
 
     @classmethod
@@ -409,14 +442,17 @@ class Personalizer:
             Nothing is installed, or the installed copy no longer verifies.
         """
         public_key = _public_key(trusted_public_key)
-        folder, manifest = TrustedBundleCache(Path(state_dir) / BUNDLES_DIR, public_key).load_current()
+        with _prestarted_decoder(config) as decoder:
+            folder, manifest = TrustedBundleCache(Path(state_dir) / BUNDLES_DIR, public_key).load_current()
+            bundle = load_bundle(folder, manifest)
         return cls(
-            load_bundle(folder, manifest),
+            bundle,
             config=config,
             state_dir=state_dir,
             trusted_public_key=public_key,
             detector=detector,
             landmarker=landmarker,
+            decoder=decoder,
         )
 
     @classmethod

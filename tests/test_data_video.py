@@ -222,3 +222,37 @@ def test_hung_worker_is_stopped_with_a_timeout_error(good: Path) -> None:
             decoder.run_in_worker(hang_worker_for_tests, good, timeout_s=1.0)
         assert time.perf_counter() - start < 10
         assert len(decoder.decode(good, VideoConfig()).frames) == 20
+
+
+def test_start_returns_at_once_with_a_live_worker(good: Path) -> None:
+    with VideoDecoder() as decoder:
+        assert decoder.worker_pid() is None
+        decoder.start()
+        pid = decoder.worker_pid()
+        assert pid is not None
+        decoder.start()  # idempotent while the worker lives
+        assert decoder.worker_pid() == pid
+        assert len(decoder.decode(good, VideoConfig()).frames) == 20
+        assert decoder.worker_pid() == pid  # the decode used the pre-started worker
+
+
+def test_worker_does_not_rerun_the_callers_main_module(tmp_path: Path) -> None:
+    # A spawn child normally imports the parent's script again as __mp_main__ (for the pft CLI or
+    # an app that means torch and seconds). The worker must start from a bare __main__.
+    script = tmp_path / "app_main.py"
+    marker = tmp_path / "imported_again"
+    script.write_text(
+        "import pathlib, sys\n"
+        "if __name__ != '__main__':\n"
+        f"    pathlib.Path({str(marker)!r}).write_text(__name__)\n"
+        "from pft_core.data.video import VideoDecoder, worker_main_module_for_tests\n"
+        "if __name__ == '__main__':\n"
+        "    with VideoDecoder() as decoder:\n"
+        "        print('main=' + decoder.run_in_worker(worker_main_module_for_tests, 'x'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env, check=True
+    )
+    assert "main=\n" in done.stdout, done.stdout + done.stderr
+    assert not marker.exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +146,23 @@ def _manifest(folder: Path) -> dict[str, object]:
 
     data: dict[str, object] = json.loads((folder / "manifest.json").read_text())
     return data
+
+
+def test_decoder_starts_with_the_bundle_and_a_refused_bundle_leaves_no_process(
+    world: SdkWorld, tmp_path: Path
+) -> None:
+    import multiprocessing
+
+    isolated = ClientConfig()  # video.isolate and prestart_decoder are on by default
+    before = {p.pid for p in multiprocessing.active_children()}
+    with Personalizer.from_bundle(world.bundle_v1, world.public_pem, config=isolated) as p:
+        assert p._decoder is not None and p._decoder.worker_pid() is not None  # before any video
+    lazy = ClientConfig(prestart_decoder=False)
+    with Personalizer.from_bundle(world.bundle_v1, world.public_pem, config=lazy) as p:
+        assert p._decoder is None
+    extra = world.copy_bundle(tmp_path / "extra", 2)
+    (extra / "notes.txt").write_text("unsigned")
+    with pytest.raises(BundleUnsignedFileError):
+        Personalizer.from_bundle(extra, world.public_pem, config=isolated)
+    time.sleep(0.2)
+    assert {p.pid for p in multiprocessing.active_children()} <= before

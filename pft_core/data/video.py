@@ -15,7 +15,9 @@ import contextlib
 import multiprocessing
 import os
 import signal
-from collections.abc import Callable
+import sys
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -284,6 +286,37 @@ def _decode_job(path: str, config_json: str) -> tuple[str, Any]:
         return "error", (type(exc).__name__, str(exc.path), exc.detail)
 
 
+def _worker_ready(path: str) -> str:
+    """Worker entry point for :meth:`VideoDecoder.start`: import PyAV now, not on the first file."""
+    import av
+
+    return str(av.__version__)
+
+
+def worker_main_module_for_tests(path: str) -> str:
+    """Test hook: the name of the module the worker runs as ``__main__``."""
+    main = sys.modules["__main__"]
+    return str(getattr(main, "__file__", None) or getattr(main.__spec__, "name", None) or "")
+
+
+@contextlib.contextmanager
+def _without_caller_main() -> Iterator[None]:
+    """Start ``spawn`` children without re-running the caller's ``__main__`` module.
+
+    A ``spawn`` child normally imports the parent's main module again (as ``__mp_main__``), so
+    that functions defined there can be unpickled. The worker only runs module-level functions of
+    this module, and the caller's main module can be heavy: the ``pft`` CLI, an app, or a
+    benchmark import torch and take 2-4 s. While the child is started, ``__main__`` is a bare
+    module, so the child imports only what its jobs need.
+    """
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 def abort_worker_for_tests(path: str) -> None:
     """Test hook: kill the worker the hard way (as a segfaulting decoder would)."""
     os.abort()
@@ -318,6 +351,7 @@ class VideoDecoder:
 
     def __init__(self) -> None:
         self._executor: cf.ProcessPoolExecutor | None = None
+        self._warm_up: cf.Future[Any] | None = None
         self.restarts = 0
 
     def __enter__(self) -> Self:
@@ -353,6 +387,23 @@ class VideoDecoder:
             )
         return self._executor
 
+    def _submit(self, job: Callable[..., Any], *args: str) -> cf.Future[Any]:
+        executor = self._ensure_worker()
+        # a spawn-context pool starts its process inside submit(): keep the caller's main out of it
+        with _without_caller_main():
+            return executor.submit(job, *args)
+
+    def start(self) -> None:
+        """Start the worker now, in the background, and return at once.
+
+        The worker's start-up (a new interpreter importing PyAV and NumPy, about 0.3-0.5 s) then
+        overlaps the caller's own work (e.g. loading and verifying a bundle) instead of delaying
+        the first decode. Does nothing if a live worker exists.
+        """
+        if self._executor is not None and self._worker_alive():
+            return
+        self._warm_up = self._submit(_worker_ready, "")
+
     def _discard(self) -> None:
         executor, self._executor = self._executor, None
         if executor is None:
@@ -379,8 +430,7 @@ class VideoDecoder:
     ) -> Any:
         """Run ``job(path, *args)`` in the worker; a dead or hung worker becomes a typed error."""
         path = Path(path)
-        executor = self._ensure_worker()
-        future = executor.submit(job, str(path), *args)
+        future = self._submit(job, str(path), *args)
         try:
             return future.result(timeout=timeout_s)
         except cf.TimeoutError:
