@@ -15,8 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 
 from pft_core.errors import PFTError
 
@@ -146,3 +148,90 @@ def make_egress_audit_mod(log_path: str | Path) -> Mod:
         return reply
 
     return audit
+
+
+# --- the opt-in federated translator prior (client/prior_app.py) -------------------------------
+#: Properties a node answers the prior's consent question with (legacy ``get_properties``).
+PRIOR_PROPERTIES = frozenset({"prior-opt-in", "bundle-version"})
+
+#: SecAgg+ reply keys (flwr's ``secaggplus_constants.Key`` values): public keys, encrypted key
+#: shares, the MASKED quantised update, secret-key shares of neighbours. Nothing else.
+SECAGG_REPLY_KEYS = frozenset(
+    {
+        SecAggKey.PUBLIC_KEY_1,
+        SecAggKey.PUBLIC_KEY_2,
+        SecAggKey.DESTINATION_LIST,
+        SecAggKey.CIPHERTEXT_LIST,
+        SecAggKey.MASKED_PARAMETERS,
+        SecAggKey.NODE_ID_LIST,
+        SecAggKey.SHARE_LIST,
+    }
+)
+SECAGG_RECORD = RECORD_KEY_CONFIGS
+_STATUS_KEYS = frozenset({"code", "message"})
+
+
+def _only_records(message_type: str, content: RecordDict, allowed: frozenset[str]) -> None:
+    extra = sorted(set(content.keys()) - allowed)
+    if extra:
+        raise EgressViolationError(f"{message_type}: reply holds record(s) {extra} outside the allow-list")
+
+
+def check_prior_reply(message_type: str, content: RecordDict, opted_in: bool) -> None:
+    """Check a reply of the federated-prior ClientApp before it leaves the node.
+
+    Without opt-in, only the consent answer (``get_properties``: ``prior-opt-in``,
+    ``bundle-version``) may leave. With opt-in, a ``train`` reply may also carry the SecAgg+
+    protocol's own records: keys, encrypted shares and the MASKED update (the SecAgg+ configs record), an
+    EMPTY parameters record, no fit metrics, a weight of exactly 1 (the person) and a status.
+
+    Raises
+    ------
+    EgressViolationError
+        Anything else: a plaintext array, a metric, a free-text record, a train reply without opt-in.
+    """
+    if message_type == "get_properties":
+        _only_records(
+            message_type, content, frozenset({"getpropertiesres.properties", "getpropertiesres.status"})
+        )
+        props = content.get("getpropertiesres.properties")
+        if not isinstance(props, ConfigRecord):
+            raise EgressViolationError("get_properties: no properties record")
+        unknown = sorted(set(props.keys()) - PRIOR_PROPERTIES)
+        if unknown:
+            raise EgressViolationError(f"get_properties: propertie(s) {unknown} are not allow-listed")
+        for key, value in props.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise EgressViolationError(f"get_properties: {key} = {value!r} is not a finite number")
+        _check_status(message_type, content.get("getpropertiesres.status"))
+        return
+    if message_type != "train":
+        raise EgressViolationError(f"the prior app sends no {message_type!r} replies")
+    if not opted_in:
+        raise EgressViolationError("train: this node did not opt in to the federated prior; nothing is sent")
+    allowed = frozenset(
+        {SECAGG_RECORD, "fitres.metrics", "fitres.num_examples", "fitres.parameters", "fitres.status"}
+    )
+    _only_records(message_type, content, allowed)
+    secagg = content.get(SECAGG_RECORD)
+    if not isinstance(secagg, ConfigRecord):
+        raise EgressViolationError("train: a prior reply must be a SecAgg+ message")
+    unknown = sorted(set(secagg.keys()) - SECAGG_REPLY_KEYS)
+    if unknown:
+        raise EgressViolationError(f"train: SecAgg+ record holds key(s) {unknown}")
+    arrays = content.get("fitres.parameters")
+    if arrays is not None and (not isinstance(arrays, ArrayRecord) or len(arrays) > 0):
+        raise EgressViolationError("train: plaintext parameters must never leave (only the masked vector)")
+    metrics = content.get("fitres.metrics")
+    if metrics is not None and (not isinstance(metrics, ConfigRecord) or len(metrics) > 0):
+        raise EgressViolationError("train: a prior reply carries no fit metrics")
+    weight = content.get("fitres.num_examples")
+    if weight is not None and (not isinstance(weight, MetricRecord) or dict(weight) != {"num_examples": 1}):
+        raise EgressViolationError("train: a prior update has weight 1 (one person), nothing else")
+    if "fitres.status" in content:
+        _check_status(message_type, content.get("fitres.status"))
+
+
+def _check_status(message_type: str, record: object) -> None:
+    if not isinstance(record, ConfigRecord) or set(record.keys()) != _STATUS_KEYS:
+        raise EgressViolationError(f"{message_type}: malformed status record")

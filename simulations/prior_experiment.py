@@ -1,0 +1,368 @@
+"""Does the federated translator prior help? The experiment, run through Flower's simulation engine.
+
+The cohort's target subjects are split (seeded) into ``participants`` - virtual nodes that opt in,
+personalise T on their neutral videos and send a clipped, noised update under SecAgg+
+(``client/prior_app.py``, ``server/prior_app.py``) - and HELD-OUT new subjects, who never take
+part. For each noise level the federation publishes a new signed bundle ``T0' = T0 + mean update``;
+then stage-3 PFT runs on every held-out subject starting from (a) the source T0 and (b) each prior,
+beside source-only (no adaptation) with T0 and with the prior. Mean macro-F1 over held-out subjects
+and the epsilon each participating device spent are written to ``results.json`` and ``report.md``.
+
+    python -m simulations.prior_experiment --out runs/prior --cache-dir /tmp/pftc_prior
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.clientapp import ClientApp
+from pydantic import Field
+
+from client.flower_app import SPEC_ENV, NodeSpec
+from client.ledger import PrivacyBudget
+from client.prior_app import PRIOR_NODE_SECTION, PriorNodeSettings
+from client.store import generate_key_file
+from pft_core.bundle import load_bundle
+from pft_core.config import FrozenConfig
+from pft_core.errors import SecureAggregationHaltedError
+from pft_core.metrics import macro_f1
+from pft_core.models import Translator
+from pft_core.prior import PriorUpdateConfig, update_release
+from pft_core.signing import TrustedBundleCache, load_public_key, load_signing_key, write_signing_key_pair
+from server.prior_app import PRIOR_SERVER_SECTION, REPORT_FILE, PriorServerSpec
+from server.publish import publish_bundle
+from simulations.experiment import ExperimentConfig, PreparedExperiment, prepare_experiment
+from simulations.flower_engine import _env, client_resources
+from simulations.machine import describe_machine
+from simulations.methods import METHODS
+
+__all__ = [
+    "PriorExperimentConfig",
+    "PriorFederation",
+    "run_prior_experiment",
+    "run_prior_federation",
+    "write_prior_spec",
+]
+
+
+class PriorExperimentConfig(FrozenConfig):
+    """The prior experiment: the cohort/model (as ``pft simulate``), the split, the noise levels.
+
+    ``noise_multipliers`` are the per-release sigmas tried (0 = no noise, epsilon infinite); each
+    gives one federation and one prior. ``participants`` target subjects take part, the remaining
+    targets are the held-out new subjects.
+    """
+
+    experiment: ExperimentConfig = ExperimentConfig(target_subjects=30, embedding_plot=False)
+    participants: int = Field(20, ge=2)
+    noise_multipliers: tuple[float, ...] = (4.4, 1.3, 0.75, 0.0)
+    clip_norm: float = Field(0.5, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    device_budget: float = Field(10.0, gt=0)
+    num_shares: int | float = 1.0
+    reconstruction_threshold: int | float = 0.6
+    clipping_range: float = Field(4.0, gt=0)
+    split_seed: int = 0
+
+
+@dataclasses.dataclass
+class PriorFederation:
+    """Paths of one federated-prior simulation: the spec, the server's output, the nodes' folders."""
+
+    spec: Path
+    out_dir: Path
+    nodes_dir: Path
+    subjects: tuple[str, ...]
+    signing_key: Path
+    public_key: Path
+
+
+def write_prior_spec(
+    prepared: PreparedExperiment,
+    work: Path,
+    cache_root: Path,
+    subjects: tuple[str, ...],
+    *,
+    update: PriorUpdateConfig,
+    opt_in: tuple[str, ...] | None = None,
+    budget: PrivacyBudget | None = None,
+    min_participants: int = 3,
+    num_shares: int | float = 1.0,
+    reconstruction_threshold: int | float = 0.6,
+    clipping_range: float = 4.0,
+    noise_seed: int | None = 0,
+) -> PriorFederation:
+    """Publish the stage-2 bundle (signed v1), install it on every node (verified), write the spec.
+
+    ``subjects[k]`` is the node with ``partition-id`` k; ``opt_in`` (default: all of them) are the
+    subjects that consented; every node gets the same device ``budget``. Keys and node folders
+    live under ``work`` (node folders are reset).
+    """
+    keys = work / "keys"
+    signing, public = keys / "bundle-signing.key", keys / "bundle-signing.pub"
+    if not (signing.is_file() and public.is_file()):
+        signing, public = write_signing_key_pair(keys, overwrite=True)
+    store_key = keys / "store.key"
+    if not store_key.is_file():
+        generate_key_file(store_key)
+    nodes, bundle_dir, out_dir = work / "nodes", work / "bundle-v1", work / "server"
+    for stale in (nodes, bundle_dir, out_dir):
+        if stale.exists():
+            shutil.rmtree(stale)
+    publish_bundle(prepared.bundle_dir, bundle_dir, 1, load_signing_key(signing))
+    trusted = load_public_key(public)
+    for subject in subjects:  # each device already holds the signed bundle (pft server installs it)
+        TrustedBundleCache(nodes / subject / "bundles", trusted).install(bundle_dir)
+    config = prepared.config
+    node = NodeSpec(
+        dataset_root=Path(prepared.index.root),
+        cache_root=cache_root,
+        video=config.video,
+        crop=config.crop,
+        subjects=subjects,
+        trusted_key=public,
+        store_key_file=store_key,
+        state_root=nodes,
+        torch_threads=1,
+    )
+    prior_node = PriorNodeSettings(
+        opt_in=subjects if opt_in is None else opt_in,
+        budget=budget or PrivacyBudget(),
+        noise_seed=noise_seed,
+    )
+    server = PriorServerSpec(
+        out_dir=out_dir,
+        bundle_dir=bundle_dir,
+        trusted_key=public,
+        signing_key=signing,
+        pft=config.settings.pft,
+        update=update,
+        seed=config.seed,
+        expected_nodes=len(subjects),
+        min_participants=min_participants,
+        num_shares=num_shares,
+        reconstruction_threshold=reconstruction_threshold,
+        clipping_range=clipping_range,
+    )
+    spec = work / "prior_spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "node": node.model_dump(mode="json"),
+                PRIOR_NODE_SECTION: prior_node.model_dump(mode="json"),
+                PRIOR_SERVER_SECTION: server.model_dump(mode="json"),
+            },
+            indent=1,
+        )
+    )
+    return PriorFederation(spec, out_dir, nodes, subjects, signing, public)
+
+
+def run_prior_federation(federation: PriorFederation, client_app: ClientApp | None = None) -> dict[str, Any]:
+    """Run the prior's ServerApp and ClientApp in Flower's simulation engine; return the report.
+
+    Raises
+    ------
+    SecureAggregationHaltedError
+        The round halted (the report, with its reason, is in the server's output folder).
+    RuntimeError
+        The simulation ended without any report.
+    """
+    from flwr.simulation import run_simulation
+
+    from client.prior_app import app as default_client_app
+    from server.prior_app import app as server_app
+
+    report_path = federation.out_dir / REPORT_FILE
+    report_path.unlink(missing_ok=True)
+    backend_config: dict[str, Any] = {"client_resources": client_resources(1), "init_args": {}}
+    with _env(SPEC_ENV, str(federation.spec)):
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app or default_client_app,
+            num_supernodes=len(federation.subjects),
+            backend_config=backend_config,
+        )
+    if not report_path.is_file():
+        raise RuntimeError(f"the prior simulation ended without a report ({report_path} missing)")
+    report: dict[str, Any] = json.loads(report_path.read_text())
+    if report["status"] != "published":
+        raise SecureAggregationHaltedError(f"federated prior halted, no bundle published: {report['reason']}")
+    return report
+
+
+def _held_out_scores(
+    prepared: PreparedExperiment, model_translator: Translator, held_out: list[str]
+) -> dict[str, dict[str, float]]:
+    """Source-only and PFT macro-F1 per held-out subject, starting from ``model_translator``."""
+    model = dataclasses.replace(prepared.model, translator=model_translator)
+    config = prepared.config
+    out: dict[str, dict[str, float]] = {"source_only": {}, "pft": {}}
+    for subject in held_out:
+        k = prepared.targets.index(subject)
+        target = prepared.target(subject)
+        if target is None:
+            continue
+        for method in out:
+            outcome = METHODS[method](model, target, config.settings, config.seed * 1000 + k)
+            pred = outcome.logits.argmax(1).numpy()
+            out[method][subject] = macro_f1(target.eval.labels.numpy(), pred, len(prepared.classes))
+    return out
+
+
+def _summary(per_subject: dict[str, float]) -> dict[str, float]:
+    values = list(per_subject.values())
+    return {
+        "mean_f1": statistics.fmean(values),
+        "std_f1": statistics.stdev(values) if len(values) > 1 else 0.0,
+    }
+
+
+def run_prior_experiment(
+    config: PriorExperimentConfig,
+    out_dir: Path,
+    cache_root: Path | None = None,
+    log: Callable[[str], None] = lambda _m: None,
+) -> dict[str, Any]:
+    """Build the prior from the participants at each noise level; score PFT on held-out subjects.
+
+    Returns the results (also written to ``out_dir/results.json``, with ``report.md`` and
+    ``config.json``).
+    """
+    from simulations.workspace import default_cache_root
+
+    t_start = time.perf_counter()
+    cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.write_json(out_dir / "config.json")
+    experiment = config.experiment.resolved()
+    prepared = prepare_experiment(experiment, cache_root, log=log)
+    ready = [s for s in prepared.targets if prepared.target(s) is not None]
+    if len(ready) <= config.participants:
+        raise ValueError(
+            f"{len(ready)} usable target subjects: need more than participants={config.participants}"
+        )
+    order = sorted(ready)
+    random.Random(config.split_seed).shuffle(order)
+    participants, held_out = tuple(sorted(order[: config.participants])), sorted(order[config.participants :])
+    log(f"prior: {len(participants)} participants, {len(held_out)} held-out new subjects")
+    t0_bundle = load_bundle(prepared.bundle_dir)
+    rows: list[dict[str, Any]] = []
+    base = _held_out_scores(prepared, t0_bundle.translator, held_out)
+    rows.append(
+        {
+            "start": "source T0",
+            "noise_multiplier": None,
+            "epsilon_per_device": 0.0,
+            "pft": _summary(base["pft"]),
+            "source_only": _summary(base["source_only"]),
+            "per_subject": base,
+        }
+    )
+    for sigma in config.noise_multipliers:
+        update = PriorUpdateConfig(clip_norm=config.clip_norm, noise_multiplier=sigma, delta=config.delta)
+        release = update_release(update)
+        budget = PrivacyBudget(epsilon=math.inf if math.isinf(release.epsilon) else config.device_budget)
+        name = "no_noise" if sigma == 0 else f"sigma_{sigma:g}"
+        federation = write_prior_spec(
+            prepared,
+            out_dir / "federation" / name,
+            cache_root,
+            participants,
+            update=update,
+            budget=budget,
+            num_shares=config.num_shares,
+            reconstruction_threshold=config.reconstruction_threshold,
+            clipping_range=config.clipping_range,
+            noise_seed=config.split_seed,
+        )
+        t_fed = time.perf_counter()
+        report = run_prior_federation(federation)
+        seconds = time.perf_counter() - t_fed
+        prior = load_bundle(report["bundle_dir"])
+        scores = _held_out_scores(prepared, prior.translator, held_out)
+        rows.append(
+            {
+                "start": f"federated prior (sigma {sigma:g})",
+                "noise_multiplier": sigma,
+                "epsilon_per_device": release.epsilon,
+                "survivors": report["survivors"],
+                "bundle_version": report["bundle_version"],
+                "mean_update_norm": report["mean_update_norm"],
+                "federation_seconds": round(seconds, 1),
+                "pft": _summary(scores["pft"]),
+                "source_only": _summary(scores["source_only"]),
+                "per_subject": scores,
+            }
+        )
+        log(f"{name}: eps {release.epsilon:.2f}, held-out PFT F1 {rows[-1]['pft']['mean_f1']:.2f}")
+    results: dict[str, Any] = {
+        "profile": experiment.profile,
+        "seed": experiment.seed,
+        "participants": list(participants),
+        "held_out": held_out,
+        "clip_norm": config.clip_norm,
+        "delta": config.delta,
+        "privacy_unit": "person",
+        "rows": rows,
+        "machine": describe_machine(),
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out_dir / "report.md").write_text(prior_report_markdown(results))
+    return results
+
+
+def prior_report_markdown(results: dict[str, Any]) -> str:
+    """The experiment's table: starting point, epsilon per device, held-out source-only and PFT F1."""
+    lines = [
+        "# Federated translator prior",
+        "",
+        f"{len(results['participants'])} participating subjects build the prior (SecAgg+, local DP, "
+        f"clip {results['clip_norm']}, delta {results['delta']:g}, privacy unit: person); "
+        f"{len(results['held_out'])} held-out NEW subjects are scored. Profile {results['profile']}, "
+        f"seed {results['seed']}; {results['seconds']} s.",
+        "",
+        "| starting point | epsilon per device | source-only F1 | PFT F1 (mean +- std) |",
+        "|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        eps = row["epsilon_per_device"]
+        eps_text = "-" if row["noise_multiplier"] is None else ("inf" if math.isinf(eps) else f"{eps:.2f}")
+        lines.append(
+            f"| {row['start']} | {eps_text} | {row['source_only']['mean_f1']:.2f} | "
+            f"{row['pft']['mean_f1']:.2f} +- {row['pft']['std_f1']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Command-line entry: ``python -m simulations.prior_experiment --out DIR``."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--participants", type=int, default=20)
+    parser.add_argument("--targets", type=int, default=30)
+    args = parser.parse_args()
+    config = PriorExperimentConfig(
+        experiment=ExperimentConfig(target_subjects=args.targets, embedding_plot=False),
+        participants=args.participants,
+    )
+    torch.set_num_threads(1)
+    results = run_prior_experiment(config, args.out, args.cache_dir, log=print)
+    print(prior_report_markdown(results))
+
+
+if __name__ == "__main__":
+    main()
