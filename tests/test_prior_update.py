@@ -31,8 +31,8 @@ def test_update_is_the_difference_of_the_named_tensors_only() -> None:
     t0 = _translator(0)
     personal = _translator(0)
     with torch.no_grad():
-        personal.out.bias += torch.arange(len(personal.out.bias), dtype=torch.float32)
-        personal.out.weight += 1.0  # changed, but not named: not part of the update
+        personal.out.bias.add_(torch.arange(len(personal.out.bias), dtype=torch.float32))
+        personal.out.weight.add_(1.0)  # changed, but not named: not part of the update
     update = translator_update(t0, personal, ("out.bias",))
     assert list(update) == ["out.bias"]
     assert torch.equal(update["out.bias"], torch.arange(len(t0.out.bias), dtype=torch.float32))
