@@ -34,8 +34,8 @@ def engines(
     subjects: Annotated[int, typer.Option(help="Synthetic cached-feature subjects N.")] = 100,
     json_out: JsonOpt = None,
     engine_list: Annotated[
-        str, typer.Option("--engines", help="Comma-separated: loop, batched, flower.")
-    ] = "loop,batched,flower",
+        str, typer.Option("--engines", help="Comma-separated: loop, batched, batched_fast, flower.")
+    ] = "loop,batched,batched_fast,flower",
     iterations: Annotated[int, typer.Option(help="Fixed adaptation steps per subject.")] = 50,
     batch_size: Annotated[int, typer.Option(help="Frames per step.")] = 64,
     bias_only: Annotated[bool, typer.Option(help="Adapt only T's output bias (default: all of T).")] = False,

@@ -89,6 +89,13 @@ def simulate(
     device: Annotated[
         str | None, typer.Option(help="Batched engine: torch device, e.g. cpu or cuda (default cpu).")
     ] = None,
+    rng: Annotated[
+        str | None,
+        typer.Option(
+            help="Batched engine: exact (replay the per-client engine's random draws; same numbers) "
+            "or fast (per-subject draws in bulk; same distributions, not the same draws)."
+        ),
+    ] = None,
     num_cpus: Annotated[
         int, typer.Option(help="Flower engine: CPUs per virtual node (integer, 1..cores).")
     ] = 1,
@@ -116,7 +123,9 @@ def simulate(
     translator per target subject from its NEUTRAL videos only, evaluates on its held-out videos.
     """
     base = load_config_file(config)
-    batched = {k: v for k, v in {"chunk_size": chunk_size, "device": device}.items() if v is not None}
+    batched = {
+        k: v for k, v in {"chunk_size": chunk_size, "device": device, "rng": rng}.items() if v is not None
+    }
     if batched:
         base = {**base, "batched": {**base.get("batched", {}), **batched}}
     if dp_epsilon is not None:

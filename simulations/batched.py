@@ -32,8 +32,10 @@ number: chunks are produced one at a time and the caller consumes each before th
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -52,6 +54,8 @@ from simulations.methods import MethodOutcome, MethodSettings, TargetData
 
 _MASK53 = (1 << 53) - 1
 _MASK32 = 0xFFFFFFFF
+_MASK62 = (1 << 62) - 1
+RandomStreams = Literal["exact", "fast"]
 _FUSED_MIN = 1 << 16  # stacks at least this large use the fused Adam kernel
 
 
@@ -64,12 +68,22 @@ class BatchedConfig(FrozenConfig):
     pass instead of six, ~6x faster on full-T stacks) instead of the trainer's single-tensor
     update; it rounds differently by ~1 ulp per step, which full-T adaptation at lr 0.01 (loss
     spikes in the first steps) can amplify, so the default keeps the trainer's exact sequence.
+
+    ``rng``: ``exact`` replays each subject's random streams as the per-client trainer draws them
+    (bit-identical batches, masks and noise; the default). ``fast`` gives every subject its own
+    generator too, but draws a step's frame indices, partners and dropout masks as ONE block of
+    64-bit words per subject and converts them for the whole chunk at once; a dropout mask costs
+    16 random bits instead of 64 (keep probability ``round((1-p) * 2**16) / 2**16``, 0.899994 for
+    p = 0.1). Same work and the same distributions, not the same draws: per-subject numbers then
+    differ from the per-client engine's as two seeds do. Either mode is deterministic for a seed
+    and does not depend on ``chunk_size``.
     """
 
     chunk_size: int = Field(256, ge=1)
     device: str = "cpu"
     num_threads: int | None = Field(1, ge=1)
     fused_adam: bool = False
+    rng: RandomStreams = "exact"
 
 
 @dataclass
@@ -151,10 +165,25 @@ def _raw32(generator: torch.Generator, count: int) -> Tensor:
     return torch.stack([(v >> 32) & _MASK32, v & _MASK32], 1).flatten()
 
 
+def _keep_threshold(keep: float) -> int:
+    """``u53 * 2**-53 < keep`` as an integer test ``u53 < threshold`` (exact: scaling by 2**53 is)."""
+    return math.ceil(keep * 2.0**53)
+
+
+def _bernoulli_into(generator: torch.Generator, scratch: Tensor, threshold: int, out: Tensor) -> None:
+    """``out = torch.empty(shape).bernoulli_(keep, generator) > 0`` (CPU), with ``scratch`` an int64
+    buffer of the same shape and ``threshold = _keep_threshold(keep)``: the trainer's rule, in
+    place (the 128 KB scratch stays in cache)."""
+    scratch.random_(-(2**63), None, generator=generator)
+    scratch.bitwise_and_(_MASK53)
+    torch.lt(scratch, threshold, out=out)
+
+
 def _bernoulli_mask(generator: torch.Generator, shape: tuple[int, ...], keep: float) -> Tensor:
-    """``torch.empty(shape).bernoulli_(keep, generator)`` (CPU), from the 64-bit stream."""
-    v = torch.empty(shape, dtype=torch.int64).random_(-(2**63), None, generator=generator)
-    return (v & _MASK53).double().mul_(2.0**-53) < keep
+    """``torch.empty(shape).bernoulli_(keep, generator)`` (CPU), from the 64-bit stream, as bool."""
+    out = torch.empty(shape, dtype=torch.bool)
+    _bernoulli_into(generator, torch.empty(shape, dtype=torch.int64), _keep_threshold(keep), out)
+    return out
 
 
 class _Partners:
@@ -210,7 +239,7 @@ def _translate(
     e_from: Tensor,
     e_to: Tensor,
     blocks: int,
-    masks: Sequence[Tensor] | None,
+    masks: Sequence[Tensor | None] | None,
     eps: float,
 ) -> Tensor:
     """T's forward on (S, B, D) with per-subject (stacked) or shared tensors ``p``."""
@@ -220,12 +249,27 @@ def _translate(
         normed = F_nn.layer_norm(f, (d,), w, b, eps)
     else:
         normed = F_nn.layer_norm(f, (d,), None, None, eps) * _rows(w) + _rows(b)
-    s, n = f.shape[0], f.shape[1]
-    h = torch.cat([normed, e_from.expand(s, n, -1), e_to.expand(s, n, -1)], dim=2)
+    w0, b0 = p["blocks.0.0.weight"], p["blocks.0.0.bias"]
+    if w0.ndim == 2:
+        # Shared first layer (bias-only): it sees [normed, e_from, e_to], and the style part is
+        # one row per subject, so it is computed once per subject, not per frame (a third fewer
+        # FLOPs, no concatenation; float re-association only).
+        e = e_from.shape[-1]
+        style = F_nn.linear(e_from, w0[:, d : d + e], b0) + F_nn.linear(e_to, w0[:, d + e :])
+        h = F_nn.linear(normed, w0[:, :d]) + style  # + (S, 1, H)
+    else:
+        # Stacked first layer (full T): the trainer's concatenation. Full-T adaptation amplifies
+        # 1-ulp differences (see the tests' tolerances), so the arithmetic stays as close as it can.
+        s, n = f.shape[0], f.shape[1]
+        x = torch.cat([normed, e_from.expand(s, n, -1), e_to.expand(s, n, -1)], dim=2)
+        h = _linear(x, w0, b0)
     for i in range(blocks):
-        h = F_nn.gelu(_linear(h, p[f"blocks.{i}.0.weight"], p[f"blocks.{i}.0.bias"]))
-        if masks is not None:
-            h = h * masks[i]
+        if i > 0:
+            h = _linear(h, p[f"blocks.{i}.0.weight"], p[f"blocks.{i}.0.bias"])
+        h = F_nn.gelu(h)
+        mask = masks[i] if masks is not None else None
+        if mask is not None:
+            h = h.mul_(mask)  # in place is safe: GELU's backward keeps its input, not its output
     return f + _linear(h, p["out.weight"], p["out.bias"])
 
 
@@ -257,6 +301,19 @@ class _Chunk:
     state: dict[str, list[Tensor]]
     ema: list[list[float]]
     history: list[list[float]]
+    sizes: Tensor  # (S,) frames per subject
+    partner_table: Tensor | None = None  # ``rng="fast"``: (all frames, width) chunk rows
+    partner_count: Tensor | None = None  # ``rng="fast"``: (all frames,) partners per frame
+
+    def index_partners(self) -> None:
+        """The subjects' partner tables as one table of chunk rows (for ``rng="fast"``)."""
+        width = max(int(p.table.shape[1]) for p in self.partners)
+        tables = []
+        for p, off in zip(self.partners, self.offsets.tolist(), strict=True):
+            t = p.table + off
+            tables.append(torch.cat([t, t[:, :1].expand(-1, width - t.shape[1])], 1))
+        self.partner_table = torch.cat(tables)
+        self.partner_count = torch.cat([p.count for p in self.partners])
 
     def keep(self, rows: list[int]) -> None:
         """Keep only the subjects at ``rows`` (compaction after some stopped)."""
@@ -265,6 +322,7 @@ class _Chunk:
             values = getattr(self, name)
             setattr(self, name, [values[r] for r in rows])
         self.offsets = self.offsets[idx.cpu()]
+        self.sizes = self.sizes[idx.cpu()]
         for name in ("s_t", "s_r", "ref_mu", "ref_sigma"):
             setattr(self, name, getattr(self, name)[idx])
         self.params = {k: v.detach()[idx].clone().requires_grad_(True) for k, v in self.params.items()}
@@ -324,22 +382,19 @@ def adapt_subjects(
                 adapt,
                 device,
                 engine.fused_adam,
+                engine.rng,
             )
 
 
-def _run_chunk(
-    translator: Translator,
-    base: dict[str, Tensor],
-    names: list[str],
-    cls_w: Tensor,
-    cls_b: Tensor,
+def _new_chunk(
     tasks: list[SubjectTask],
     start: int,
-    method: PFTAdaptation,
-    cfg: AdaptConfig,
+    base: dict[str, Tensor],
+    names: list[str],
     device: torch.device,
-    fused_adam: bool = False,
-) -> list[SubjectAdaptation]:
+    rng: RandomStreams,
+) -> _Chunk:
+    """Stack ``tasks`` (positions ``start``...): features, style codes, generators, parameters."""
     s = len(tasks)
     sizes = torch.tensor([len(t.features) for t in tasks])
     offsets = torch.cumsum(sizes, 0) - sizes
@@ -360,14 +415,35 @@ def _run_chunk(
         state={n: [] for n in names},
         ema=[[] for _ in tasks],
         history=[[] for _ in tasks],
+        sizes=sizes,
     )
+    if rng == "fast":
+        chunk.index_partners()
+    return chunk
+
+
+def _run_chunk(
+    translator: Translator,
+    base: dict[str, Tensor],
+    names: list[str],
+    cls_w: Tensor,
+    cls_b: Tensor,
+    tasks: list[SubjectTask],
+    start: int,
+    method: PFTAdaptation,
+    cfg: AdaptConfig,
+    device: torch.device,
+    fused_adam: bool = False,
+    rng: RandomStreams = "exact",
+) -> list[SubjectAdaptation]:
+    chunk = _new_chunk(tasks, start, base, names, device, rng)
     blocks = len(translator.blocks)
     drop_p = [float(translator.blocks[i][2].p) for i in range(blocks)]  # type: ignore[index]
     ln_eps = translator.norm.eps
     results: list[SubjectAdaptation] = []
     for step in range(1, cfg.max_iterations + 1):
         losses = _step(
-            chunk, base, cls_w, cls_b, method, cfg, step, blocks, drop_p, ln_eps, device, fused_adam
+            chunk, base, cls_w, cls_b, method, cfg, step, blocks, drop_p, ln_eps, device, fused_adam, rng
         )
         done: list[int] = []
         for r, value in enumerate(losses):
@@ -398,6 +474,95 @@ def _run_chunk(
     return results
 
 
+@dataclass
+class _Draws:
+    """One step's random draws for every live subject of a chunk."""
+
+    a_rows: Tensor  # (S*B,) rows of chunk.features: the sampled frames f_a
+    b_rows: Tensor  # (S*B,) their partners f_b
+    noise: Tensor | None  # (S, B, D) partner noise (unscaled)
+    masks_a: list[Tensor | None]  # per block: (S, B, H) bool keep-masks of T(f_a), None if p = 0
+    masks_b: list[Tensor | None]  # the same for T(f_b) (consistency target "translated")
+
+
+def _draw_exact(
+    chunk: _Chunk, bsz: int, hidden: list[int], drop_p: list[float], method: PFTAdaptation, d: int
+) -> _Draws:
+    """Each subject's draws replayed from its two generators in the trainer's order."""
+    s = len(chunk.tasks)
+    idx = torch.empty(s, bsz, dtype=torch.long)
+    part = torch.empty(s, bsz, dtype=torch.long)
+    noise = torch.empty(s, bsz, d) if method.noise_std > 0 else None
+    translated = method.consistency_target == "translated"
+
+    def masks() -> list[Tensor | None]:
+        return [
+            torch.empty(s, bsz, h, dtype=torch.bool) if p > 0 else None
+            for h, p in zip(hidden, drop_p, strict=True)
+        ]
+
+    masks_a = masks()
+    masks_b: list[Tensor | None] = masks() if translated else [None] * len(hidden)
+    scratch = {h: torch.empty(bsz, h, dtype=torch.int64) for h in set(hidden)}
+    thresholds = [_keep_threshold(1 - p) for p in drop_p]
+    for r, task in enumerate(chunk.tasks):
+        gen, drop = chunk.gens[r], chunk.drop_gens[r]
+        torch.randint(len(task.features), (bsz,), generator=gen, out=idx[r])
+        part[r] = chunk.partners[r].draw(idx[r], gen)
+        # the trainer's order: T(f_a) dropout masks (global stream), noise, T(f_b) masks
+        for i, m in enumerate(masks_a):
+            if m is not None:
+                _bernoulli_into(drop, scratch[hidden[i]], thresholds[i], m[r])
+        if noise is not None:
+            torch.randn((bsz, d), generator=gen, out=noise[r])
+        for i, m in enumerate(masks_b):
+            if m is not None:
+                _bernoulli_into(drop, scratch[hidden[i]], thresholds[i], m[r])
+    offsets = chunk.offsets[:, None]
+    return _Draws((idx + offsets).flatten(), (part + offsets).flatten(), noise, masks_a, masks_b)
+
+
+def _draw_fast(
+    chunk: _Chunk, bsz: int, hidden: list[int], drop_p: list[float], method: PFTAdaptation, d: int
+) -> _Draws:
+    """One block of 64-bit words per subject (its own generator), converted for the whole chunk."""
+    s = len(chunk.tasks)
+    translated = method.consistency_target == "translated"
+    mask_words = [(bsz * h + 3) // 4 if p > 0 else 0 for h, p in zip(hidden, drop_p, strict=True)]
+    per_pass = sum(mask_words)
+    width = 2 * bsz + per_pass * (2 if translated else 1)
+    words = torch.empty(s, width, dtype=torch.int64)
+    noise = torch.empty(s, bsz, d) if method.noise_std > 0 else None
+    for r in range(s):
+        words[r].random_(-(2**63), None, generator=chunk.gens[r])
+        if noise is not None:
+            torch.randn((bsz, d), generator=chunk.gens[r], out=noise[r])
+    sizes = chunk.sizes[:, None]
+    a_rows = (words[:, :bsz] & _MASK62) % sizes + chunk.offsets[:, None]
+    assert chunk.partner_table is not None and chunk.partner_count is not None
+    count = chunk.partner_count[a_rows]
+    choice = (words[:, bsz : 2 * bsz] & _MASK62) % count.clamp(min=1)
+    b_rows = torch.where(count > 0, chunk.partner_table[a_rows, choice], a_rows)
+    # a dropout mask is a 16-bit uniform: keep when below round(keep * 2**16) (as signed int16)
+    cursor = 2 * bsz
+
+    def masks() -> list[Tensor | None]:
+        nonlocal cursor
+        out: list[Tensor | None] = []
+        for i, (h, p) in enumerate(zip(hidden, drop_p, strict=True)):
+            if p == 0:
+                out.append(None)
+                continue
+            u16 = words[:, cursor : cursor + mask_words[i]].view(torch.int16)[:, : bsz * h]
+            out.append((u16 < round((1 - p) * 2**16) - 2**15).view(s, bsz, h))
+            cursor += mask_words[i]
+        return out
+
+    masks_a = masks()
+    masks_b: list[Tensor | None] = masks() if translated else [None] * len(hidden)
+    return _Draws(a_rows.flatten(), b_rows.flatten(), noise, masks_a, masks_b)
+
+
 def _step(
     chunk: _Chunk,
     base: dict[str, Tensor],
@@ -411,55 +576,39 @@ def _step(
     ln_eps: float,
     device: torch.device,
     fused: bool = False,
+    rng: RandomStreams = "exact",
 ) -> list[float]:
     """One optimiser step for every live subject of ``chunk``; returns each subject's loss."""
     bsz = cfg.batch_size
-    idx_rows, partner_rows, noise_rows = [], [], []
-    masks_a: list[list[Tensor]] = [[] for _ in range(blocks)]
-    masks_b: list[list[Tensor]] = [[] for _ in range(blocks)]
     hidden = [int(base[f"blocks.{i}.0.weight"].shape[0]) for i in range(blocks)]
     d = chunk.features.shape[1]
-    for r, task in enumerate(chunk.tasks):
-        gen, drop = chunk.gens[r], chunk.drop_gens[r]
-        index = torch.randint(len(task.features), (bsz,), generator=gen)
-        partner = chunk.partners[r].draw(index, gen)
-        off = int(chunk.offsets[r])
-        idx_rows.append(index + off)
-        partner_rows.append(partner + off)
-        # the trainer's order: T(f_a) dropout masks (global stream), noise, T(f_b) masks
-        for i in range(blocks):
-            if drop_p[i] > 0:
-                masks_a[i].append(_bernoulli_mask(drop, (bsz, hidden[i]), 1 - drop_p[i]))
-        if method.noise_std > 0:
-            noise_rows.append(torch.randn((bsz, d), generator=gen))
-        if method.consistency_target == "translated":
-            for i in range(blocks):
-                if drop_p[i] > 0:
-                    masks_b[i].append(_bernoulli_mask(drop, (bsz, hidden[i]), 1 - drop_p[i]))
+    draw = _draw_exact if rng == "exact" else _draw_fast
+    draws = draw(chunk, bsz, hidden, drop_p, method, d)
     s = len(chunk.tasks)
-    fa = chunk.features[torch.cat(idx_rows).to(device)].view(s, bsz, d)
-    fb = chunk.features[torch.cat(partner_rows).to(device)].view(s, bsz, d)
-    if noise_rows:
-        fb = fb + method.noise_std * torch.stack(noise_rows).to(device)
+    fa = chunk.features[draws.a_rows.to(device)].view(s, bsz, d)
+    fb = chunk.features[draws.b_rows.to(device)].view(s, bsz, d)
+    if draws.noise is not None:
+        fb = fb + method.noise_std * draws.noise.to(device)
 
-    def scaled(rows: list[list[Tensor]]) -> list[Tensor] | None:
-        if not any(rows):
+    def scaled(masks: list[Tensor | None]) -> list[Tensor | None] | None:
+        if all(m is None for m in masks):
             return None
-        out = []
-        for i in range(blocks):
-            keep = 1 - drop_p[i]
-            m = torch.stack(rows[i]).to(device=device, dtype=torch.float32)
-            out.append(m.div_(keep))
-        return out
+        # dropout's ``mask.float().div_(1 - p)``, as a multiply by 1/(1-p) rounded to float32:
+        # the same values (1 * s = s, 0 * s = 0), and a multiply is cheaper than a divide
+        scale = [float(torch.ones(()).div_(1 - q)) for q in drop_p]
+        return [
+            None if m is None else m.to(device=device, dtype=torch.float32).mul_(scale[i])
+            for i, m in enumerate(masks)
+        ]
 
     p = {**base, **chunk.params}
     e_from, e_to = _embed(p, chunk.s_t), _embed(p, chunk.s_r)
-    f_hat = _translate(p, fa, e_from, e_to, blocks, scaled(masks_a), ln_eps)
+    f_hat = _translate(p, fa, e_from, e_to, blocks, scaled(draws.masks_a), ln_eps)
     logits_a = F_nn.linear(f_hat, cls_w, cls_b)
     with torch.no_grad():
         if method.consistency_target == "translated":
             logits_b = F_nn.linear(
-                _translate(p, fb, e_from, e_to, blocks, scaled(masks_b), ln_eps), cls_w, cls_b
+                _translate(p, fb, e_from, e_to, blocks, scaled(draws.masks_b), ln_eps), cls_w, cls_b
             )
         else:
             logits_b = F_nn.linear(fb, cls_w, cls_b)

@@ -1,8 +1,11 @@
 """Subjects adapted per second by each engine, side by side in ONE run (``pft bench engines``).
 
 Engines: ``loop`` (the per-client trainer, one subject after another - what ``pft simulate`` runs),
-``batched`` (:mod:`simulations.batched`, stacked translators) and ``flower`` (Flower's simulation
-engine: one virtual node per subject, each running the same per-client adaptation in a Ray actor).
+``batched`` (:mod:`simulations.batched`, stacked translators, replaying each subject's random
+streams exactly as the trainer draws them), ``batched_fast`` (the same engine with
+``rng="fast"``: per-subject generators, one block of random words per subject and step, 16-bit
+dropout draws) and ``flower`` (Flower's simulation engine: one virtual node per subject, each
+running the same per-client adaptation in a Ray actor).
 
 Same work for every engine: the synthetic cached-feature subjects of
 :mod:`simulations.synthetic_world` (each engine - each Flower node - builds subject k's features
@@ -38,7 +41,7 @@ from simulations.batched import BatchedConfig, SubjectTask, adapt_subjects, subj
 from simulations.machine import describe_machine
 from simulations.synthetic_world import synthetic_model, synthetic_subject
 
-ENGINES = ("loop", "batched", "flower")
+ENGINES = ("loop", "batched", "batched_fast", "flower")
 SPEC_ENV = "PFT_BENCH_ENGINES_SPEC"
 
 
@@ -221,11 +224,12 @@ def bench_engines(
         result["engines"][engine] = run_engine(engine, spec)
         log(f"  {json.dumps(result['engines'][engine])}")
     rates = {e: r["subjects_per_s"] for e, r in result["engines"].items() if "subjects_per_s" in r}
-    if "batched" in rates:
-        result["batched_vs"] = {e: round(rates["batched"] / v, 2) for e, v in rates.items() if e != "batched"}
-        result["batched_fraction_of_matmul"] = round(
-            result["engines"]["batched"]["gflops"] / result["matmul_gflops"], 3
-        )
+    for mine in ("batched", "batched_fast"):
+        if mine in rates:
+            result[f"{mine}_vs"] = {e: round(rates[mine] / v, 2) for e, v in rates.items() if e != mine}
+            result[f"{mine}_fraction_of_matmul"] = round(
+                result["engines"][mine]["gflops"] / result["matmul_gflops"], 3
+            )
     result["machine"]["load_average_after"] = list(os.getloadavg())
     return result
 
@@ -252,6 +256,7 @@ def _child(engine: str, spec: dict[str, Any], out: Path) -> None:
                 device=spec["device"],
                 num_threads=spec["threads"],
                 fused_adam=spec["fused_adam"],
+                rng="fast" if engine == "batched_fast" else "exact",
             )
             for chunk in adapt_subjects(model.translator, model.classifier, tasks, config, batched):
                 iterations += sum(a.iterations for a in chunk)
