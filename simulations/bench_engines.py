@@ -17,6 +17,10 @@ process it started (Ray's workers for Flower), sampled every 50 ms; ``vmhwm_mb``
 VmHWM. ``gflops`` is the useful translator-training rate: ``subjects x iterations x batch x 6 x
 params(T) / wall_s``; ``matmul_gflops`` is this machine's dense fp32 matrix-multiply rate,
 measured in the same run with the same thread count.
+
+``threads`` is every engine's CPU budget: ``loop`` and ``batched`` run that many intra-op threads;
+``flower`` gets that many Ray CPUs, so that many actors (one virtual node at a time each) with one
+intra-op thread each.
 """
 
 from __future__ import annotations
@@ -284,7 +288,11 @@ def _flower(spec: dict[str, Any]) -> tuple[float, int]:
         server_app=server_app,
         client_app=client_app,
         num_supernodes=spec["subjects"],
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {}},
+        # the same CPU budget as the other engines: ``threads`` Ray CPUs, one actor (1 thread) each
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": spec["threads"]},
+        },
     )
     done = json.loads((Path(spec["work_dir"]) / "flower-done.json").read_text())
     return float(done["wall_s"]), int(done["iterations"])

@@ -42,7 +42,7 @@ def train(message: Message, context: Context) -> Message:
     from simulations.synthetic_world import synthetic_model
 
     spec = _spec()
-    torch.set_num_threads(spec["threads"])
+    torch.set_num_threads(1)  # one thread per actor; ``threads`` actors share the CPU budget
     k = int(context.node_config["partition-id"])
     if spec["seed"] not in _PARTS:  # a full model per actor, loaded once
         model = synthetic_model(spec["seed"])
