@@ -11,6 +11,7 @@ from pft_cli.client import client_app
 from pft_cli.cohort import cohort_app
 from pft_cli.data import data_app
 from pft_cli.keys import certs_app, keys_app
+from pft_cli.prior import prior_app
 from pft_cli.server import server_app
 from pft_cli.simulate import ablate, simulate
 from pft_core import __version__
@@ -52,6 +53,11 @@ app.add_typer(
     server_app,
     name="server",
     help="Operate a deployment: publish a signed bundle, register sites, read the audit log.",
+)
+app.add_typer(
+    prior_app,
+    name="prior",
+    help="The opt-in federated translator prior (Flower SecAgg+, local DP): build it, score it.",
 )
 app.add_typer(
     bench_app,
