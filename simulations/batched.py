@@ -32,8 +32,9 @@ number: chunks are produced one at a time and the caller consumes each before th
 from __future__ import annotations
 
 import copy
+import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -340,35 +341,39 @@ def trainable_names(translator: Translator, classifier: Classifier, method: PFTA
 def adapt_subjects(
     translator: Translator,
     classifier: Classifier,
-    tasks: Sequence[SubjectTask],
+    tasks: Iterable[SubjectTask],
     config: PersonalizeConfig,
     engine: BatchedConfig | None = None,
 ) -> Iterator[list[SubjectAdaptation]]:
     """Adapt a copy of ``translator`` for every task, ``engine.chunk_size`` subjects at a time.
 
-    Yields, per chunk, that chunk's :class:`SubjectAdaptation` (in task order); consume each
-    before asking for the next to keep memory bounded by the chunk size.
+    ``tasks`` may be any iterable (e.g. a generator that loads or builds each subject on demand):
+    it is read ``chunk_size`` tasks at a time, so with a lazy source the memory held is one
+    chunk's, whatever the number of subjects. Yields, per chunk, that chunk's
+    :class:`SubjectAdaptation` (in task order); consume each before asking for the next.
 
     Raises
     ------
     TooFewFacesError
-        A task with fewer than ``config.adapt.min_frames`` frames (the trainer's rule).
+        A task with fewer than ``config.adapt.min_frames`` frames (the trainer's rule), raised
+        before its chunk is adapted.
     """
     engine = engine or BatchedConfig()
     if config.dp is not None:
         raise ValueError("the batched engine does not run DP-SGD; use the per-client engine for config.dp")
     method = config.method()
     adapt = config.adapt
-    for task in tasks:
-        if len(task.features) < adapt.min_frames:
-            raise TooFewFacesError(len(task.features), adapt.min_frames)
     device = torch.device(engine.device)
     names = trainable_names(translator, classifier, method)
     base = {n: p.detach().to(device) for n, p in translator.named_parameters()}
     cls_w = classifier.fc.weight.detach().to(device)
     cls_b = classifier.fc.bias.detach().to(device)
-    for start in range(0, len(tasks), engine.chunk_size):
-        chunk_tasks = list(tasks[start : start + engine.chunk_size])
+    source = iter(tasks)
+    start = 0
+    while chunk_tasks := list(itertools.islice(source, engine.chunk_size)):
+        for task in chunk_tasks:
+            if len(task.features) < adapt.min_frames:
+                raise TooFewFacesError(len(task.features), adapt.min_frames)
         with torch_threads(engine.num_threads):
             yield _run_chunk(
                 translator,
@@ -384,6 +389,7 @@ def adapt_subjects(
                 engine.fused_adam,
                 engine.rng,
             )
+        start += len(chunk_tasks)
 
 
 def _new_chunk(

@@ -3,6 +3,8 @@ with the trainer's distributions, and adaptation that agrees with the exact repl
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from pft_core.adaptation import AdaptConfig
@@ -94,3 +96,24 @@ def test_fast_adaptation_agrees_with_the_exact_replay() -> None:
         assert not torch.equal(de, df)  # not the same draws
         assert float((de - df).norm()) < 0.1 * float(de.norm())
         assert abs(e.final_loss - f.final_loss) < 0.02 * e.final_loss
+
+
+def test_tasks_are_read_one_chunk_at_a_time() -> None:
+    # memory bounded by the chunk, not by N: a lazy source is read chunk_size tasks ahead at most
+    config = PersonalizeConfig(adapt=AdaptConfig(lr=0.01, max_iterations=3, min_iterations=3))
+    tasks = _tasks(config, 5)
+    pulled: list[int] = []
+
+    def source() -> Iterator[SubjectTask]:
+        for k, task in enumerate(tasks):
+            pulled.append(k)
+            yield task
+
+    model = synthetic_model(0)
+    chunks = adapt_subjects(model.translator, model.classifier, source(), config, BatchedConfig(chunk_size=2))
+    sizes = []
+    for chunk in chunks:
+        assert len(pulled) <= 2 * (len(sizes) + 1)  # this chunk's tasks and nothing beyond
+        sizes.append(len(chunk))
+    assert sizes == [2, 2, 1] and pulled == [0, 1, 2, 3, 4]
+    assert [a.position for a in _adapt(config, tasks, BatchedConfig(chunk_size=2))] == list(range(5))
