@@ -72,8 +72,16 @@ class PriorExperimentConfig(FrozenConfig):
     device_budget: float = Field(10.0, gt=0)
     num_shares: int | float = 1.0
     reconstruction_threshold: int | float = 0.6
-    clipping_range: float = Field(4.0, gt=0)
+    clipping_range: float | None = Field(None, gt=0)
     split_seed: int = 0
+
+    def secagg_range(self, sigma: float) -> float:
+        """SecAgg+'s per-coordinate clipping range for noise ``sigma``: ``clipping_range`` if set,
+        else ``C + 6 sigma C`` (at least 4), so that the noise is (almost) never clipped - a
+        clipped coordinate biases the mean. One quantisation level is ``2 range / 2**22``."""
+        if self.clipping_range is not None:
+            return self.clipping_range
+        return max(4.0, self.clip_norm * (1 + 6 * sigma))
 
 
 @dataclasses.dataclass
@@ -284,7 +292,7 @@ def run_prior_experiment(
             budget=budget,
             num_shares=config.num_shares,
             reconstruction_threshold=config.reconstruction_threshold,
-            clipping_range=config.clipping_range,
+            clipping_range=config.secagg_range(sigma),
             noise_seed=config.split_seed,
         )
         t_fed = time.perf_counter()
@@ -300,6 +308,7 @@ def run_prior_experiment(
                 "survivors": report["survivors"],
                 "bundle_version": report["bundle_version"],
                 "mean_update_norm": report["mean_update_norm"],
+                "secagg_clipping_range": config.secagg_range(sigma),
                 "federation_seconds": round(seconds, 1),
                 "pft": _summary(scores["pft"]),
                 "source_only": _summary(scores["source_only"]),
