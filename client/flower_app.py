@@ -41,7 +41,7 @@ from pft_core.data.cache import state_dict_sha256
 from pft_core.errors import BundleTamperedError, PFTError
 from pft_core.metrics import accuracy, macro_f1
 from pft_core.models import Translator
-from pft_core.personalize import PersonalizeConfig, SourceModel, personalize
+from pft_core.personalize import Personalization, PersonalizeConfig, SourceModel, personalize
 from pft_core.signing import TrustedBundleCache, load_public_key
 from pft_core.training import SourceStyles
 
@@ -219,6 +219,32 @@ def install(message: Message, context: Context) -> Message:
     return metrics_reply(message, {"bundle-version": installed.bundle_version, "subject-index": node.index})
 
 
+def personalize_node(
+    node: Node, bundle: Bundle, config: PersonalizeConfig, seed: int
+) -> tuple[Personalization, int]:
+    """Stage 3 on the node's neutral ``adapt`` frames (what ``train`` and the prior's ``fit`` run);
+    returns the personalisation and how many neutral frames it used.
+
+    Raises
+    ------
+    PFTError
+        The node has no usable neutral frames.
+    """
+    neutral = subject_frames(node, bundle, ("adapt",)).get("adapt")
+    if neutral is None or len(neutral) == 0:
+        raise PFTError(f"node {node.index}: no usable neutral frames to adapt on")
+    result = personalize(
+        source_model(bundle),
+        neutral.features,
+        neutral.frame_stats,
+        config.model_copy(update={"seed": seed}),
+        descriptor=neutral.mean_descriptor(),
+        video_ids=neutral.video_ids,
+        time_index=neutral.time_index,
+    )
+    return result, len(neutral)
+
+
 def train(message: Message, context: Context) -> Message:
     """Adapt T on the node's neutral ``adapt`` frames and save it encrypted on the node's disk."""
     node = node_from_context(context)
@@ -226,19 +252,7 @@ def train(message: Message, context: Context) -> Message:
     base = PersonalizeConfig.model_validate_json(str(config["pft-config"]))
     seed = _int(config, "seed") * 1000 + node.index
     bundle = installed_bundle(node)
-    neutral = subject_frames(node, bundle, ("adapt",)).get("adapt")
-    if neutral is None or len(neutral) == 0:
-        raise PFTError(f"node {node.index}: no usable neutral frames to adapt on")
-    model = source_model(bundle)
-    result = personalize(
-        model,
-        neutral.features,
-        neutral.frame_stats,
-        base.model_copy(update={"seed": seed}),
-        descriptor=neutral.mean_descriptor(),
-        video_ids=neutral.video_ids,
-        time_index=neutral.time_index,
-    )
+    result, neutral_frames = personalize_node(node, bundle, base, seed)
     node.translator_store().save(
         {
             "translator": dict(result.translator.state_dict()),
@@ -259,7 +273,7 @@ def train(message: Message, context: Context) -> Message:
         {
             "adapt-iterations": int(result.result.iterations),
             "adapt-seconds": float(result.result.seconds),
-            "neutral-frames": len(neutral),
+            "neutral-frames": neutral_frames,
             "subject-index": node.index,
         },
     )

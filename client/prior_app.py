@@ -35,18 +35,11 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import NDArrays, Scalar
 
 from client.egress import EgressViolationError, check_prior_reply
-from client.flower_app import (
-    Node,
-    installed_bundle,
-    node_from_context,
-    source_model,
-    spec_path,
-    subject_frames,
-)
+from client.flower_app import Node, installed_bundle, node_from_context, personalize_node, spec_path
 from client.ledger import LEDGER_FILE, PrivacyBudget, PrivacyLedger
 from pft_core.config import FrozenConfig
 from pft_core.errors import PFTError
-from pft_core.personalize import PersonalizeConfig, personalize
+from pft_core.personalize import PersonalizeConfig
 from pft_core.prior import PriorUpdateConfig, privatize_update, translator_update, update_release
 
 __all__ = [
@@ -154,18 +147,7 @@ class PriorClient(NumPyClient):
         ledger.check(update_release(update_config))  # refuse before any work: nothing leaves
         pft = PersonalizeConfig.model_validate_json(str(config["pft-config"]))
         seed = int(config["seed"]) * 1000 + node.index
-        neutral = subject_frames(node, bundle, ("adapt",)).get("adapt")
-        if neutral is None or len(neutral) == 0:
-            raise PFTError(f"node {node.index}: no usable neutral frames to adapt on")
-        result = personalize(
-            source_model(bundle),
-            neutral.features,
-            neutral.frame_stats,
-            pft.model_copy(update={"seed": seed}),
-            descriptor=neutral.mean_descriptor(),
-            video_ids=neutral.video_ids,
-            time_index=neutral.time_index,
-        )
+        result, _ = personalize_node(node, bundle, pft, seed)
         update = translator_update(bundle.translator, result.translator, names)
         noise_seed = (
             self.settings.noise_seed * 1000 + node.index

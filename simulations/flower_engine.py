@@ -60,6 +60,18 @@ def client_resources(num_cpus: int = 1, num_gpus: float = 0.0) -> dict[str, int 
     return {"num_cpus": num_cpus, "num_gpus": float(num_gpus)}
 
 
+def simulation_keys(keys: Path) -> tuple[Path, Path, Path]:
+    """A simulation's own keys under ``keys`` (made once, then reused): the bundle-signing key
+    pair and the virtual nodes' store key; returns (signing key, public key, store key) paths."""
+    signing, public = keys / "bundle-signing.key", keys / "bundle-signing.pub"
+    if not (signing.is_file() and public.is_file()):
+        signing, public = write_signing_key_pair(keys, overwrite=True)
+    store_key = keys / "store.key"
+    if not store_key.is_file():
+        generate_key_file(store_key)
+    return signing, public, store_key
+
+
 def write_flower_spec(
     config: ExperimentConfig,
     out_dir: Path,
@@ -78,12 +90,7 @@ def write_flower_spec(
     config = config.resolved()
     work = out_dir / "flower"
     keys = work / "keys"
-    signing_key_path, public_key_path = keys / "bundle-signing.key", keys / "bundle-signing.pub"
-    if not (signing_key_path.is_file() and public_key_path.is_file()):
-        signing_key_path, public_key_path = write_signing_key_pair(keys, overwrite=True)
-    store_key = keys / "store.key"
-    if not store_key.is_file():
-        generate_key_file(store_key)
+    signing_key_path, public_key_path, store_key = simulation_keys(keys)
     # virtual nodes start fresh in every simulation (their bundle caches and stores)
     for stale in (work / "nodes", work / "bundle-v1"):
         if stale.exists():

@@ -32,18 +32,17 @@ from pydantic import Field
 from client.flower_app import SPEC_ENV, NodeSpec
 from client.ledger import PrivacyBudget
 from client.prior_app import PRIOR_NODE_SECTION, PriorNodeSettings
-from client.store import generate_key_file
 from pft_core.bundle import load_bundle
 from pft_core.config import FrozenConfig
 from pft_core.errors import SecureAggregationHaltedError
 from pft_core.metrics import macro_f1
 from pft_core.models import Translator
 from pft_core.prior import PriorUpdateConfig, update_release
-from pft_core.signing import TrustedBundleCache, load_public_key, load_signing_key, write_signing_key_pair
+from pft_core.signing import TrustedBundleCache, load_public_key, load_signing_key
 from server.prior_app import PRIOR_SERVER_SECTION, REPORT_FILE, PriorServerSpec
 from server.publish import publish_bundle
 from simulations.experiment import ExperimentConfig, PreparedExperiment, prepare_experiment
-from simulations.flower_engine import _env, client_resources
+from simulations.flower_engine import _env, client_resources, simulation_keys
 from simulations.machine import describe_machine
 from simulations.methods import METHODS
 
@@ -118,12 +117,7 @@ def write_prior_spec(
     live under ``work`` (node folders are reset).
     """
     keys = work / "keys"
-    signing, public = keys / "bundle-signing.key", keys / "bundle-signing.pub"
-    if not (signing.is_file() and public.is_file()):
-        signing, public = write_signing_key_pair(keys, overwrite=True)
-    store_key = keys / "store.key"
-    if not store_key.is_file():
-        generate_key_file(store_key)
+    signing, public, store_key = simulation_keys(keys)
     nodes, bundle_dir, out_dir = work / "nodes", work / "bundle-v1", work / "server"
     for stale in (nodes, bundle_dir, out_dir):
         if stale.exists():
