@@ -207,19 +207,22 @@ def run_prior_federation(federation: PriorFederation, client_app: ClientApp | No
 def _held_out_scores(
     prepared: PreparedExperiment, model_translator: Translator, held_out: list[str]
 ) -> dict[str, dict[str, float]]:
-    """Source-only and PFT macro-F1 per held-out subject, starting from ``model_translator``."""
+    """Source-only and PFT macro-F1 per held-out subject, starting from ``model_translator``, and
+    the stage-3 steps PFT took (``pft_iterations``: does the prior make enrollment shorter?)."""
     model = dataclasses.replace(prepared.model, translator=model_translator)
     config = prepared.config
-    out: dict[str, dict[str, float]] = {"source_only": {}, "pft": {}}
+    out: dict[str, dict[str, float]] = {"source_only": {}, "pft": {}, "pft_iterations": {}}
     for subject in held_out:
         k = prepared.targets.index(subject)
         target = prepared.target(subject)
         if target is None:
             continue
-        for method in out:
+        for method in ("source_only", "pft"):
             outcome = METHODS[method](model, target, config.settings, config.seed * 1000 + k)
             pred = outcome.logits.argmax(1).numpy()
             out[method][subject] = macro_f1(target.eval.labels.numpy(), pred, len(prepared.classes))
+            if method == "pft":
+                out["pft_iterations"][subject] = float(outcome.iterations)
     return out
 
 
@@ -268,6 +271,7 @@ def run_prior_experiment(
             "noise_multiplier": None,
             "epsilon_per_device": 0.0,
             "pft": _summary(base["pft"]),
+            "pft_mean_iterations": statistics.fmean(base["pft_iterations"].values()),
             "source_only": _summary(base["source_only"]),
             "per_subject": base,
         }
@@ -305,6 +309,7 @@ def run_prior_experiment(
                 "secagg_clipping_range": config.secagg_range(sigma),
                 "federation_seconds": round(seconds, 1),
                 "pft": _summary(scores["pft"]),
+                "pft_mean_iterations": statistics.fmean(scores["pft_iterations"].values()),
                 "source_only": _summary(scores["source_only"]),
                 "per_subject": scores,
             }
@@ -337,15 +342,15 @@ def prior_report_markdown(results: dict[str, Any]) -> str:
         f"{len(results['held_out'])} held-out NEW subjects are scored. Profile {results['profile']}, "
         f"seed {results['seed']}; {results['seconds']} s.",
         "",
-        "| starting point | epsilon per device | source-only F1 | PFT F1 (mean +- std) |",
-        "|---|---|---|---|",
+        "| starting point | epsilon per device | source-only F1 | PFT F1 (mean +- std) | PFT steps (mean) |",
+        "|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         eps = row["epsilon_per_device"]
         eps_text = "-" if row["noise_multiplier"] is None else ("inf" if math.isinf(eps) else f"{eps:.2f}")
         lines.append(
             f"| {row['start']} | {eps_text} | {row['source_only']['mean_f1']:.2f} | "
-            f"{row['pft']['mean_f1']:.2f} +- {row['pft']['std_f1']:.2f} |"
+            f"{row['pft']['mean_f1']:.2f} +- {row['pft']['std_f1']:.2f} | {row['pft_mean_iterations']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
