@@ -43,7 +43,10 @@ def run(
             "The defaults give epsilon about 1, 4 and 8 per device (delta 1e-5, person)."
         ),
     ] = "4.0625,1.16,0.638,0",
-    clip_norm: Annotated[float, typer.Option(help="L2 clip of each device's update (before noise).")] = 0.5,
+    clip_norm: Annotated[
+        float,
+        typer.Option(help="L2 clip of each device's update (before noise); bias-only updates are ~1-2."),
+    ] = 2.0,
     split_seed: Annotated[int, typer.Option(help="Seed of the participants / held-out split.")] = 0,
     cache_dir: Annotated[
         Path | None, typer.Option(help="Cache root (default $PFT_CACHE_DIR or ~/.cache/pft).")

@@ -66,7 +66,7 @@ class PriorExperimentConfig(FrozenConfig):
     experiment: ExperimentConfig = ExperimentConfig(target_subjects=30, embedding_plot=False)
     participants: int = Field(20, ge=2)
     noise_multipliers: tuple[float, ...] = (4.0625, 1.16, 0.638, 0.0)
-    clip_norm: float = Field(0.5, gt=0)
+    clip_norm: float = Field(2.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     device_budget: float = Field(10.0, gt=0)
     num_shares: int | float = 1.0
