@@ -63,8 +63,8 @@ class PriorExperimentConfig(FrozenConfig):
     targets are the held-out new subjects.
     """
 
-    experiment: ExperimentConfig = ExperimentConfig(target_subjects=30, embedding_plot=False)
-    participants: int = Field(20, ge=2)
+    experiment: ExperimentConfig = ExperimentConfig(embedding_plot=False)
+    participants: int = Field(6, ge=2)
     noise_multipliers: tuple[float, ...] = (4.0625, 1.16, 0.638, 0.0)
     clip_norm: float = Field(2.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
@@ -360,8 +360,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--participants", type=int, default=20)
-    parser.add_argument("--targets", type=int, default=30)
+    parser.add_argument("--participants", type=int, default=6)
+    parser.add_argument("--targets", type=int, default=None)
     args = parser.parse_args()
     config = PriorExperimentConfig(
         experiment=ExperimentConfig(target_subjects=args.targets, embedding_plot=False),
