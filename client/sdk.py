@@ -275,23 +275,28 @@ def _contain_torch_cache(state_dir: Path) -> None:
         os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
 
 
+def _started_decoder(config: ClientConfig) -> VideoDecoder | None:
+    """A decoder whose worker is starting in the background, if ``config`` wants one now."""
+    if not (config.video.isolate and config.prestart_decoder):
+        return None
+    decoder = VideoDecoder()
+    decoder.start()
+    return decoder
+
+
 @contextlib.contextmanager
 def _prestarted_decoder(config: ClientConfig | None) -> Iterator[VideoDecoder | None]:
-    """A decoder whose worker starts now, while the bundle is verified and loaded (or ``None``).
+    """:func:`_started_decoder` for the span of verifying and loading a bundle.
 
     Closed if the block raises (a refused bundle leaves no process behind); otherwise the new
     ``Personalizer`` owns it.
     """
-    config = config or ClientConfig()
-    if not (config.video.isolate and config.prestart_decoder):
-        yield None
-        return
-    decoder = VideoDecoder()
-    decoder.start()
+    decoder = _started_decoder(config or ClientConfig())
     try:
         yield decoder
     except BaseException:
-        decoder.close()
+        if decoder is not None:
+            decoder.close()
         raise
 
 
@@ -339,9 +344,8 @@ class Personalizer:
         self._detector = detector
         self._landmarker = landmarker
         self._haar: HaarFaceDetector | None = None
-        self._decoder: VideoDecoder | None = decoder  # owned: close() stops it
-        if decoder is None and self.config.video.isolate and self.config.prestart_decoder:
-            self._video_decoder().start()
+        # owned: close() stops it
+        self._decoder: VideoDecoder | None = decoder if decoder is not None else _started_decoder(self.config)
         styles = SourceStyles.from_tensors(bundle.source_styles)
         pairing: Strategy = bundle.extra.get("pairing", "cosine")
         self.source_model = SourceModel(

@@ -351,7 +351,6 @@ class VideoDecoder:
 
     def __init__(self) -> None:
         self._executor: cf.ProcessPoolExecutor | None = None
-        self._warm_up: cf.Future[Any] | None = None
         self.restarts = 0
 
     def __enter__(self) -> Self:
@@ -402,7 +401,7 @@ class VideoDecoder:
         """
         if self._executor is not None and self._worker_alive():
             return
-        self._warm_up = self._submit(_worker_ready, "")
+        self._submit(_worker_ready, "")
 
     def _discard(self) -> None:
         executor, self._executor = self._executor, None
