@@ -307,7 +307,8 @@ def _without_caller_main() -> Iterator[None]:
     that functions defined there can be unpickled. The worker only runs module-level functions of
     this module, and the caller's main module can be heavy: the ``pft`` CLI, an app, or a
     benchmark import torch and take 2-4 s. While the child is started, ``__main__`` is a bare
-    module, so the child imports only what its jobs need.
+    module, so the child imports only what its jobs need. The swap is process-wide: a thread
+    reading ``sys.modules["__main__"]`` during that instant sees the bare module.
     """
     main = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")
