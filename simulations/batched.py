@@ -34,8 +34,9 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -187,6 +188,27 @@ def _bernoulli_mask(generator: torch.Generator, shape: tuple[int, ...], keep: fl
     return out
 
 
+class _Buffers:
+    """Step-sized tensors reused from step to step, by name. A fresh multi-megabyte tensor is
+    fresh memory from the OS, and its page faults cost as much as the arithmetic done in it; a
+    smaller request (after compaction) is served by the front of the same buffer."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._store: dict[str, Tensor] = {}
+
+    def get(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, host: bool = False
+    ) -> Tensor:
+        """A tensor of ``shape`` (contents undefined) on the chunk's device, or the CPU (``host``)."""
+        n = math.prod(shape)
+        buf = self._store.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            device = torch.device("cpu") if host else self.device
+            buf = self._store[name] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+
 class _Partners:
     """``AdaptationData.partners`` as a table: for each frame, the frames it may be paired with."""
 
@@ -199,6 +221,7 @@ class _Partners:
         else:
             allowed = same_group & ~torch.eye(n, dtype=torch.bool)
         self.count = allowed.sum(1)
+        self.all_paired = bool((self.count > 0).all())
         width = max(1, int(self.count.max()))
         # stable sort puts allowed frames first, in increasing index: the trainer's order
         order = torch.sort((~allowed).to(torch.int8), dim=1, stable=True).indices
@@ -303,11 +326,14 @@ class _Chunk:
     ema: list[list[float]]
     history: list[list[float]]
     sizes: Tensor  # (S,) frames per subject
-    partner_table: Tensor | None = None  # ``rng="fast"``: (all frames, width) chunk rows
-    partner_count: Tensor | None = None  # ``rng="fast"``: (all frames,) partners per frame
+    partner_table: Tensor | None = None  # (all frames, width) chunk rows
+    partner_count: Tensor | None = None  # (all frames,) partners per frame
+    buffers: _Buffers = field(default_factory=lambda: _Buffers(torch.device("cpu")))
+    style: Tensor | None = None  # frozen hidden layers: (S, H) first-layer style rows
+    first_block: Tensor | None = None  # frozen hidden layers: (all frames, H) block 0's output
 
     def index_partners(self) -> None:
-        """The subjects' partner tables as one table of chunk rows (for ``rng="fast"``)."""
+        """The subjects' partner tables as one table of chunk rows."""
         width = max(int(p.table.shape[1]) for p in self.partners)
         tables = []
         for p, off in zip(self.partners, self.offsets.tolist(), strict=True):
@@ -326,6 +352,8 @@ class _Chunk:
         self.sizes = self.sizes[idx.cpu()]
         for name in ("s_t", "s_r", "ref_mu", "ref_sigma"):
             setattr(self, name, getattr(self, name)[idx])
+        if self.style is not None:
+            self.style = self.style[idx]  # first_block is indexed by frame rows, which stay
         self.params = {k: v.detach()[idx].clone().requires_grad_(True) for k, v in self.params.items()}
         self.state = {k: [s[idx].clone() for s in v] for k, v in self.state.items()}
 
@@ -370,26 +398,34 @@ def adapt_subjects(
     cls_b = classifier.fc.bias.detach().to(device)
     source = iter(tasks)
     start = 0
-    while chunk_tasks := list(itertools.islice(source, engine.chunk_size)):
-        for task in chunk_tasks:
-            if len(task.features) < adapt.min_frames:
-                raise TooFewFacesError(len(task.features), adapt.min_frames)
-        with torch_threads(engine.num_threads):
-            yield _run_chunk(
-                translator,
-                base,
-                names,
-                cls_w,
-                cls_b,
-                chunk_tasks,
-                start,
-                method,
-                adapt,
-                device,
-                engine.fused_adam,
-                engine.rng,
-            )
-        start += len(chunk_tasks)
+    threads = engine.num_threads or torch.get_num_threads()
+    # the per-subject random draws are serial in torch: spread the subjects over the threads
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="pft-draws") if threads > 1 else None
+    workers = _Workers(pool, threads) if pool is not None else None
+    try:
+        while chunk_tasks := list(itertools.islice(source, engine.chunk_size)):
+            for task in chunk_tasks:
+                if len(task.features) < adapt.min_frames:
+                    raise TooFewFacesError(len(task.features), adapt.min_frames)
+            with torch_threads(engine.num_threads):
+                yield _run_chunk(
+                    translator,
+                    base,
+                    names,
+                    cls_w,
+                    cls_b,
+                    chunk_tasks,
+                    start,
+                    method,
+                    adapt,
+                    device,
+                    engine,
+                    workers,
+                )
+            start += len(chunk_tasks)
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
 
 def _new_chunk(
@@ -398,7 +434,6 @@ def _new_chunk(
     base: dict[str, Tensor],
     names: list[str],
     device: torch.device,
-    rng: RandomStreams,
 ) -> _Chunk:
     """Stack ``tasks`` (positions ``start``...): features, style codes, generators, parameters."""
     s = len(tasks)
@@ -422,9 +457,9 @@ def _new_chunk(
         ema=[[] for _ in tasks],
         history=[[] for _ in tasks],
         sizes=sizes,
+        buffers=_Buffers(device),
     )
-    if rng == "fast":
-        chunk.index_partners()
+    chunk.index_partners()
     return chunk
 
 
@@ -439,18 +474,22 @@ def _run_chunk(
     method: PFTAdaptation,
     cfg: AdaptConfig,
     device: torch.device,
-    fused_adam: bool = False,
-    rng: RandomStreams = "exact",
+    engine: BatchedConfig,
+    workers: _Workers | None = None,
 ) -> list[SubjectAdaptation]:
-    chunk = _new_chunk(tasks, start, base, names, device, rng)
+    chunk = _new_chunk(tasks, start, base, names, device)
     blocks = len(translator.blocks)
     drop_p = [float(translator.blocks[i][2].p) for i in range(blocks)]  # type: ignore[index]
     ln_eps = translator.norm.eps
+    frozen = _frozen_hidden(base, blocks, drop_p) if names == ["out.bias"] else None
+    if frozen is not None:
+        _prepare_frozen(chunk, base, frozen, ln_eps)
     results: list[SubjectAdaptation] = []
     for step in range(1, cfg.max_iterations + 1):
         losses = _step(
-            chunk, base, cls_w, cls_b, method, cfg, step, blocks, drop_p, ln_eps, device, fused_adam, rng
-        )
+            chunk, base, cls_w, cls_b, method, cfg, step, blocks, drop_p, ln_eps, device,
+            engine.fused_adam, engine.rng, frozen, workers,
+        )  # fmt: skip
         done: list[int] = []
         for r, value in enumerate(losses):
             ema, hist = chunk.ema[r], chunk.history[r]
@@ -487,86 +526,247 @@ class _Draws:
     a_rows: Tensor  # (S*B,) rows of chunk.features: the sampled frames f_a
     b_rows: Tensor  # (S*B,) their partners f_b
     noise: Tensor | None  # (S, B, D) partner noise (unscaled)
-    masks_a: list[Tensor | None]  # per block: (S, B, H) bool keep-masks of T(f_a), None if p = 0
-    masks_b: list[Tensor | None]  # the same for T(f_b) (consistency target "translated")
+    # per block: (P, S, B, H) bool keep-masks (None if p = 0); pass 0 is T(f_a), pass 1 (P = 2,
+    # consistency target "translated") is T(f_b)
+    kept: list[Tensor | None]
+
+
+@dataclass(frozen=True)
+class _Workers:
+    """Threads for the per-subject random draws."""
+
+    pool: ThreadPoolExecutor
+    size: int
+
+
+def _each_subject(s: int, work: Callable[[range], None], workers: _Workers | None) -> None:
+    """``work(rows)`` over the subjects ``0..s-1``, split in contiguous parts over ``workers``.
+
+    Every subject's draws come from its own generators and land in its own rows, so the result
+    does not depend on the split; each generator runs serially inside torch, so this is what puts
+    the other cores to work on them (torch releases the GIL inside its kernels)."""
+    parts = 1 if workers is None else min(workers.size, s)
+    if workers is None or parts <= 1:
+        work(range(s))
+        return
+    bounds = [round(s * k / parts) for k in range(parts + 1)]
+    list(workers.pool.map(work, [range(a, b) for a, b in itertools.pairwise(bounds)]))
+
+
+def _new_kept(
+    buffers: _Buffers, passes: int, s: int, bsz: int, hidden: list[int], drop_p: list[float]
+) -> tuple[Tensor | None, list[Tensor | None]]:
+    """Keep-mask storage for one step: ``(all, per_block)`` where ``all`` is (S, P, L, B, H) - a
+    subject's masks contiguous, in the order they are drawn - and ``per_block[i]`` the (P, S, B,
+    H) view of block i; ``(None, [None, ...])`` without dropout."""
+    if all(p == 0 for p in drop_p):
+        return None, [None] * len(hidden)
+    if len(set(hidden)) > 1 or len(set(drop_p)) > 1:
+        raise ValueError("the batched engine needs the same width and dropout in every block of T")
+    kept = buffers.get("kept", (s, passes, len(hidden), bsz, hidden[0]), torch.bool, host=True)
+    return kept, [kept[:, :, i].transpose(0, 1) for i in range(len(hidden))]
 
 
 def _draw_exact(
-    chunk: _Chunk, bsz: int, hidden: list[int], drop_p: list[float], method: PFTAdaptation, d: int
+    chunk: _Chunk,
+    bsz: int,
+    hidden: list[int],
+    drop_p: list[float],
+    method: PFTAdaptation,
+    d: int,
+    workers: _Workers | None = None,
 ) -> _Draws:
-    """Each subject's draws replayed from its two generators in the trainer's order."""
+    """Each subject's draws replayed from its two generators in the trainer's order.
+
+    Per subject and step: the frame indices, the partner draws' raw words, the noise (its sampling
+    generator) and ALL its dropout masks at once (the dropout generator, whose stream holds nothing
+    else: T(f_a)'s masks then T(f_b)'s); the conversions then run on the whole chunk."""
     s = len(chunk.tasks)
-    idx = torch.empty(s, bsz, dtype=torch.long)
-    part = torch.empty(s, bsz, dtype=torch.long)
-    noise = torch.empty(s, bsz, d) if method.noise_std > 0 else None
-    translated = method.consistency_target == "translated"
+    buffers = chunk.buffers
+    idx = buffers.get("idx", (s, bsz), torch.long, host=True)
+    raw = buffers.get("raw", (s, bsz // 2), torch.long, host=True)
+    part = buffers.get("part", (s, bsz), torch.long, host=True)
+    noise = buffers.get("noise", (s, bsz, d), host=True) if method.noise_std > 0 else None
+    passes = 2 if method.consistency_target == "translated" else 1
+    kept_all, kept = _new_kept(buffers, passes, s, bsz, hidden, drop_p)
+    threshold = _keep_threshold(1 - drop_p[0])
+    # a subject all of whose frames have partners draws one scalar per sampled frame: its raw
+    # words can be read in one call (pairs of 32-bit outputs) and converted chunk-wide below
+    paired = [p.all_paired and bsz % 2 == 0 for p in chunk.partners]
 
-    def masks() -> list[Tensor | None]:
-        return [
-            torch.empty(s, bsz, h, dtype=torch.bool) if p > 0 else None
-            for h, p in zip(hidden, drop_p, strict=True)
-        ]
+    def draw(rows: range) -> None:
+        scratch = torch.empty(kept_all[0].numel() if kept_all is not None else 0, dtype=torch.int64)
+        for r in rows:
+            gen = chunk.gens[r]
+            torch.randint(len(chunk.tasks[r].features), (bsz,), generator=gen, out=idx[r])
+            if paired[r]:
+                raw[r].random_(-(2**63), None, generator=gen)
+            else:
+                part[r] = chunk.partners[r].draw(idx[r], gen)
+            if noise is not None:
+                torch.randn((bsz, d), generator=gen, out=noise[r])
+            if kept_all is not None:
+                _bernoulli_into(chunk.drop_gens[r], scratch, threshold, kept_all[r].view(-1))
 
-    masks_a = masks()
-    masks_b: list[Tensor | None] = masks() if translated else [None] * len(hidden)
-    scratch = {h: torch.empty(bsz, h, dtype=torch.int64) for h in set(hidden)}
-    thresholds = [_keep_threshold(1 - p) for p in drop_p]
-    for r, task in enumerate(chunk.tasks):
-        gen, drop = chunk.gens[r], chunk.drop_gens[r]
-        torch.randint(len(task.features), (bsz,), generator=gen, out=idx[r])
-        part[r] = chunk.partners[r].draw(idx[r], gen)
-        # the trainer's order: T(f_a) dropout masks (global stream), noise, T(f_b) masks
-        for i, m in enumerate(masks_a):
-            if m is not None:
-                _bernoulli_into(drop, scratch[hidden[i]], thresholds[i], m[r])
-        if noise is not None:
-            torch.randn((bsz, d), generator=gen, out=noise[r])
-        for i, m in enumerate(masks_b):
-            if m is not None:
-                _bernoulli_into(drop, scratch[hidden[i]], thresholds[i], m[r])
+    _each_subject(s, draw, workers)
     offsets = chunk.offsets[:, None]
-    return _Draws((idx + offsets).flatten(), (part + offsets).flatten(), noise, masks_a, masks_b)
+    a_rows = idx + offsets
+    b_rows = part + offsets
+    rows = [r for r in range(s) if paired[r]]
+    if rows:
+        assert chunk.partner_table is not None and chunk.partner_count is not None
+        sel = torch.tensor(rows) if len(rows) < s else slice(None)
+        a, v = a_rows[sel], raw[sel]
+        raw32 = torch.stack([(v >> 32) & _MASK32, v & _MASK32], 2).flatten(1)
+        b_rows[sel] = chunk.partner_table[a, raw32 % chunk.partner_count[a]]
+    return _Draws(a_rows.flatten(), b_rows.flatten(), noise, kept)
 
 
 def _draw_fast(
-    chunk: _Chunk, bsz: int, hidden: list[int], drop_p: list[float], method: PFTAdaptation, d: int
+    chunk: _Chunk,
+    bsz: int,
+    hidden: list[int],
+    drop_p: list[float],
+    method: PFTAdaptation,
+    d: int,
+    workers: _Workers | None = None,
 ) -> _Draws:
     """One block of 64-bit words per subject (its own generator), converted for the whole chunk."""
     s = len(chunk.tasks)
-    translated = method.consistency_target == "translated"
-    mask_words = [(bsz * h + 3) // 4 if p > 0 else 0 for h, p in zip(hidden, drop_p, strict=True)]
-    per_pass = sum(mask_words)
-    width = 2 * bsz + per_pass * (2 if translated else 1)
-    words = torch.empty(s, width, dtype=torch.int64)
-    noise = torch.empty(s, bsz, d) if method.noise_std > 0 else None
-    for r in range(s):
-        words[r].random_(-(2**63), None, generator=chunk.gens[r])
-        if noise is not None:
-            torch.randn((bsz, d), generator=chunk.gens[r], out=noise[r])
+    passes = 2 if method.consistency_target == "translated" else 1
+    kept_all, kept = _new_kept(chunk.buffers, passes, s, bsz, hidden, drop_p)
+    decisions = kept_all[0].numel() if kept_all is not None else 0
+    width = 2 * bsz + (decisions + 3) // 4
+    words = chunk.buffers.get("words", (s, width), torch.int64, host=True)
+    noise = chunk.buffers.get("noise", (s, bsz, d), host=True) if method.noise_std > 0 else None
+
+    def draw(rows: range) -> None:
+        for r in rows:
+            words[r].random_(-(2**63), None, generator=chunk.gens[r])
+            if noise is not None:
+                torch.randn((bsz, d), generator=chunk.gens[r], out=noise[r])
+
+    _each_subject(s, draw, workers)
     sizes = chunk.sizes[:, None]
     a_rows = (words[:, :bsz] & _MASK62) % sizes + chunk.offsets[:, None]
     assert chunk.partner_table is not None and chunk.partner_count is not None
     count = chunk.partner_count[a_rows]
     choice = (words[:, bsz : 2 * bsz] & _MASK62) % count.clamp(min=1)
     b_rows = torch.where(count > 0, chunk.partner_table[a_rows, choice], a_rows)
-    # a dropout mask is a 16-bit uniform: keep when below round(keep * 2**16) (as signed int16)
-    cursor = 2 * bsz
+    if kept_all is not None:
+        # a dropout decision is a 16-bit uniform: kept when below round(keep * 2**16) (as int16);
+        # the words after the indices hold the subject's masks in kept_all's order
+        u16 = words[:, 2 * bsz :].view(torch.int16)[:, :decisions]
+        torch.lt(u16, round((1 - drop_p[0]) * 2**16) - 2**15, out=kept_all.view(s, decisions))
+    return _Draws(a_rows.flatten(), b_rows.flatten(), noise, kept)
 
-    def masks() -> list[Tensor | None]:
-        nonlocal cursor
-        out: list[Tensor | None] = []
-        for i, (h, p) in enumerate(zip(hidden, drop_p, strict=True)):
-            if p == 0:
-                out.append(None)
-                continue
-            u16 = words[:, cursor : cursor + mask_words[i]].view(torch.int16)[:, : bsz * h]
-            out.append((u16 < round((1 - p) * 2**16) - 2**15).view(s, bsz, h))
-            cursor += mask_words[i]
-        return out
 
-    masks_a = masks()
-    masks_b: list[Tensor | None] = masks() if translated else [None] * len(hidden)
-    return _Draws(a_rows.flatten(), b_rows.flatten(), noise, masks_a, masks_b)
+@dataclass(frozen=True)
+class _FrozenHidden:
+    """T's layers when only ``out.bias`` adapts (bias-only stage 3): everything before the output
+    bias is shared and frozen, so the forward runs without autograd, in place, on all passes at
+    once. Dropout's ``1 / (1 - p)`` is folded into the weights of the layer after each mask (the
+    same products, rounded once differently)."""
+
+    first: Tensor  # (H, D): the per-frame part of the first layer's weight
+    weights: list[Tensor]  # blocks 1.. : (H, H) weights, pre-scaled by the previous block's dropout
+    biases: list[Tensor]
+    out: Tensor  # (D, H) out.weight, pre-scaled by the last block's dropout
+
+
+def _frozen_hidden(base: dict[str, Tensor], blocks: int, drop_p: list[float]) -> _FrozenHidden:
+    d = base["norm.weight"].shape[0]
+
+    def scaled(w: Tensor, p: float) -> Tensor:
+        # dropout's ``mask.float().div_(1 - p)`` scale, rounded to float32 as torch rounds it
+        return w * float(torch.ones(()).div_(1 - p)) if p > 0 else w
+
+    return _FrozenHidden(
+        first=base["blocks.0.0.weight"][:, :d].contiguous(),
+        weights=[scaled(base[f"blocks.{i}.0.weight"], drop_p[i - 1]) for i in range(1, blocks)],
+        biases=[base[f"blocks.{i}.0.bias"] for i in range(1, blocks)],
+        out=scaled(base["out.weight"], drop_p[blocks - 1]),
+    )
+
+
+def _style_rows(p: dict[str, Tensor], e_from: Tensor, e_to: Tensor) -> Tensor:
+    """The first layer's per-subject part: its bias and its weights on ``[E(s_from), E(s_to)]``."""
+    d, e = p["norm.weight"].shape[0], e_from.shape[-1]
+    w0, b0 = p["blocks.0.0.weight"], p["blocks.0.0.bias"]
+    return F_nn.linear(e_from, w0[:, d : d + e], b0) + F_nn.linear(e_to, w0[:, d + e :])  # (S, 1, H)
+
+
+def _prepare_frozen(chunk: _Chunk, base: dict[str, Tensor], fz: _FrozenHidden, ln_eps: float) -> None:
+    """Per chunk, once: each subject's style rows, and the first block's output (before dropout)
+    for every frame - what T(f_a) starts from (f_a is a cached frame, unlike the noisy f_b), so
+    the first layer runs once per frame instead of once per sampled frame and step."""
+    with torch.no_grad():
+        chunk.style = _style_rows(base, _embed(base, chunk.s_t), _embed(base, chunk.s_r)).squeeze(1)
+        d = chunk.features.shape[1]
+        normed = F_nn.layer_norm(chunk.features, (d,), base["norm.weight"], base["norm.bias"], ln_eps)
+        first = torch.mm(normed, fz.first.t())
+        owner = torch.repeat_interleave(torch.arange(len(chunk.tasks)), chunk.sizes).to(first.device)
+        first.add_(chunk.style[owner])
+        chunk.first_block = torch.ops.aten.gelu_(first)
+
+
+def _forward_frozen(
+    chunk: _Chunk,
+    base: dict[str, Tensor],
+    fz: _FrozenHidden,
+    draws: _Draws,
+    noise_std: float,
+    ln_eps: float,
+    passes: int,
+) -> Tensor:
+    """``T(f) - out.bias`` for pass 0 (f_a) and, with ``passes = 2``, pass 1 (f_b): (P, S, B, D).
+
+    No autograd, and every large tensor is one of the chunk's reused buffers (the result too: it
+    is valid until the next step)."""
+    assert chunk.first_block is not None and chunk.style is not None
+    buffers = chunk.buffers
+    s = len(chunk.tasks)
+    bsz = len(draws.a_rows) // s
+    rows, d = passes * s * bsz, chunk.features.shape[1]
+    width = chunk.first_block.shape[1]
+    device = chunk.features.device
+    # z starts as the frames themselves (f_a, then f_b with its noise): the last layer adds onto it
+    z = buffers.get("z", (passes, s, bsz, d))
+    h = buffers.get("h0", (passes, s, bsz, width))
+    torch.index_select(chunk.first_block, 0, draws.a_rows.to(device), out=h[0].view(s * bsz, width))
+    torch.index_select(chunk.features, 0, draws.a_rows.to(device), out=z[0].view(s * bsz, d))
+    if passes == 2:
+        fb = z[1]
+        torch.index_select(chunk.features, 0, draws.b_rows.to(device), out=fb.view(s * bsz, d))
+        if draws.noise is not None:
+            fb.add_(draws.noise.to(device).mul_(noise_std))  # ``f_b + noise_std * noise``
+        normed = F_nn.layer_norm(fb, (d,), base["norm.weight"], base["norm.bias"], ln_eps)
+        hb = h[1]
+        torch.mm(normed.view(s * bsz, d), fz.first.t(), out=hb.view(s * bsz, width))
+        torch.ops.aten.gelu_(hb.add_(chunk.style.unsqueeze(1)))
+    for i, kept in enumerate(draws.kept):
+        if i > 0:
+            w, b = fz.weights[i - 1], fz.biases[i - 1]
+            out = buffers.get(f"h{i}", (passes, s, bsz, w.shape[0]))
+            torch.addmm(b, h.view(rows, h.shape[-1]), w.t(), out=out.view(rows, w.shape[0]))
+            h = torch.ops.aten.gelu_(out)
+        if kept is not None:
+            # bool -> float is slow in torch; the same bytes as uint8 convert vectorised
+            mask = buffers.get("mask", h.shape)
+            mask.copy_(kept[:passes].view(torch.uint8))
+            h.mul_(mask)  # the 1/(1-p) scale is in the next layer's weights
+    flat = z.view(rows, d)
+    torch.addmm(flat, h.view(rows, h.shape[-1]), fz.out.t(), out=flat)  # f + out.weight @ h
+    return z
+
+
+def _frames_b(chunk: _Chunk, draws: _Draws, method: PFTAdaptation) -> Tensor:
+    """The partner frames f_b with their noise: (S, B, D)."""
+    s, d = len(chunk.tasks), chunk.features.shape[1]
+    fb = chunk.features[draws.b_rows.to(chunk.features.device)].view(s, -1, d)
+    if draws.noise is not None:
+        fb = fb + method.noise_std * draws.noise.to(fb.device)
+    return fb
 
 
 def _step(
@@ -583,48 +783,71 @@ def _step(
     device: torch.device,
     fused: bool = False,
     rng: RandomStreams = "exact",
+    frozen: _FrozenHidden | None = None,
+    workers: _Workers | None = None,
 ) -> list[float]:
     """One optimiser step for every live subject of ``chunk``; returns each subject's loss."""
     bsz = cfg.batch_size
     hidden = [int(base[f"blocks.{i}.0.weight"].shape[0]) for i in range(blocks)]
     d = chunk.features.shape[1]
     draw = _draw_exact if rng == "exact" else _draw_fast
-    draws = draw(chunk, bsz, hidden, drop_p, method, d)
+    draws = draw(chunk, bsz, hidden, drop_p, method, d, workers)
     s = len(chunk.tasks)
-    fa = chunk.features[draws.a_rows.to(device)].view(s, bsz, d)
-    fb = chunk.features[draws.b_rows.to(device)].view(s, bsz, d)
-    if draws.noise is not None:
-        fb = fb + method.noise_std * draws.noise.to(device)
-
-    def scaled(masks: list[Tensor | None]) -> list[Tensor | None] | None:
-        if all(m is None for m in masks):
-            return None
-        # dropout's ``mask.float().div_(1 - p)``, as a multiply by 1/(1-p) rounded to float32:
-        # the same values (1 * s = s, 0 * s = 0), and a multiply is cheaper than a divide
-        scale = [float(torch.ones(()).div_(1 - q)) for q in drop_p]
-        return [
-            None if m is None else m.to(device=device, dtype=torch.float32).mul_(scale[i])
-            for i, m in enumerate(masks)
-        ]
-
-    p = {**base, **chunk.params}
-    e_from, e_to = _embed(p, chunk.s_t), _embed(p, chunk.s_r)
-    f_hat = _translate(p, fa, e_from, e_to, blocks, scaled(draws.masks_a), ln_eps)
-    logits_a = F_nn.linear(f_hat, cls_w, cls_b)
-    with torch.no_grad():
-        if method.consistency_target == "translated":
-            logits_b = F_nn.linear(
-                _translate(p, fb, e_from, e_to, blocks, scaled(draws.masks_b), ln_eps), cls_w, cls_b
+    translated = method.consistency_target == "translated"
+    if frozen is not None:
+        # only out.bias adapts: C(T(f)) = C(z) + C.weight @ out.bias and the batch's std of T(f)
+        # is z's (the bias shifts every frame alike), so autograd only sees (S, classes) tensors
+        with torch.no_grad():
+            z = _forward_frozen(chunk, base, frozen, draws, method.noise_std, ln_eps, 2 if translated else 1)
+            plain_a = F_nn.linear(z[0], cls_w, cls_b)
+            plain_b = F_nn.linear(z[1], cls_w, cls_b) if translated else None
+            mu_z = z[0].mean(1, keepdim=True)
+            # the biased variance as the mean squared deviation: torch's var over a middle dim
+            # is a scalar Welford loop, 7x slower (the two agree to float rounding)
+            var = (z[0] - mu_z).square_().mean(1)
+            mu_z = mu_z.squeeze(1)
+            sigma = torch.sqrt(var + STATS_EPS)
+        bias = chunk.params["out.bias"]
+        shift = F_nn.linear(bias, cls_w).unsqueeze(1)
+        logits_a = plain_a + shift
+        with torch.no_grad():
+            logits_b = (
+                plain_b + shift
+                if plain_b is not None
+                else F_nn.linear(_frames_b(chunk, draws, method), cls_w, cls_b)
             )
-        else:
-            logits_b = F_nn.linear(fb, cls_w, cls_b)
+        mu = mu_z + bias
+    else:
+
+        def keep(pass_: int) -> list[Tensor | None] | None:
+            if all(m is None for m in draws.kept):
+                return None
+            # dropout's ``mask.float().div_(1 - p)``, as a multiply by 1/(1-p) rounded to float32:
+            # the same values (1 * s = s, 0 * s = 0), and a multiply is cheaper than a divide
+            scale = [float(torch.ones(()).div_(1 - q)) for q in drop_p]
+            return [
+                None if m is None else m[pass_].view(torch.uint8).to(device, torch.float32).mul_(scale[i])
+                for i, m in enumerate(draws.kept)
+            ]
+
+        p = {**base, **chunk.params}
+        e_from, e_to = _embed(p, chunk.s_t), _embed(p, chunk.s_r)
+        fa = chunk.features[draws.a_rows.to(device)].view(s, bsz, d)
+        fb = _frames_b(chunk, draws, method)
+        f_hat = _translate(p, fa, e_from, e_to, blocks, keep(0), ln_eps)
+        logits_a = F_nn.linear(f_hat, cls_w, cls_b)
+        with torch.no_grad():
+            if translated:
+                logits_b = F_nn.linear(_translate(p, fb, e_from, e_to, blocks, keep(1), ln_eps), cls_w, cls_b)
+            else:
+                logits_b = F_nn.linear(fb, cls_w, cls_b)
+        mu = f_hat.mean(1)
+        sigma = torch.sqrt(f_hat.var(1, unbiased=False) + STATS_EPS)
     log_pa = F_nn.log_softmax(logits_a, dim=2)
     log_pb = F_nn.log_softmax(logits_b, dim=2)
     cons = (log_pb.exp() * (log_pb - log_pa)).sum(dim=(1, 2)) / bsz
     total = method.lambda_consistency * cons
     if method.lambda_style > 0:
-        mu = f_hat.mean(1)
-        sigma = torch.sqrt(f_hat.var(1, unbiased=False) + STATS_EPS)
         sty = (mu - chunk.ref_mu).pow(2).sum(1) + (sigma - chunk.ref_sigma).pow(2).sum(1)
         total = total + method.lambda_style * sty
     if method.lambda_neutral > 0:

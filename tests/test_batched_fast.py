@@ -56,7 +56,7 @@ def test_fast_draws_are_valid_partners_and_have_the_dropout_rate() -> None:
     tasks = _tasks(config, 4)
     model = synthetic_model(0)
     base = {n: p.detach() for n, p in model.translator.named_parameters()}
-    chunk = _new_chunk(tasks, 0, base, ["out.bias"], torch.device("cpu"), "fast")
+    chunk = _new_chunk(tasks, 0, base, ["out.bias"], torch.device("cpu"))
     method = config.method()
     hidden, drop_p, bsz = [256, 256], [0.1, 0.1], 64
     kept, total = 0, 0
@@ -73,8 +73,8 @@ def test_fast_draws_are_valid_partners_and_have_the_dropout_rate() -> None:
             assert task.video_ids is not None and task.time_index is not None
             assert torch.equal(task.video_ids[la], task.video_ids[lb])
             assert bool((task.time_index[la] != task.time_index[lb]).all())
-        for m in d.masks_a + d.masks_b:
-            assert m is not None and m.shape == (4, bsz, 256)
+        for m in d.kept:  # (pass, subject, row, unit) keep-masks
+            assert m is not None and m.shape == (2, 4, bsz, 256)
             kept += int(m.sum())
             total += m.numel()
     p_keep = 58982 / 65536  # round(0.9 * 2**16) / 2**16
