@@ -25,9 +25,13 @@ from simulations.workspace import FrameSet
 FAST = AdaptConfig(lr=0.01, max_iterations=36, min_iterations=8, tol=0.06, window=3)
 
 
-def _run_both(config: PersonalizeConfig, n: int, chunk: int) -> tuple[list, list[SubjectAdaptation]]:
+def _run_both(
+    config: PersonalizeConfig, n: int, chunk: int, threads: int = 1, lonely: tuple[int, ...] = ()
+) -> tuple[list, list[SubjectAdaptation]]:
     model = synthetic_model(0)
     subjects = [synthetic_subject(k, 0, frames=24 + 5 * k) for k in range(n)]
+    for k in lonely:  # frame 0 of subject k alone in its own video: it has no partner
+        subjects[k].video_ids[0] = 99
     ref = [
         personalize(
             model,
@@ -48,7 +52,11 @@ def _run_both(config: PersonalizeConfig, n: int, chunk: int) -> tuple[list, list
     out = [
         a
         for c in adapt_subjects(
-            model.translator, model.classifier, tasks, config, BatchedConfig(chunk_size=chunk)
+            model.translator,
+            model.classifier,
+            tasks,
+            config,
+            BatchedConfig(chunk_size=chunk, num_threads=threads),
         )
         for a in c
     ]
@@ -64,6 +72,43 @@ def test_bias_only_matches_per_client_engine() -> None:
         assert a.iterations == r.result.iterations and a.converged == r.result.converged
         assert a.final_loss == pytest.approx(r.result.final_loss, rel=1e-5)
         torch.testing.assert_close(a.state["out.bias"], r.translator.out.bias.detach(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("update", "threads", "lonely"),
+    [
+        ({"consistency_target": "frozen"}, 1, ()),  # one pass: T(f_b) is not run
+        ({"noise_std": 0.0}, 1, ()),  # no partner noise drawn
+        # 2 threads split the subjects' draws; subject 1 has a frame without a partner, so its
+        # partner draws take the per-subject path while the others' are converted chunk-wide
+        ({}, 2, (1,)),
+        ({"adapt": FAST.model_copy(update={"batch_size": 7})}, 1, ()),  # odd batch: per subject
+    ],
+)
+def test_bias_only_variants_match_per_client_engine(
+    update: dict, threads: int, lonely: tuple[int, ...]
+) -> None:
+    config = PersonalizeConfig(adapt=FAST, lambda_style=0.1).model_copy(update=update)
+    ref, out = _run_both(config, 3, chunk=3, threads=threads, lonely=lonely)
+    for r, a in zip(ref, out, strict=True):
+        assert a.iterations == r.result.iterations and a.converged == r.result.converged
+        assert a.final_loss == pytest.approx(r.result.final_loss, rel=1e-5)
+        torch.testing.assert_close(a.state["out.bias"], r.translator.out.bias.detach(), atol=1e-6, rtol=0)
+
+
+def test_last_layer_matches_per_client_engine() -> None:
+    # out.weight adapts too: the autograd path, with the hidden layers shared by all subjects
+    config = PersonalizeConfig(
+        adapt=FAST.model_copy(update={"max_iterations": 15}), bias_only=False, last_layers=1
+    )
+    ref, out = _run_both(config, 2, chunk=2)
+    for r, a in zip(ref, out, strict=True):
+        assert set(a.state) == {"out.weight", "out.bias"}
+        assert a.iterations == r.result.iterations
+        assert a.final_loss == pytest.approx(r.result.final_loss, rel=1e-4)
+        own = dict(r.translator.named_parameters())
+        for name, value in a.state.items():
+            torch.testing.assert_close(value, own[name].detach(), atol=2e-3, rtol=0)
 
 
 def test_full_translator_matches_per_client_engine() -> None:
