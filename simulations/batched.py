@@ -578,30 +578,32 @@ def _draw_exact(
 ) -> _Draws:
     """Each subject's draws replayed from its two generators in the trainer's order.
 
-    Per subject and step: the frame indices, the partner draws' raw words, the noise (its sampling
-    generator) and ALL its dropout masks at once (the dropout generator, whose stream holds nothing
-    else: T(f_a)'s masks then T(f_b)'s); the conversions then run on the whole chunk."""
+    Per subject and step: the frame indices and the partner draws as ONE read of its sampling
+    generator, the noise (the same generator), and ALL its dropout masks at once (the dropout
+    generator, whose stream holds nothing else: T(f_a)'s masks then T(f_b)'s); the conversions
+    then run on the whole chunk."""
     s = len(chunk.tasks)
     buffers = chunk.buffers
     idx = buffers.get("idx", (s, bsz), torch.long, host=True)
-    raw = buffers.get("raw", (s, bsz // 2), torch.long, host=True)
+    raw = buffers.get("raw", (s, bsz), torch.long, host=True)
     part = buffers.get("part", (s, bsz), torch.long, host=True)
     noise = buffers.get("noise", (s, bsz, d), host=True) if method.noise_std > 0 else None
     passes = 2 if method.consistency_target == "translated" else 1
     kept_all, kept = _new_kept(buffers, passes, s, bsz, hidden, drop_p)
     threshold = _keep_threshold(1 - drop_p[0])
-    # a subject all of whose frames have partners draws one scalar per sampled frame: its raw
-    # words can be read in one call (pairs of 32-bit outputs) and converted chunk-wide below
+    # ``randint(n, (bsz,))`` (n < 2**32) takes one 32-bit output per index; a subject all of whose
+    # frames have partners then takes one per partner: with an even batch, both are bsz 64-bit
+    # words (two outputs each, the first in the high half), converted chunk-wide below
     paired = [p.all_paired and bsz % 2 == 0 for p in chunk.partners]
 
     def draw(rows: range) -> None:
         scratch = torch.empty(kept_all[0].numel() if kept_all is not None else 0, dtype=torch.int64)
         for r in rows:
             gen = chunk.gens[r]
-            torch.randint(len(chunk.tasks[r].features), (bsz,), generator=gen, out=idx[r])
             if paired[r]:
                 raw[r].random_(-(2**63), None, generator=gen)
             else:
+                torch.randint(len(chunk.tasks[r].features), (bsz,), generator=gen, out=idx[r])
                 part[r] = chunk.partners[r].draw(idx[r], gen)
             if noise is not None:
                 torch.randn((bsz, d), generator=gen, out=noise[r])
@@ -609,17 +611,17 @@ def _draw_exact(
                 _bernoulli_into(chunk.drop_gens[r], scratch, threshold, kept_all[r].view(-1))
 
     _each_subject(s, draw, workers)
-    offsets = chunk.offsets[:, None]
-    a_rows = idx + offsets
-    b_rows = part + offsets
     rows = [r for r in range(s) if paired[r]]
     if rows:
         assert chunk.partner_table is not None and chunk.partner_count is not None
         sel = torch.tensor(rows) if len(rows) < s else slice(None)
-        a, v = a_rows[sel], raw[sel]
-        raw32 = torch.stack([(v >> 32) & _MASK32, v & _MASK32], 2).flatten(1)
-        b_rows[sel] = chunk.partner_table[a, raw32 % chunk.partner_count[a]]
-    return _Draws(a_rows.flatten(), b_rows.flatten(), noise, kept)
+        v = raw[sel]
+        out32 = torch.stack([(v >> 32) & _MASK32, v & _MASK32], 2).flatten(1)
+        a = out32[:, :bsz] % chunk.sizes[sel, None] + chunk.offsets[sel, None]
+        idx[sel] = a - chunk.offsets[sel, None]
+        part[sel] = chunk.partner_table[a, out32[:, bsz:] % chunk.partner_count[a]] - chunk.offsets[sel, None]
+    offsets = chunk.offsets[:, None]
+    return _Draws((idx + offsets).flatten(), (part + offsets).flatten(), noise, kept)
 
 
 def _draw_fast(
