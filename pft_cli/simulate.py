@@ -96,6 +96,14 @@ def simulate(
             "or fast (per-subject draws in bulk; same distributions, not the same draws)."
         ),
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Batched engine: CPU threads for its matrix products and per-subject draws "
+            "(default 1; set it to the core count on a machine you have to yourself).",
+        ),
+    ] = None,
     num_cpus: Annotated[
         int, typer.Option(help="Flower engine: CPUs per virtual node (integer, 1..cores).")
     ] = 1,
@@ -124,7 +132,9 @@ def simulate(
     """
     base = load_config_file(config)
     batched = {
-        k: v for k, v in {"chunk_size": chunk_size, "device": device, "rng": rng}.items() if v is not None
+        k: v
+        for k, v in {"chunk_size": chunk_size, "device": device, "rng": rng, "num_threads": threads}.items()
+        if v is not None
     }
     if batched:
         base = {**base, "batched": {**base.get("batched", {}), **batched}}

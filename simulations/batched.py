@@ -21,12 +21,23 @@ This engine runs the SAME math over the SAME sampled batches for a chunk of subj
   that stops leaves the chunk (its parameters are taken at its own stop step) and the chunk is
   compacted, so finished subjects cost nothing.
 
+Bias-only stage 3 (the default: only ``out.bias`` adapts) takes a shorter road to the same numbers.
+Everything before the output bias is frozen and shared, so T runs without autograd, in place, on
+reused buffers, both passes (T(f_a), T(f_b)) in the same matrix products. The first block's output
+on a cached frame does not change between steps (only its dropout mask does), so it is computed
+once per frame and chunk. Dropout's ``1/(1-p)`` is folded into the next layer's weights, and the
+loss is written in terms of ``C(T(f) - b) + C.weight @ b`` and the batch's mean and spread of
+``T(f) - b``, so autograd only handles (subjects x classes) tensors. Each subject's draws come
+from its own generators, so they are spread over ``num_threads`` threads (torch's generators are
+serial): the result does not depend on the split.
+
 Agreement with the per-client engine: the sampled batches, masks and noise are identical; the
-arithmetic differs only by float re-association (``bmm`` vs ``mm``, a fused vs an unfused
-LayerNorm), ~1e-6 relative on the loss. Per-subject iterations, parameters (``atol 1e-4``) and
-predictions agree; a subject whose EMA criterion sits within ~1e-6 of the threshold could stop one
-step apart (tests check a few subjects). Memory is bounded by ``chunk_size`` subjects, not by their
-number: chunks are produced one at a time and the caller consumes each before the next.
+arithmetic differs only by float re-association and rounding (``bmm`` vs ``mm``, a fused vs an
+unfused LayerNorm, the folded dropout scale, the bias added after C), ~1e-6 relative on the
+loss. Per-subject iterations, parameters (``atol 1e-4``) and predictions agree; a subject whose
+EMA criterion sits within ~1e-6 of the threshold could stop one step apart (tests check a few
+subjects). Memory is bounded by ``chunk_size`` subjects, not by their number: chunks are produced
+one at a time and the caller consumes each before the next.
 """
 
 from __future__ import annotations
@@ -59,6 +70,7 @@ _MASK32 = 0xFFFFFFFF
 _MASK62 = (1 << 62) - 1
 RandomStreams = Literal["exact", "fast"]
 _FUSED_MIN = 1 << 16  # stacks at least this large use the fused Adam kernel
+_FIRST_BLOCK_BYTES = 512 << 20  # bias-only: largest per-chunk cache of the first block's output
 
 
 class BatchedConfig(FrozenConfig):
@@ -701,15 +713,31 @@ def _style_rows(p: dict[str, Tensor], e_from: Tensor, e_to: Tensor) -> Tensor:
 def _prepare_frozen(chunk: _Chunk, base: dict[str, Tensor], fz: _FrozenHidden, ln_eps: float) -> None:
     """Per chunk, once: each subject's style rows, and the first block's output (before dropout)
     for every frame - what T(f_a) starts from (f_a is a cached frame, unlike the noisy f_b), so
-    the first layer runs once per frame instead of once per sampled frame and step."""
+    the first layer runs once per frame instead of once per sampled frame and step. The cache is
+    skipped (T(f_a) starts from the frames each step) when it would exceed ``_FIRST_BLOCK_BYTES``."""
     with torch.no_grad():
         chunk.style = _style_rows(base, _embed(base, chunk.s_t), _embed(base, chunk.s_r)).squeeze(1)
-        d = chunk.features.shape[1]
-        normed = F_nn.layer_norm(chunk.features, (d,), base["norm.weight"], base["norm.bias"], ln_eps)
-        first = torch.mm(normed, fz.first.t())
-        owner = torch.repeat_interleave(torch.arange(len(chunk.tasks)), chunk.sizes).to(first.device)
-        first.add_(chunk.style[owner])
-        chunk.first_block = torch.ops.aten.gelu_(first)
+        if len(chunk.features) * fz.first.shape[0] * 4 > _FIRST_BLOCK_BYTES:
+            return
+        owner = torch.repeat_interleave(torch.arange(len(chunk.tasks)), chunk.sizes).to(chunk.style.device)
+        chunk.first_block = _first_block(chunk.features, chunk.style[owner], base, fz, ln_eps)
+
+
+def _first_block(
+    f: Tensor,
+    style: Tensor,
+    base: dict[str, Tensor],
+    fz: _FrozenHidden,
+    ln_eps: float,
+    out: Tensor | None = None,
+) -> Tensor:
+    """The first block before its dropout, ``GELU(first layer)``, on frames ``f`` (..., D) whose
+    subjects' style rows ``style`` broadcast to (..., H); written into ``out`` if given."""
+    d, width = f.shape[-1], fz.first.shape[0]
+    normed = F_nn.layer_norm(f, (d,), base["norm.weight"], base["norm.bias"], ln_eps)
+    h = out if out is not None else f.new_empty(*f.shape[:-1], width)
+    torch.mm(normed.view(-1, d), fz.first.t(), out=h.view(-1, width))
+    return torch.ops.aten.gelu_(h.add_(style))
 
 
 def _forward_frozen(
@@ -725,27 +753,26 @@ def _forward_frozen(
 
     No autograd, and every large tensor is one of the chunk's reused buffers (the result too: it
     is valid until the next step)."""
-    assert chunk.first_block is not None and chunk.style is not None
+    assert chunk.style is not None
     buffers = chunk.buffers
     s = len(chunk.tasks)
     bsz = len(draws.a_rows) // s
     rows, d = passes * s * bsz, chunk.features.shape[1]
-    width = chunk.first_block.shape[1]
+    width = fz.first.shape[0]
     device = chunk.features.device
     # z starts as the frames themselves (f_a, then f_b with its noise): the last layer adds onto it
     z = buffers.get("z", (passes, s, bsz, d))
     h = buffers.get("h0", (passes, s, bsz, width))
-    torch.index_select(chunk.first_block, 0, draws.a_rows.to(device), out=h[0].view(s * bsz, width))
     torch.index_select(chunk.features, 0, draws.a_rows.to(device), out=z[0].view(s * bsz, d))
+    if chunk.first_block is not None:
+        torch.index_select(chunk.first_block, 0, draws.a_rows.to(device), out=h[0].view(s * bsz, width))
     if passes == 2:
-        fb = z[1]
-        torch.index_select(chunk.features, 0, draws.b_rows.to(device), out=fb.view(s * bsz, d))
+        torch.index_select(chunk.features, 0, draws.b_rows.to(device), out=z[1].view(s * bsz, d))
         if draws.noise is not None:
-            fb.add_(draws.noise.to(device).mul_(noise_std))  # ``f_b + noise_std * noise``
-        normed = F_nn.layer_norm(fb, (d,), base["norm.weight"], base["norm.bias"], ln_eps)
-        hb = h[1]
-        torch.mm(normed.view(s * bsz, d), fz.first.t(), out=hb.view(s * bsz, width))
-        torch.ops.aten.gelu_(hb.add_(chunk.style.unsqueeze(1)))
+            z[1].add_(draws.noise.to(device).mul_(noise_std))  # ``f_b + noise_std * noise``
+    for pass_ in range(passes):
+        if pass_ == 1 or chunk.first_block is None:
+            _first_block(z[pass_], chunk.style.unsqueeze(1), base, fz, ln_eps, out=h[pass_])
     for i, kept in enumerate(draws.kept):
         if i > 0:
             w, b = fz.weights[i - 1], fz.biases[i - 1]
