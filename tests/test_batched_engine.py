@@ -7,6 +7,7 @@ import torch
 
 from pft_core.adaptation import AdaptationData, AdaptConfig
 from pft_core.errors import TooFewFacesError
+from pft_core.models import ModelConfig
 from pft_core.personalize import PersonalizeConfig, personalize
 from simulations import batched
 from simulations.batched import (
@@ -27,10 +28,15 @@ FAST = AdaptConfig(lr=0.01, max_iterations=36, min_iterations=8, tol=0.06, windo
 
 
 def _run_both(
-    config: PersonalizeConfig, n: int, chunk: int, threads: int = 1, lonely: tuple[int, ...] = ()
+    config: PersonalizeConfig,
+    n: int,
+    chunk: int,
+    threads: int = 1,
+    lonely: tuple[int, ...] = (),
+    model_config: ModelConfig | None = None,
 ) -> tuple[list, list[SubjectAdaptation]]:
-    model = synthetic_model(0)
-    subjects = [synthetic_subject(k, 0, frames=24 + 5 * k) for k in range(n)]
+    model = synthetic_model(0, model_config)
+    subjects = [synthetic_subject(k, 0, model_config, frames=24 + 5 * k) for k in range(n)]
     for k in lonely:  # frame 0 of subject k alone in its own video: it has no partner
         subjects[k].video_ids[0] = 99
     ref = [
@@ -76,21 +82,22 @@ def test_bias_only_matches_per_client_engine() -> None:
 
 
 @pytest.mark.parametrize(
-    ("update", "threads", "lonely"),
+    ("update", "threads", "lonely", "model_config"),
     [
-        ({"consistency_target": "frozen"}, 1, ()),  # one pass: T(f_b) is not run
-        ({"noise_std": 0.0}, 1, ()),  # no partner noise drawn
+        ({"consistency_target": "frozen"}, 1, (), None),  # one pass: T(f_b) is not run
+        ({"noise_std": 0.0}, 1, (), None),  # no partner noise drawn
         # 2 threads split the subjects' draws; subject 1 has a frame without a partner, so its
         # partner draws take the per-subject path while the others' are converted chunk-wide
-        ({}, 2, (1,)),
-        ({"adapt": FAST.model_copy(update={"batch_size": 7})}, 1, ()),  # odd batch: per subject
+        ({}, 2, (1,), None),
+        ({"adapt": FAST.model_copy(update={"batch_size": 7})}, 1, (), None),  # odd batch: per subject
+        ({}, 1, (), ModelConfig(dropout=0.0)),  # no dropout: no masks, unscaled weights
     ],
 )
 def test_bias_only_variants_match_per_client_engine(
-    update: dict, threads: int, lonely: tuple[int, ...]
+    update: dict, threads: int, lonely: tuple[int, ...], model_config: ModelConfig | None
 ) -> None:
     config = PersonalizeConfig(adapt=FAST, lambda_style=0.1).model_copy(update=update)
-    ref, out = _run_both(config, 3, chunk=3, threads=threads, lonely=lonely)
+    ref, out = _run_both(config, 3, chunk=3, threads=threads, lonely=lonely, model_config=model_config)
     for r, a in zip(ref, out, strict=True):
         assert a.iterations == r.result.iterations and a.converged == r.result.converged
         assert a.final_loss == pytest.approx(r.result.final_loss, rel=1e-5)
