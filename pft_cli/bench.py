@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.table import Table
 
 from pft_cli.progress import console
 
@@ -60,6 +61,32 @@ def engines(
         log=lambda m: console.print(m),
     )
     _emit(result, json_out)
+    console.print(engines_table(result))
+
+
+def engines_table(result: dict[str, Any]) -> Table:
+    """The engines run as a table (stderr; the JSON on stdout stays the record)."""
+    matmul = result["matmul_gflops"]
+    rates = {e: r["subjects_per_s"] for e, r in result["engines"].items() if "subjects_per_s" in r}
+    table = Table(title=f"{result['subjects']} subjects, matmul {matmul} GFLOP/s (same run)")
+    table.add_column("engine", no_wrap=True)
+    for column in ("subj/s", "useful GFLOP/s", "of matmul", "peak RSS MB", "wall s", "vs Flower"):
+        table.add_column(column, justify="right")
+    for engine, row in result["engines"].items():
+        if "error" in row:
+            table.add_row(engine, row["error"], "", "", "", "", "")
+            continue
+        ratio = f"{rates[engine] / rates['flower']:.1f}x" if "flower" in rates else "-"
+        table.add_row(
+            engine,
+            f"{row['subjects_per_s']:.2f}",
+            f"{row['gflops']:.1f}",
+            f"{row['gflops'] / matmul:.0%}",
+            f"{row['peak_rss_mb']:.0f}",
+            f"{row['wall_s']:.1f}",
+            ratio,
+        )
+    return table
 
 
 @bench_app.command("adapt")

@@ -46,3 +46,27 @@ def test_bench_adapt_and_features_numbers() -> None:
 def test_bench_engines_refuses_unknown_engine() -> None:
     result = CliRunner().invoke(bench_app, ["engines", "--subjects", "2", "--engines", "ray"])
     assert result.exit_code != 0
+
+
+def test_engines_table_shows_rates_shares_and_ratios() -> None:
+    from rich.console import Console
+
+    from pft_cli.bench import engines_table
+
+    row = {"subjects_per_s": 40.0, "gflops": 100.0, "peak_rss_mb": 700.4, "wall_s": 25.0}
+    result = {
+        "subjects": 1000,
+        "matmul_gflops": 400.0,
+        "engines": {
+            "batched": row,
+            "flower": {**row, "subjects_per_s": 5.0},
+            "loop": {"error": "exit status 1"},
+        },
+    }
+    console = Console(width=120, record=True)
+    console.print(engines_table(result))
+    text = console.export_text()
+    assert "matmul 400.0 GFLOP/s" in text
+    batched = next(line for line in text.splitlines() if "batched" in line)
+    assert "40.00" in batched and "25%" in batched and "700" in batched and "8.0x" in batched
+    assert "exit status 1" in text
