@@ -499,7 +499,7 @@ def _run_chunk(
     results: list[SubjectAdaptation] = []
     for step in range(1, cfg.max_iterations + 1):
         losses = _step(
-            chunk, base, cls_w, cls_b, method, cfg, step, blocks, drop_p, ln_eps, device,
+            chunk, base, cls_w, cls_b, method, cfg, step, blocks, drop_p, ln_eps,
             engine.fused_adam, engine.rng, frozen, workers,
         )  # fmt: skip
         done: list[int] = []
@@ -798,6 +798,87 @@ def _frames_b(chunk: _Chunk, draws: _Draws, method: PFTAdaptation) -> Tensor:
     return fb
 
 
+@dataclass
+class _Outputs:
+    """What the loss needs from one step's forward, per subject: C's logits on T(f_a) (with
+    autograd to the trainable tensors), the consistency target's logits, and T(f_a)'s batch
+    mean and standard deviation."""
+
+    logits_a: Tensor  # (S, B, classes)
+    logits_b: Tensor  # (S, B, classes), no autograd
+    mu: Tensor  # (S, D)
+    sigma: Tensor  # (S, D)
+
+
+def _outputs_frozen(
+    chunk: _Chunk,
+    base: dict[str, Tensor],
+    cls_w: Tensor,
+    cls_b: Tensor,
+    method: PFTAdaptation,
+    frozen: _FrozenHidden,
+    draws: _Draws,
+    ln_eps: float,
+) -> _Outputs:
+    """Bias-only: C(T(f)) = C(z) + C.weight @ out.bias with z = T(f) - out.bias, and the batch's
+    spread of T(f) is z's (the bias moves every frame alike): autograd only sees (S, classes)."""
+    translated = method.consistency_target == "translated"
+    with torch.no_grad():
+        z = _forward_frozen(chunk, base, frozen, draws, method.noise_std, ln_eps, 2 if translated else 1)
+        plain_a = F_nn.linear(z[0], cls_w, cls_b)
+        mu_z = z[0].mean(1, keepdim=True)
+        # the biased variance as the mean squared deviation: torch's var over a middle dim is a
+        # scalar Welford loop, 7x slower (the two agree to float rounding)
+        sigma = torch.sqrt((z[0] - mu_z).square_().mean(1) + STATS_EPS)
+    bias = chunk.params["out.bias"]
+    shift = F_nn.linear(bias, cls_w).unsqueeze(1)
+    with torch.no_grad():
+        if translated:
+            logits_b = F_nn.linear(z[1], cls_w, cls_b) + shift
+        else:
+            logits_b = F_nn.linear(_frames_b(chunk, draws, method), cls_w, cls_b)
+    return _Outputs(plain_a + shift, logits_b, mu_z.squeeze(1) + bias, sigma)
+
+
+def _outputs_autograd(
+    chunk: _Chunk,
+    base: dict[str, Tensor],
+    cls_w: Tensor,
+    cls_b: Tensor,
+    method: PFTAdaptation,
+    draws: _Draws,
+    blocks: int,
+    drop_p: list[float],
+    ln_eps: float,
+) -> _Outputs:
+    """Any trainable set: T's forward on the stacked tensors, autograd through all of it."""
+    device = chunk.features.device
+    s, d = len(chunk.tasks), chunk.features.shape[1]
+
+    def keep(pass_: int) -> list[Tensor | None] | None:
+        if all(m is None for m in draws.kept):
+            return None
+        # dropout's ``mask.float().div_(1 - p)``, as a multiply by 1/(1-p) rounded to float32:
+        # the same values (1 * s = s, 0 * s = 0), and a multiply is cheaper than a divide
+        scale = [float(torch.ones(()).div_(1 - q)) for q in drop_p]
+        return [
+            None if m is None else m[pass_].view(torch.uint8).to(device, torch.float32).mul_(scale[i])
+            for i, m in enumerate(draws.kept)
+        ]
+
+    p = {**base, **chunk.params}
+    e_from, e_to = _embed(p, chunk.s_t), _embed(p, chunk.s_r)
+    fa = chunk.features[draws.a_rows.to(device)].view(s, -1, d)
+    fb = _frames_b(chunk, draws, method)
+    f_hat = _translate(p, fa, e_from, e_to, blocks, keep(0), ln_eps)
+    with torch.no_grad():
+        if method.consistency_target == "translated":
+            fb = _translate(p, fb, e_from, e_to, blocks, keep(1), ln_eps)
+        logits_b = F_nn.linear(fb, cls_w, cls_b)
+    sigma = torch.sqrt(f_hat.var(1, unbiased=False) + STATS_EPS)
+    return _Outputs(F_nn.linear(f_hat, cls_w, cls_b), logits_b, f_hat.mean(1), sigma)
+
+
 def _step(
     chunk: _Chunk,
     base: dict[str, Tensor],
@@ -809,7 +890,6 @@ def _step(
     blocks: int,
     drop_p: list[float],
     ln_eps: float,
-    device: torch.device,
     fused: bool = False,
     rng: RandomStreams = "exact",
     frozen: _FrozenHidden | None = None,
@@ -818,66 +898,18 @@ def _step(
     """One optimiser step for every live subject of ``chunk``; returns each subject's loss."""
     bsz = cfg.batch_size
     hidden = [int(base[f"blocks.{i}.0.weight"].shape[0]) for i in range(blocks)]
-    d = chunk.features.shape[1]
     draw = _draw_exact if rng == "exact" else _draw_fast
-    draws = draw(chunk, bsz, hidden, drop_p, method, d, workers)
-    s = len(chunk.tasks)
-    translated = method.consistency_target == "translated"
+    draws = draw(chunk, bsz, hidden, drop_p, method, chunk.features.shape[1], workers)
     if frozen is not None:
-        # only out.bias adapts: C(T(f)) = C(z) + C.weight @ out.bias and the batch's std of T(f)
-        # is z's (the bias shifts every frame alike), so autograd only sees (S, classes) tensors
-        with torch.no_grad():
-            z = _forward_frozen(chunk, base, frozen, draws, method.noise_std, ln_eps, 2 if translated else 1)
-            plain_a = F_nn.linear(z[0], cls_w, cls_b)
-            plain_b = F_nn.linear(z[1], cls_w, cls_b) if translated else None
-            mu_z = z[0].mean(1, keepdim=True)
-            # the biased variance as the mean squared deviation: torch's var over a middle dim
-            # is a scalar Welford loop, 7x slower (the two agree to float rounding)
-            var = (z[0] - mu_z).square_().mean(1)
-            mu_z = mu_z.squeeze(1)
-            sigma = torch.sqrt(var + STATS_EPS)
-        bias = chunk.params["out.bias"]
-        shift = F_nn.linear(bias, cls_w).unsqueeze(1)
-        logits_a = plain_a + shift
-        with torch.no_grad():
-            logits_b = (
-                plain_b + shift
-                if plain_b is not None
-                else F_nn.linear(_frames_b(chunk, draws, method), cls_w, cls_b)
-            )
-        mu = mu_z + bias
+        out = _outputs_frozen(chunk, base, cls_w, cls_b, method, frozen, draws, ln_eps)
     else:
-
-        def keep(pass_: int) -> list[Tensor | None] | None:
-            if all(m is None for m in draws.kept):
-                return None
-            # dropout's ``mask.float().div_(1 - p)``, as a multiply by 1/(1-p) rounded to float32:
-            # the same values (1 * s = s, 0 * s = 0), and a multiply is cheaper than a divide
-            scale = [float(torch.ones(()).div_(1 - q)) for q in drop_p]
-            return [
-                None if m is None else m[pass_].view(torch.uint8).to(device, torch.float32).mul_(scale[i])
-                for i, m in enumerate(draws.kept)
-            ]
-
-        p = {**base, **chunk.params}
-        e_from, e_to = _embed(p, chunk.s_t), _embed(p, chunk.s_r)
-        fa = chunk.features[draws.a_rows.to(device)].view(s, bsz, d)
-        fb = _frames_b(chunk, draws, method)
-        f_hat = _translate(p, fa, e_from, e_to, blocks, keep(0), ln_eps)
-        logits_a = F_nn.linear(f_hat, cls_w, cls_b)
-        with torch.no_grad():
-            if translated:
-                logits_b = F_nn.linear(_translate(p, fb, e_from, e_to, blocks, keep(1), ln_eps), cls_w, cls_b)
-            else:
-                logits_b = F_nn.linear(fb, cls_w, cls_b)
-        mu = f_hat.mean(1)
-        sigma = torch.sqrt(f_hat.var(1, unbiased=False) + STATS_EPS)
-    log_pa = F_nn.log_softmax(logits_a, dim=2)
-    log_pb = F_nn.log_softmax(logits_b, dim=2)
+        out = _outputs_autograd(chunk, base, cls_w, cls_b, method, draws, blocks, drop_p, ln_eps)
+    log_pa = F_nn.log_softmax(out.logits_a, dim=2)
+    log_pb = F_nn.log_softmax(out.logits_b, dim=2)
     cons = (log_pb.exp() * (log_pb - log_pa)).sum(dim=(1, 2)) / bsz
     total = method.lambda_consistency * cons
     if method.lambda_style > 0:
-        sty = (mu - chunk.ref_mu).pow(2).sum(1) + (sigma - chunk.ref_sigma).pow(2).sum(1)
+        sty = (out.mu - chunk.ref_mu).pow(2).sum(1) + (out.sigma - chunk.ref_sigma).pow(2).sum(1)
         total = total + method.lambda_style * sty
     if method.lambda_neutral > 0:
         eps = method.neutral_smoothing
