@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+from flower_support import incoming
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.egress import EgressViolationError, check_reply, describe_outgoing, metrics_reply
 from client.flower_app import install, query
@@ -35,22 +35,6 @@ from pft_core.signing import (
 from server.publish import bundle_arrays, publish_bundle
 
 CFG = ModelConfig(width=8, image_size=32, num_classes=2, translator_hidden=16)
-
-
-def _incoming(content: RecordDict, message_type: str) -> Message:
-    """A message as a node receives it (metadata filled in, as the SuperNode does)."""
-    metadata = Metadata(
-        run_id=1,
-        message_id="m-1",
-        src_node_id=1,
-        dst_node_id=11,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=message_type,
-    )
-    return Message(content=content, metadata=metadata)
 
 
 def _metrics(values: dict[str, object]) -> RecordDict:
@@ -94,7 +78,7 @@ def test_replies_with_arrays_or_config_records_are_rejected() -> None:
 
 
 def test_a_node_cannot_build_a_reply_outside_the_allow_list() -> None:
-    message = _incoming(RecordDict(), "train")
+    message = incoming(RecordDict(), "train")
     with pytest.raises(EgressViolationError):
         metrics_reply(message, {"neutral-frames": 40, "loss": float("nan")})
     reply = metrics_reply(message, {"neutral-frames": 40, "adapt-iterations": 30})
@@ -163,11 +147,11 @@ def _release(world: dict[str, Path], version: int) -> Path:
 
 def _install_message(folder: Path, pub: Path) -> Message:
     arrays, _ = bundle_arrays(folder, load_public_key(pub))
-    return _incoming(RecordDict({"bundle": arrays}), "train.install")
+    return incoming(RecordDict({"bundle": arrays}), "train.install")
 
 
 def _ask(world: dict[str, Path], digest: str) -> dict[str, float]:
-    message = _incoming(RecordDict({"config": ConfigRecord({"bundle-digest": digest})}), "query")
+    message = incoming(RecordDict({"config": ConfigRecord({"bundle-digest": digest})}), "query")
     return check_reply("query", query(message, _context(world)).content)
 
 

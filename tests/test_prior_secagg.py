@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+from flower_support import incoming
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.egress import EgressViolationError, check_prior_reply, make_egress_audit_mod
@@ -239,18 +239,7 @@ def test_guard_refuses_a_train_message_without_consent(tmp_path: Path) -> None:
             node_config["prior-opt-in"] = opt_in
         return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
 
-    metadata = Metadata(
-        run_id=1,
-        message_id="m-1",
-        src_node_id=1,
-        dst_node_id=11,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
-    )
-    train = Message(content=RecordDict(), metadata=metadata)  # type: ignore[call-overload]
+    train = incoming(RecordDict(), "train")
     with pytest.raises(PriorConsentError):
         prior_egress_guard(train, context(1), protocol)  # B is not in the opt-in list
     with pytest.raises(PriorConsentError):
