@@ -20,7 +20,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 
-from pft_core.errors import PFTError
+from pft.core.errors import PFTError
 
 RECORD_NAME = "metrics"
 

@@ -3,7 +3,7 @@
 :class:`PersonalizedModel` takes a batch of RGB face crops, channels last, ``(N, S, S, 3)`` with
 ``S`` the bundle's ``image_size``, either ``uint8`` or ``float32`` on the same 0..255 scale, and
 returns class probabilities ``(N, K)``. It scales the crops exactly like
-:func:`pft_core.models.preprocess` (``x / 127.5 - 1``), runs ``C(T(F(x), s_target, s_reference))``
+:func:`pft.core.models.preprocess` (``x / 127.5 - 1``), runs ``C(T(F(x), s_target, s_reference))``
 (or ``C(F(x))`` before enrollment) and applies a softmax. The two style codes are buffers, so the
 exported file needs nothing else.
 
@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from pft_core.models import Classifier, FeatureExtractor, Translator
+from pft.core.models import Classifier, FeatureExtractor, Translator
 
 __all__ = ["ExportFormat", "InputDType", "PersonalizedModel", "export_model"]
 

@@ -4,14 +4,14 @@ One node is one person (a device, or a virtual node of the simulation). Message 
 
 - ``query``: which bundle do you hold? (reply: ``bundle-current`` 0/1 for the digest asked about)
 - ``train.install``: here is a signed bundle (its files as a uint8 ArrayRecord); the node
-  verifies it against its trusted key with :class:`~pft_core.signing.TrustedBundleCache`
+  verifies it against its trusted key with :class:`~pft.core.signing.TrustedBundleCache`
   (refusing tampered, unsigned-extra-file and rolled-back bundles and keeping the one it had).
 - ``train``: adapt the translator T on the node's NEUTRAL videos with
-  :func:`pft_core.personalize.personalize`; T is saved encrypted on the node's disk
-  (:class:`client.store.EncryptedStore`, atomic, survives restarts).
+  :func:`pft.core.personalize.personalize`; T is saved encrypted on the node's disk
+  (:class:`pft.client.store.EncryptedStore`, atomic, survives restarts).
 - ``evaluate``: where the node has labelled ``eval`` videos (the simulation), score a method.
 
-Every reply goes through :func:`client.egress.metrics_reply`: only allow-listed numeric metrics
+Every reply goes through :func:`pft.client.egress.metrics_reply`: only allow-listed numeric metrics
 leave the node. The node's settings come from a JSON spec (:class:`NodeSpec`) named by
 ``node_config["pft-spec"]``, else ``run_config["pft-spec"]``, else ``$PFT_FLOWER_SPEC`` (the
 simulation's in-process engine passes an empty run_config).
@@ -32,21 +32,21 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client.egress import metrics_reply
-from client.store import EncryptedStore, StoreKey
-from pft_core.bundle import Bundle, load_bundle
-from pft_core.config import FrozenConfig
-from pft_core.data import FaceCropConfig, VideoConfig
-from pft_core.data.cache import state_dict_sha256
-from pft_core.errors import BundleTamperedError, PFTError
-from pft_core.metrics import accuracy, macro_f1
-from pft_core.models import Translator
-from pft_core.personalize import Personalization, PersonalizeConfig, SourceModel, personalize
-from pft_core.signing import TrustedBundleCache, load_public_key
-from pft_core.training import SourceStyles
+from pft.client.egress import metrics_reply
+from pft.client.store import EncryptedStore, StoreKey
+from pft.core.bundle import Bundle, load_bundle
+from pft.core.config import FrozenConfig
+from pft.core.data import FaceCropConfig, VideoConfig
+from pft.core.data.cache import state_dict_sha256
+from pft.core.errors import BundleTamperedError, PFTError
+from pft.core.metrics import accuracy, macro_f1
+from pft.core.models import Translator
+from pft.core.personalize import Personalization, PersonalizeConfig, SourceModel, personalize
+from pft.core.signing import TrustedBundleCache, load_public_key
+from pft.core.training import SourceStyles
 
 if TYPE_CHECKING:
-    from simulations.workspace import FrameSet
+    from pft.simulations.workspace import FrameSet
 
 SPEC_ENV = "PFT_FLOWER_SPEC"
 CONFIG_RECORD = "config"
@@ -142,8 +142,8 @@ def installed_bundle(node: Node) -> Bundle:
 
 def subject_frames(node: Node, bundle: Bundle, splits: tuple[str, ...]) -> dict[str, FrameSet]:
     """F's features of the node's videos per split (crops and features cached as in ``pft simulate``)."""
-    from pft_core.data import load_dataset
-    from simulations.workspace import FrameStore
+    from pft.core.data import load_dataset
+    from pft.simulations.workspace import FrameStore
 
     index = load_dataset(node.spec.dataset_root, node.spec.layout)
     records = index.by_subject().get(node.subject, [])
@@ -310,7 +310,7 @@ def evaluate(message: Message, context: Context) -> Message:
         with torch.no_grad():
             logits = bundle.classifier(held_out.features)
     else:  # research baselines (e.g. the oracle) run the simulation's method runners
-        from simulations.methods import METHODS, MethodSettings, TargetData
+        from pft.simulations.methods import METHODS, MethodSettings, TargetData
 
         if method not in METHODS or "adapt" not in splits:
             raise PFTError(f"node {node.index}: cannot run method {method!r} here")

@@ -3,14 +3,14 @@
 Every release that can leave the device (an adaptation run whose metrics are reported, an update
 sent to the opt-in federated prior) is appended BEFORE it runs (write-ahead): a run that would
 take the cumulative epsilon of its privacy unit above the budget is refused with
-:class:`~pft_core.errors.PrivacyBudgetExceededError` and nothing is run or appended; a run that
+:class:`~pft.core.errors.PrivacyBudgetExceededError` and nothing is run or appended; a run that
 crashes after its entry was written still counts (conservative: epsilon never skips a release).
 
 The cumulative epsilon of a unit is recomputed over the WHOLE history of that unit with one
 Opacus accountant at the budget's delta (tighter than summing per-release epsilons). Units are
 kept apart: a frame-level and a clip-level guarantee protect different records.
 
-File: JSON, written atomically (temp file, fsync, rename) by :mod:`pft_core.atomic`; the SDK also
+File: JSON, written atomically (temp file, fsync, rename) by :mod:`pft.core.atomic`; the SDK also
 keeps a copy inside its encrypted personal store and :meth:`PrivacyLedger.merge` keeps the
 longer history, so deleting one copy never resets the budget while the other exists.
 """
@@ -24,10 +24,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pft_core.atomic import atomic_write_text
-from pft_core.config import FrozenConfig
-from pft_core.errors import PrivacyBudgetExceededError, StoreError
-from pft_core.privacy import AccountantName, DPRelease, PrivacyUnit, epsilon_spent
+from pft.core.atomic import atomic_write_text
+from pft.core.config import FrozenConfig
+from pft.core.errors import PrivacyBudgetExceededError, StoreError
+from pft.core.privacy import AccountantName, DPRelease, PrivacyUnit, epsilon_spent
 
 __all__ = ["LEDGER_FILE", "LEDGER_FORMAT", "PrivacyBudget", "PrivacyLedger", "ReleaseKind"]
 

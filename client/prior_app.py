@@ -5,18 +5,18 @@ list; default: NO) answers a ``fit`` by
 
 1. checking that the server's T0 is the translator of the bundle it holds (verified signature),
 2. checking the release (clip ``C``, noise ``sigma``, ``delta``: one person-level Gaussian
-   mechanism, :func:`pft_core.prior.update_release`) against its privacy ledger - a release over
+   mechanism, :func:`pft.core.prior.update_release`) against its privacy ledger - a release over
    budget is refused BEFORE anything is computed or sent,
-3. personalising T on its NEUTRAL frames (:func:`pft_core.personalize.personalize`, as the
+3. personalising T on its NEUTRAL frames (:func:`pft.core.personalize.personalize`, as the
    Message-API app does), taking the update of the trainable tensors, clipping and noising it
-   with a device-secret generator (:func:`pft_core.prior.privatize_update`),
+   with a device-secret generator (:func:`pft.core.prior.privatize_update`),
 4. appending the release to the ledger (write-ahead), then returning the noised update with
    weight 1; Flower's ``secaggplus_mod`` quantises and MASKS it, so the server only ever
    reconstructs the sum over the survivors.
 
 :func:`prior_egress_guard` sits outside ``secaggplus_mod``: a ``train`` message to a node that did
 not opt in is refused before the SecAgg+ protocol starts, and every reply is checked against
-:func:`client.egress.check_prior_reply` (no plaintext array, no metric, only the masked vector).
+:func:`pft.client.egress.check_prior_reply` (no plaintext array, no metric, only the masked vector).
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import NDArrays, Scalar
 
-from client.egress import EgressViolationError, check_prior_reply
-from client.flower_app import Node, installed_bundle, node_from_context, personalize_node, spec_path
-from client.ledger import LEDGER_FILE, PrivacyBudget, PrivacyLedger
-from pft_core.config import FrozenConfig
-from pft_core.errors import PFTError
-from pft_core.personalize import PersonalizeConfig
-from pft_core.prior import PriorUpdateConfig, privatize_update, translator_update, update_release
+from pft.client.egress import EgressViolationError, check_prior_reply
+from pft.client.flower_app import Node, installed_bundle, node_from_context, personalize_node, spec_path
+from pft.client.ledger import LEDGER_FILE, PrivacyBudget, PrivacyLedger
+from pft.core.config import FrozenConfig
+from pft.core.errors import PFTError
+from pft.core.personalize import PersonalizeConfig
+from pft.core.prior import PriorUpdateConfig, privatize_update, translator_update, update_release
 
 __all__ = [
     "OPT_IN_KEY",
@@ -173,7 +173,7 @@ def prior_egress_guard(message: Message, context: Context, call_next: ClientAppC
     PriorConsentError
         A ``train`` message to a node that did not opt in.
     EgressViolationError
-        A reply outside :func:`client.egress.check_prior_reply` (it is not sent).
+        A reply outside :func:`pft.client.egress.check_prior_reply` (it is not sent).
     """
     node = node_from_context(context)
     opted_in = node_opted_in(context, node, prior_settings(context))

@@ -39,13 +39,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import Field
 from torch import Tensor
 
-from client.export import ExportFormat, InputDType, PersonalizedModel, export_model
-from client.ledger import LEDGER_FILE, PrivacyBudget, PrivacyLedger
-from client.store import EncryptedStore, StoreKey
-from pft_core.adaptation import AdaptResult
-from pft_core.bundle import Bundle, load_bundle
-from pft_core.config import FrozenConfig
-from pft_core.data import (
+from pft.client.export import ExportFormat, InputDType, PersonalizedModel, export_model
+from pft.client.ledger import LEDGER_FILE, PrivacyBudget, PrivacyLedger
+from pft.client.store import EncryptedStore, StoreKey
+from pft.core.adaptation import AdaptResult
+from pft.core.bundle import Bundle, load_bundle
+from pft.core.config import FrozenConfig
+from pft.core.data import (
     AnnotatedFaceDetector,
     AnnotatedLandmarkDetector,
     FaceCropConfig,
@@ -61,9 +61,9 @@ from pft_core.data import (
     geometry_descriptor,
     process_videos,
 )
-from pft_core.data.faces import sidecar_path
-from pft_core.data.pipeline import BatchReport, FaceClip
-from pft_core.errors import (
+from pft.core.data.faces import sidecar_path
+from pft.core.data.pipeline import BatchReport, FaceClip
+from pft.core.errors import (
     BundleTamperedError,
     NoFaceError,
     PersonalStateMismatchError,
@@ -71,12 +71,12 @@ from pft_core.errors import (
     StoreError,
     TooFewFacesError,
 )
-from pft_core.models import preprocess
-from pft_core.pairing import Strategy
-from pft_core.personalize import Personalization, PersonalizeConfig, SourceModel, personalize
-from pft_core.privacy import plan_release
-from pft_core.signing import TrustedBundleCache, bundle_digest, key_id, load_public_key, verify_bundle
-from pft_core.training import SourceStyles
+from pft.core.models import preprocess
+from pft.core.pairing import Strategy
+from pft.core.personalize import Personalization, PersonalizeConfig, SourceModel, personalize
+from pft.core.privacy import plan_release
+from pft.core.signing import TrustedBundleCache, bundle_digest, key_id, load_public_key, verify_bundle
+from pft.core.training import SourceStyles
 
 __all__ = [
     "ClientConfig",
@@ -147,7 +147,7 @@ class EnrollmentReport:
     videos_used:
         The videos that gave face frames.
     videos_rejected:
-        One :class:`~pft_core.data.Rejection` (path, error type, reason) per unusable video.
+        One :class:`~pft.core.data.Rejection` (path, error type, reason) per unusable video.
     frames_used:
         Face frames adaptation learned from.
     iterations, converged, adapt_seconds:
@@ -306,7 +306,7 @@ class Personalizer:
     Build one with :meth:`from_bundle` (a received bundle), :meth:`from_installed` (the bundle a
     ``state_dir`` already trusts) or :meth:`load` (the installed bundle and the saved personal
     state). Call :meth:`close` (or use it as a context manager) to stop the decoder process.
-    ``decoder`` (optional) is a :class:`~pft_core.data.VideoDecoder` the new object takes over
+    ``decoder`` (optional) is a :class:`~pft.core.data.VideoDecoder` the new object takes over
     and closes; by default one is made and started in the background (``config.prestart_decoder``).
     """
 
@@ -330,7 +330,7 @@ class Personalizer:
         self.bundle_digest = bundle_digest(bundle.manifest)
         self.crop_config = self.config.crop or FaceCropConfig(size=bundle.model_config.image_size)
         self.personalization: Personalization | None = None
-        # DP releases (client.ledger): on disk beside the store when there is a state_dir
+        # DP releases (pft.client.ledger): on disk beside the store when there is a state_dir
         budget = self.config.privacy_budget
         self.ledger = (
             PrivacyLedger.open(self.state_dir / LEDGER_FILE, budget)
@@ -514,7 +514,7 @@ class Personalizer:
 
     @property
     def privacy_ledger(self) -> list[dict[str, Any]]:
-        """The DP releases recorded on this device (see :mod:`client.ledger`)."""
+        """The DP releases recorded on this device (see :mod:`pft.client.ledger`)."""
         return self.ledger.as_list()
 
     @property
@@ -612,7 +612,7 @@ class Personalizer:
 
         Every video is decoded and its faces cropped; a video that cannot be used (unreadable,
         no face, too few faces) is reported in ``videos_rejected`` and skipped. F's features of
-        the remaining frames drive :func:`pft_core.personalize.personalize` (stage 3); F and C
+        the remaining frames drive :func:`pft.core.personalize.personalize` (stage 3); F and C
         are not changed. The previous personalisation (if any) is replaced only on success.
 
         Parameters
@@ -704,7 +704,7 @@ class Personalizer:
         started: float,
         progress: ProgressCallback | None,
     ) -> EnrollmentReport:
-        from pft_core.training import extract_features
+        from pft.core.training import extract_features
 
         dp = self.config.personalize.dp
         if dp is not None:  # refuse BEFORE anything runs; write-ahead: a crash still counts
@@ -904,7 +904,7 @@ class Personalizer:
                 f"(version {payload.get('bundle_version')}), but the installed bundle is "
                 f"{self.bundle_digest[:16]} (version {self.bundle.bundle_version}); enroll again"
             )
-        from pft_core.models import Translator
+        from pft.core.models import Translator
 
         translator = Translator(self.bundle.model_config)
         try:
@@ -943,7 +943,7 @@ class Personalizer:
     def export(
         self, path: str | Path, format: ExportFormat = "onnx", *, input_dtype: InputDType = "uint8"
     ) -> Path:
-        """Write the personalised model for a mobile runtime (see :mod:`client.export`).
+        """Write the personalised model for a mobile runtime (see :mod:`pft.client.export`).
 
         The file takes RGB crops ``(N, S, S, 3)`` (``S`` = ``info()["image_size"]``) and returns
         probabilities ``(N, K)``; class names, the bundle digest and whether it is personalised

@@ -39,9 +39,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from pft_core.atomic import atomic_write_bytes
-from pft_core.errors import StoreAuthenticationError, StoreError, UnsafeWeightsError
-from pft_core.safe_weights import load_safetensors_bytes, safetensors_bytes
+from pft.core.atomic import atomic_write_bytes
+from pft.core.errors import StoreAuthenticationError, StoreError, UnsafeWeightsError
+from pft.core.safe_weights import load_safetensors_bytes, safetensors_bytes
 
 try:  # POSIX: one writer at a time per store
     import fcntl

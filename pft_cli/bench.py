@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from pft_cli.progress import console
+from pft.cli.progress import console
 
 bench_app = typer.Typer(
     help="Benchmarks: engines side by side, adaptation latency, feature throughput, pipeline, "
@@ -46,7 +46,7 @@ def engines(
     exact_adam: Annotated[bool, typer.Option(help="Batched engine: the trainer's unfused Adam.")] = False,
 ) -> None:
     """Subjects/s, useful GFLOP/s and peak RSS of loop, batched and Flower engines, in ONE run."""
-    from simulations.bench_engines import bench_engines
+    from pft.simulations.bench_engines import bench_engines
 
     result = bench_engines(
         subjects,
@@ -96,7 +96,7 @@ def adapt(
     json_out: JsonOpt = None,
 ) -> None:
     """Adaptation latency of one subject (translator only, cached features): median of runs."""
-    from simulations.bench_latency import bench_adapt
+    from pft.simulations.bench_latency import bench_adapt
 
     _emit(bench_adapt(repeats, bias_only=bias_only), json_out)
 
@@ -109,7 +109,7 @@ def features(
     json_out: JsonOpt = None,
 ) -> None:
     """Feature-extraction throughput of F on CPU (frames/s)."""
-    from simulations.bench_latency import bench_features
+    from pft.simulations.bench_latency import bench_features
 
     _emit(bench_features(frames, batch_size, threads=threads), json_out)
 
@@ -121,8 +121,8 @@ def pipeline(
     json_out: JsonOpt = None,
 ) -> None:
     """Frames/s through decode -> detect -> crop (isolated and in-process)."""
-    from simulations.bench_pipeline import bench_pipeline, make_astronaut_videos
-    from simulations.machine import describe_machine
+    from pft.simulations.bench_pipeline import bench_pipeline, make_astronaut_videos
+    from pft.simulations.machine import describe_machine
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = list(videos or []) or make_astronaut_videos(Path(tmp))
@@ -142,8 +142,8 @@ def methods(
     cache_dir: Annotated[Path | None, typer.Option(help="Cache root.")] = None,
 ) -> None:
     """Accuracy, iterations, wall time, parameters and memory of every method, in one run."""
-    from simulations.bench_methods import bench_methods, markdown
-    from simulations.experiment import ExperimentConfig
+    from pft.simulations.bench_methods import bench_methods, markdown
+    from pft.simulations.experiment import ExperimentConfig
 
     config = ExperimentConfig.model_validate(
         {
@@ -165,7 +165,7 @@ def sdk(
     json_out: JsonOpt = None,
 ) -> None:
     """On-device SDK: enrollment (cold/warm), per-frame latency, export sizes, peak RSS."""
-    from simulations.bench_sdk import bench_sdk
+    from pft.simulations.bench_sdk import bench_sdk
 
     if out is None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """``pft client``: the on-device SDK from the command line (enroll, predict, export, info).
 
-A thin layer over :mod:`client.sdk`. The store key never appears on the command line in clear:
+A thin layer over :mod:`pft.client.sdk`. The store key never appears on the command line in clear:
 it comes from ``--passphrase-file``, ``--passphrase-env`` (a variable's name), ``--key-file``
 (32 raw bytes / 64 hex digits from a keystore) or an interactive prompt.
 
@@ -17,10 +17,10 @@ from typing import Annotated, Any, cast
 
 import typer
 
-from client.export import ExportFormat, InputDType
-from client.sdk import STATE_FILE, Personalizer
-from client.store import StoreKey
-from pft_core.errors import PFTError
+from pft.client.export import ExportFormat, InputDType
+from pft.client.sdk import STATE_FILE, Personalizer
+from pft.client.store import StoreKey
+from pft.core.errors import PFTError
 
 __all__ = ["client_app"]
 

@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pft_core.cohort import CohortConfig, load_manifest, make_cohort, preview_cohort
-from pft_core.errors import PFTError
+from pft.core.cohort import CohortConfig, load_manifest, make_cohort, preview_cohort
+from pft.core.errors import PFTError
 
 cohort_app = typer.Typer(
     help="The synthetic face-video cohort: rendered faces as H.264 videos with ground-truth sidecars.",

@@ -14,12 +14,12 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pft_core.data.datasets import LOADERS, DatasetIndex, load_dataset
-from pft_core.data.faces import AnnotatedFaceDetector, FaceDetector, HaarFaceDetector
-from pft_core.data.landmarks import AnnotatedLandmarkDetector, DlibLandmarkDetector, LandmarkDetector
-from pft_core.data.pipeline import BatchReport, FaceCropConfig, process_videos
-from pft_core.data.video import VideoConfig
-from pft_core.errors import PFTError
+from pft.core.data.datasets import LOADERS, DatasetIndex, load_dataset
+from pft.core.data.faces import AnnotatedFaceDetector, FaceDetector, HaarFaceDetector
+from pft.core.data.landmarks import AnnotatedLandmarkDetector, DlibLandmarkDetector, LandmarkDetector
+from pft.core.data.pipeline import BatchReport, FaceCropConfig, process_videos
+from pft.core.data.video import VideoConfig
+from pft.core.errors import PFTError
 
 data_app = typer.Typer(
     help="Check datasets through the video pipeline and look at face crops.", no_args_is_help=True
@@ -159,7 +159,7 @@ def crops(
     ok, png = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     if not ok:  # pragma: no cover
         raise typer.Exit(1)
-    from pft_core.atomic import atomic_write_bytes
+    from pft.core.atomic import atomic_write_bytes
 
     atomic_write_bytes(out, png.tobytes())
     console.print(f"wrote {out} ({len(rows)} videos; {len(report.rejected)} rejected)")

@@ -1,7 +1,7 @@
 """``pft keys`` and ``pft certs``: key and certificate tooling for bundle signing and Flower deployments.
 
-A thin layer: every command parses its options and calls :mod:`pft_core.signing` or
-:mod:`server.pki`.
+A thin layer: every command parses its options and calls :mod:`pft.core.signing` or
+:mod:`pft.server.pki`.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Annotated
 
 import typer
 
-from pft_cli.secrets import passphrase_from_env
-from pft_core.errors import PFTError
-from pft_core.signing import key_id, load_public_key, write_signing_key_pair
-from server import pki
+from pft.cli.secrets import passphrase_from_env
+from pft.core.errors import PFTError
+from pft.core.signing import key_id, load_public_key, write_signing_key_pair
+from pft.server import pki
 
 __all__ = ["certs_app", "keys_app"]
 

@@ -6,15 +6,15 @@ from typing import Annotated
 
 import typer
 
-from pft_cli.bench import bench_app
-from pft_cli.client import client_app
-from pft_cli.cohort import cohort_app
-from pft_cli.data import data_app
-from pft_cli.keys import certs_app, keys_app
-from pft_cli.prior import prior_app
-from pft_cli.server import server_app
-from pft_cli.simulate import ablate, simulate
-from pft_core import __version__
+from pft.cli.bench import bench_app
+from pft.cli.client import client_app
+from pft.cli.cohort import cohort_app
+from pft.cli.data import data_app
+from pft.cli.keys import certs_app, keys_app
+from pft.cli.prior import prior_app
+from pft.cli.server import server_app
+from pft.cli.simulate import ablate, simulate
+from pft.core import __version__
 
 app = typer.Typer(
     name="pft",

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from pft_cli.progress import console
-from pft_core.errors import PFTError
+from pft.cli.progress import console
+from pft.core.errors import PFTError
 
 prior_app = typer.Typer(no_args_is_help=True)
 
@@ -56,8 +56,8 @@ def run(
     held-out NEW subjects starting from the source T0 vs from each prior (docs/privacy.md)."""
     from pydantic import ValidationError
 
-    from simulations.experiment import ExperimentConfig
-    from simulations.prior_experiment import (
+    from pft.simulations.experiment import ExperimentConfig
+    from pft.simulations.prior_experiment import (
         PriorExperimentConfig,
         prior_report_markdown,
         run_prior_experiment,

@@ -1,6 +1,6 @@
 """``pft server``: operator commands for a deployment (publish a bundle, register a site, audit log).
 
-A thin layer over :mod:`server.publish`, ``flwr supernode register`` and :mod:`server.audit`;
+A thin layer over :mod:`pft.server.publish`, ``flwr supernode register`` and :mod:`pft.server.audit`;
 every state-changing command appends an event to the audit log (``--audit-log``).
 Registered by the main app as ``app.add_typer(server_app, name="server")``.
 """
@@ -17,11 +17,11 @@ from typing import Annotated
 
 import typer
 
-from pft_cli.secrets import passphrase_from_env
-from pft_core.errors import PFTError
-from pft_core.signing import bundle_digest, key_id, load_signing_key
-from server.audit import AuditLog, read_audit_log
-from server.publish import publish_bundle
+from pft.cli.secrets import passphrase_from_env
+from pft.core.errors import PFTError
+from pft.core.signing import bundle_digest, key_id, load_signing_key
+from pft.server.audit import AuditLog, read_audit_log
+from pft.server.publish import publish_bundle
 
 __all__ = ["server_app"]
 

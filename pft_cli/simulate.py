@@ -10,10 +10,10 @@ import typer
 import yaml
 from pydantic import ValidationError
 
-from pft_cli.progress import console, stage_bars
-from pft_core.errors import PFTError
-from simulations.experiment import DEFAULT_METHODS, PROFILES, ExperimentConfig, run_experiment
-from simulations.methods import METHODS
+from pft.cli.progress import console, stage_bars
+from pft.core.errors import PFTError
+from pft.simulations.experiment import DEFAULT_METHODS, PROFILES, ExperimentConfig, run_experiment
+from pft.simulations.methods import METHODS
 
 
 def load_config_file(path: Path | None) -> dict[str, Any]:
@@ -163,7 +163,7 @@ def simulate(
         run_dir = out / name if len(profiles) > 1 else out
         try:
             if cfg.engine == "flower":
-                from simulations.flower_engine import run_flower_simulation
+                from pft.simulations.flower_engine import run_flower_simulation
 
                 result = run_flower_simulation(
                     cfg, run_dir, cache_dir, num_cpus=num_cpus, num_gpus=num_gpus, log=console.print
@@ -201,7 +201,7 @@ def ablate(
     Each variant re-runs the evaluation of `pft simulate` (same cohort, caches and seeds) for PFT and
     source-only; `branches` measures feature similarity before and after each person's translator.
     """
-    from simulations.ablations import ABLATIONS, ablation_markdown, run_ablation
+    from pft.simulations.ablations import ABLATIONS, ablation_markdown, run_ablation
 
     chosen = kinds or list(ABLATIONS)
     unknown = [k for k in chosen if k not in ABLATIONS]

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F_nn
 from torch import Tensor, nn
 
-from pft_core.config import FrozenConfig
-from pft_core.errors import TooFewFacesError
-from pft_core.losses import classification_loss, consistency_loss, style_loss
-from pft_core.models import Classifier, FeatureExtractor, Translator
-from pft_core.training import Progress, torch_threads
+from pft.core.config import FrozenConfig
+from pft.core.errors import TooFewFacesError
+from pft.core.losses import classification_loss, consistency_loss, style_loss
+from pft.core.models import Classifier, FeatureExtractor, Translator
+from pft.core.training import Progress, torch_threads
 
 
 class AdaptConfig(FrozenConfig):

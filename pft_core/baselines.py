@@ -1,6 +1,6 @@
 """The paper's comparison baselines as small methods over the ONE adaptation trainer.
 
-Each trained baseline is an :class:`~pft_core.adaptation.AdaptationMethod` (``name``,
+Each trained baseline is an :class:`~pft.core.adaptation.AdaptationMethod` (``name``,
 ``trainable_parameters``, ``loss``, ``predict``); the shared ``AdaptationTrainer`` owns batching,
 the optimiser, seeding, device, the DP seam, logging and convergence. On cached features the
 "feature extractor" the model-based SFDA methods adapt is the translator T (the feature-space module
@@ -34,10 +34,10 @@ import torch.nn.functional as F_nn
 from pydantic import Field
 from torch import Tensor, nn
 
-from pft_core.adaptation import AdaptConfig, Batch, ModelParts
-from pft_core.config import FrozenConfig
-from pft_core.losses import channel_stats, classification_loss
-from pft_core.models import FeatureExtractor, Translator, preprocess
+from pft.core.adaptation import AdaptConfig, Batch, ModelParts
+from pft.core.config import FrozenConfig
+from pft.core.losses import channel_stats, classification_loss
+from pft.core.models import FeatureExtractor, Translator, preprocess
 
 # --- shared loss pieces ---------------------------------------------------------------------------
 EPSILON = 1e-5

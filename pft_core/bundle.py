@@ -10,7 +10,7 @@ Layout of a bundle folder (no pickle anywhere)::
     config.json          model_config, class_names, extra
     manifest.json        {"format": "pft-bundle/1", "bundle_version", "created", "class_names",
                           "model_config", "files": {name: {"sha256", "bytes"}}}
-    manifest.sig         (optional) Ed25519 signature over manifest.json, see ``pft_core.signing``
+    manifest.sig         (optional) Ed25519 signature over manifest.json, see ``pft.core.signing``
 
 ``load_bundle`` checks every file against the manifest's SHA-256 before using it, and reads the
 bytes it checked (no window for a swap between check and load).
@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pft_core.atomic import atomic_write_text
-from pft_core.errors import BundleError, BundleTamperedError
-from pft_core.models import Classifier, FeatureExtractor, ModelConfig, StyleNormalizer, Translator
-from pft_core.safe_weights import load_safetensors_bytes, save_safetensors
-from pft_core.signing import MANIFEST_NAME, SIGNATURE_NAME, read_manifest, write_manifest_files
+from pft.core.atomic import atomic_write_text
+from pft.core.errors import BundleError, BundleTamperedError
+from pft.core.models import Classifier, FeatureExtractor, ModelConfig, StyleNormalizer, Translator
+from pft.core.safe_weights import load_safetensors_bytes, save_safetensors
+from pft.core.signing import MANIFEST_NAME, SIGNATURE_NAME, read_manifest, write_manifest_files
 
 BUNDLE_FORMAT = "pft-bundle/1"
 WEIGHT_FILES = ("F.safetensors", "C.safetensors", "T.safetensors", "styles.safetensors")
@@ -142,7 +142,7 @@ def load_bundle(folder: str | Path, manifest: dict[str, Any] | None = None) -> B
     Parameters
     ----------
     folder : the bundle folder.
-    manifest : a manifest already verified by ``pft_core.signing.verify_bundle`` (recommended on a
+    manifest : a manifest already verified by ``pft.core.signing.verify_bundle`` (recommended on a
         device); without it ``manifest.json`` is read (digests checked, signature NOT checked).
 
     Raises

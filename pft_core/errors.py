@@ -111,7 +111,7 @@ class PrivacyBudgetExceededError(PFTError):
     """A DP release would exceed the configured privacy budget; nothing was run."""
 
 
-# --- video pipeline (added with pft_core.data) -------------------------------------------------
+# --- video pipeline (added with pft.core.data) -------------------------------------------------
 class DecodeTimeoutError(VideoError):
     reason = "decoding took longer than the configured timeout (the decoder was stopped)"
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F_nn
 from pydantic import field_validator, model_validator
 from torch import Tensor, nn
 
-from pft_core.config import FrozenConfig
-from pft_core.errors import IncompatibleWeightsError
-from pft_core.safe_weights import load_safetensors
+from pft.core.config import FrozenConfig
+from pft.core.errors import IncompatibleWeightsError
+from pft.core.safe_weights import load_safetensors
 
 LAYER_NAMES: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
 _LAYER_MULT = {"layer1": 1, "layer2": 2, "layer3": 4, "layer4": 8}

@@ -4,7 +4,7 @@ and the simulations all call.
 Given the source model (C, T0, the style normaliser, the source subjects' styles and pairing
 descriptors - what a bundle ships) and the person's NEUTRAL frames (features from F), it computes
 the person's style code, picks the reference source subject by the pairing strategy, and adapts a
-copy of T with :class:`~pft_core.adaptation.PFTAdaptation` on the shared trainer.
+copy of T with :class:`~pft.core.adaptation.PFTAdaptation` on the shared trainer.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from pft_core.adaptation import AdaptConfig, AdaptResult, ModelParts, PFTAdaptation, adapt_translator
-from pft_core.config import FrozenConfig
-from pft_core.errors import TooFewFacesError
-from pft_core.models import Classifier, StyleNormalizer, Translator, style_code
-from pft_core.pairing import Strategy, match_references
-from pft_core.privacy import DPConfig, DPRelease, adapt_translator_private
-from pft_core.training import SourceStyles
+from pft.core.adaptation import AdaptConfig, AdaptResult, ModelParts, PFTAdaptation, adapt_translator
+from pft.core.config import FrozenConfig
+from pft.core.errors import TooFewFacesError
+from pft.core.models import Classifier, StyleNormalizer, Translator, style_code
+from pft.core.pairing import Strategy, match_references
+from pft.core.privacy import DPConfig, DPRelease, adapt_translator_private
+from pft.core.training import SourceStyles
 
 
 class PersonalizeConfig(FrozenConfig):
@@ -53,7 +53,7 @@ class PersonalizeConfig(FrozenConfig):
     reference_k: int = Field(5, ge=1)
     min_frames: int = Field(8, ge=1)
     seed: int = 0
-    dp: DPConfig | None = None  # DP-SGD on T (pft_core.privacy); None = no DP
+    dp: DPConfig | None = None  # DP-SGD on T (pft.core.privacy); None = no DP
 
     def method(self) -> PFTAdaptation:
         """The stage-3 method with these weights."""
@@ -196,7 +196,7 @@ def personalize(
         reference_stats=goal.reference_stats,
     )
     adapt_config = config.adapt.model_copy(update={"seed": config.seed})
-    if config.dp is not None:  # DP-SGD (Opacus) on the same trainer; see pft_core.privacy
+    if config.dp is not None:  # DP-SGD (Opacus) on the same trainer; see pft.core.privacy
         translator, result, release = adapt_translator_private(
             parts, features, adapt_config, config.method(), config.dp, video_ids, time_index
         )

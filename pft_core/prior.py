@@ -10,7 +10,7 @@ differentially private ON THE DEVICE before it leaves (local DP):
 That is the Gaussian mechanism with L2 sensitivity ``C`` run once on the person's data: the
 privacy unit is the PERSON (the update depends on all their neutral frames together), and it is
 accounted by the project's accountant as one step at sample rate 1
-(:func:`pft_core.privacy.epsilon_spent` with ``(sigma, 1.0, 1)``). The server then sees only the
+(:func:`pft.core.privacy.epsilon_spent` with ``(sigma, 1.0, 1)``). The server then sees only the
 SecAgg+ sum of such updates (``server/prior_app.py``); the local noise protects each person even
 against a server that could see the sum, and the published prior is post-processing.
 
@@ -27,10 +27,10 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from pft_core.config import FrozenConfig
-from pft_core.errors import InvalidPriorUpdateError
-from pft_core.models import Translator
-from pft_core.privacy import AccountantName, DPRelease, epsilon_spent, noise_for_target
+from pft.core.config import FrozenConfig
+from pft.core.errors import InvalidPriorUpdateError
+from pft.core.models import Translator
+from pft.core.privacy import AccountantName, DPRelease, epsilon_spent, noise_for_target
 
 __all__ = [
     "PriorUpdateConfig",

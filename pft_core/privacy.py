@@ -4,11 +4,11 @@ What is protected: the person's adaptation frames (or clips) against inference f
 adaptation releases (metrics, or an update in the opt-in federated prior). T itself never leaves
 the device unless the user opted in. See ``docs/privacy.md`` for the guarantee of each unit.
 
-Pieces, all over the ONE :class:`~pft_core.adaptation.AdaptationTrainer`:
+Pieces, all over the ONE :class:`~pft.core.adaptation.AdaptationTrainer`:
 
 - :class:`DPConfig` - target epsilon (noise found with Opacus's ``get_noise_multiplier``) or a
   noise multiplier, delta, clipping norm, accountant (``rdp``/``prv``), privacy unit.
-- :class:`RecordSampledData` - an :class:`~pft_core.adaptation.AdaptationData` whose ``sample``
+- :class:`RecordSampledData` - an :class:`~pft.core.adaptation.AdaptationData` whose ``sample``
   is real Poisson sampling of RECORDS (frames, clips or the whole person): each record is in a
   step's batch independently with probability ``q``; a record's partner frames come from the
   record itself, so one record's gradient depends on that record only.
@@ -40,7 +40,7 @@ from opacus.optimizers import DPOptimizer
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from pft_core.adaptation import (
+from pft.core.adaptation import (
     AdaptationData,
     AdaptationTrainer,
     AdaptConfig,
@@ -49,9 +49,9 @@ from pft_core.adaptation import (
     ModelParts,
     PFTAdaptation,
 )
-from pft_core.config import FrozenConfig
-from pft_core.models import Translator
-from pft_core.training import Progress
+from pft.core.config import FrozenConfig
+from pft.core.models import Translator
+from pft.core.training import Progress
 
 PrivacyUnit = Literal["frame", "video", "person"]
 AccountantName = Literal["rdp", "prv"]

@@ -3,7 +3,7 @@
 A weights file is checked byte by byte before anything reads it: a safetensors file starts with an
 8-byte little-endian header length, then a JSON header whose tensor entries must fit exactly in
 the rest of the file. Anything else - a ``torch.save`` zip archive, a raw pickle, a truncated or
-inflated file - is refused with :class:`~pft_core.errors.UnsafeWeightsError`, and no unpickler is
+inflated file - is refused with :class:`~pft.core.errors.UnsafeWeightsError`, and no unpickler is
 ever invoked (RELIABILITY.md row 3).
 """
 
@@ -22,8 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-from pft_core.atomic import atomic_write_bytes
-from pft_core.errors import UnsafeWeightsError
+from pft.core.atomic import atomic_write_bytes
+from pft.core.errors import UnsafeWeightsError
 
 __all__ = [
     "MAX_HEADER_BYTES",

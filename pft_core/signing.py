@@ -33,8 +33,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from pft_core.atomic import atomic_write_bytes, atomic_write_text, fsync_directory
-from pft_core.errors import (
+from pft.core.atomic import atomic_write_bytes, atomic_write_text, fsync_directory
+from pft.core.errors import (
     BundleError,
     BundleRollbackError,
     BundleSignatureError,

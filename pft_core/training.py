@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F_nn
 from torch import Tensor
 
-from pft_core.config import FrozenConfig
-from pft_core.losses import channel_stats, classification_loss, expression_loss, style_loss
-from pft_core.models import (
+from pft.core.config import FrozenConfig
+from pft.core.losses import channel_stats, classification_loss, expression_loss, style_loss
+from pft.core.models import (
     Classifier,
     FeatureExtractor,
     ModelConfig,
@@ -32,7 +32,7 @@ from pft_core.models import (
     preprocess,
     raw_style_code,
 )
-from pft_core.pairing import Strategy, pair_subjects
+from pft.core.pairing import Strategy, pair_subjects
 
 
 @contextmanager

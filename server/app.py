@@ -5,7 +5,7 @@ by ``run_config["pft-spec"]`` or ``$PFT_FLOWER_SPEC``) -> verify the signed bund
 nodes (quorum ``min_nodes``) -> ``query`` which nodes already hold the bundle's digest and send it
 (``train.install``) to the others -> per round, ``train`` (each node adapts T on its own neutral
 videos) then, where nodes have labelled data, ``evaluate`` each method -> write results.json and
-report.md in the same format as ``pft simulate`` (``simulations.report``).
+report.md in the same format as ``pft simulate`` (``pft.simulations.report``).
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from pydantic import Field
 
-from client.flower_app import BUNDLE_RECORD, CONFIG_RECORD, SPEC_ENV
-from pft_core.config import FrozenConfig
-from pft_core.personalize import PersonalizeConfig
-from pft_core.signing import bundle_digest, load_public_key
-from server.audit import AuditLog, RunAudit
-from server.publish import bundle_arrays
-from server.rounds import Exchange, QuorumError, exchange, wait_for_nodes
-from simulations.machine import describe_machine
-from simulations.report import markdown_table, plot_per_subject, summarise_method, write_results
+from pft.client.flower_app import BUNDLE_RECORD, CONFIG_RECORD, SPEC_ENV
+from pft.core.config import FrozenConfig
+from pft.core.personalize import PersonalizeConfig
+from pft.core.signing import bundle_digest, load_public_key
+from pft.server.audit import AuditLog, RunAudit
+from pft.server.publish import bundle_arrays
+from pft.server.rounds import Exchange, QuorumError, exchange, wait_for_nodes
+from pft.simulations.machine import describe_machine
+from pft.simulations.report import markdown_table, plot_per_subject, summarise_method, write_results
 
 logger = logging.getLogger("pft.server")
 
@@ -86,7 +86,7 @@ def _subject(spec: ServerSpec, metrics: dict[str, float], node: int) -> str:
 def run_federation(grid: Grid, spec: ServerSpec, audit: RunAudit | None = None) -> dict[str, Any]:
     """Run the whole personalisation federation and write its results; returns the results dict.
 
-    ``audit``: where each step is recorded (``server.audit``); default: ``spec.audit_log``, run 0.
+    ``audit``: where each step is recorded (``pft.server.audit``); default: ``spec.audit_log``, run 0.
     """
     audit = audit or RunAudit(AuditLog(spec.audit_log) if spec.audit_log else None, 0)
     t_start = time.monotonic()

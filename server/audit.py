@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pft_core.errors import PFTError
+from pft.core.errors import PFTError
 
 if TYPE_CHECKING:
-    from server.rounds import Exchange
+    from pft.server.rounds import Exchange
 
 __all__ = ["AuditLog", "AuditLogError", "AuditRead", "RunAudit", "read_audit_log", "utc_now"]
 

@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pft_core.atomic import atomic_write_bytes
-from pft_core.errors import PFTError
+from pft.core.atomic import atomic_write_bytes
+from pft.core.errors import PFTError
 
 __all__ = [
     "CA_CERT_NAME",

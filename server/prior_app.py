@@ -15,7 +15,7 @@ only, as long as fewer than ``reconstruction_threshold`` nodes collude with it);
 already differentially private on its device (local DP), so even the sum protects each person.
 
 Too few consenting nodes or survivors: a CLEAN halt - no bundle is published, the report says
-``"status": "halted"`` and why, and :class:`~pft_core.errors.SecureAggregationHaltedError` is raised
+``"status": "halted"`` and why, and :class:`~pft.core.errors.SecureAggregationHaltedError` is raised
 (the run ends failed).
 """
 
@@ -53,16 +53,16 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 from pydantic import Field
 
-from client.flower_app import SPEC_ENV
-from client.prior_app import OPT_IN_KEY
-from pft_core.adaptation import ModelParts
-from pft_core.atomic import atomic_write_text
-from pft_core.bundle import Bundle, load_bundle, save_bundle
-from pft_core.config import FrozenConfig
-from pft_core.errors import InvalidPriorUpdateError, SecureAggregationHaltedError
-from pft_core.models import Translator
-from pft_core.personalize import PersonalizeConfig
-from pft_core.prior import (
+from pft.client.flower_app import SPEC_ENV
+from pft.client.prior_app import OPT_IN_KEY
+from pft.core.adaptation import ModelParts
+from pft.core.atomic import atomic_write_text
+from pft.core.bundle import Bundle, load_bundle, save_bundle
+from pft.core.config import FrozenConfig
+from pft.core.errors import InvalidPriorUpdateError, SecureAggregationHaltedError
+from pft.core.models import Translator
+from pft.core.personalize import PersonalizeConfig
+from pft.core.prior import (
     PriorUpdateConfig,
     apply_prior,
     check_update,
@@ -70,8 +70,8 @@ from pft_core.prior import (
     update_norm,
     update_release,
 )
-from pft_core.signing import bundle_digest, load_public_key, load_signing_key, verify_bundle
-from server.publish import publish_bundle
+from pft.core.signing import bundle_digest, load_public_key, load_signing_key, verify_bundle
+from pft.server.publish import publish_bundle
 
 logger = logging.getLogger("pft.server.prior")
 

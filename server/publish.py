@@ -14,8 +14,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from flwr.app import Array, ArrayRecord
 
-from pft_core.errors import BundleError
-from pft_core.signing import (
+from pft.core.errors import BundleError
+from pft.core.signing import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
     read_manifest,
@@ -33,7 +33,7 @@ def publish_bundle(
     Parameters
     ----------
     source:
-        A bundle folder (``pft_core.bundle.save_bundle``); only the files its manifest lists are copied.
+        A bundle folder (``pft.core.bundle.save_bundle``); only the files its manifest lists are copied.
     destination:
         A folder that does not exist yet.
     bundle_version:

@@ -1,7 +1,7 @@
 """One exchange with many nodes over ``grid.send_and_receive``: quorum, timeout, checked replies.
 
 FedAvg does not fit personalisation (nothing but metrics comes back), so the ServerApp runs its
-own loop. Every reply is checked against the egress allow-list (``client.egress``): error
+own loop. Every reply is checked against the egress allow-list (``pft.client.egress``): error
 replies, missing replies and replies with NaN/Inf/negative values or unknown keys are counted as
 failures and logged, never aggregated (RELIABILITY rows 7-9).
 """
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from client.egress import EgressViolationError, check_reply
-from pft_core.errors import PFTError
+from pft.client.egress import EgressViolationError, check_reply
+from pft.core.errors import PFTError
 
 logger = logging.getLogger("pft.server")
 

@@ -26,11 +26,11 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F_nn
 
-from pft_core.atomic import atomic_write_text
-from pft_core.metrics import macro_f1
-from simulations.experiment import ExperimentConfig, PreparedExperiment, prepare_experiment
-from simulations.methods import METHODS, MethodSettings
-from simulations.workspace import FrameSet
+from pft.core.atomic import atomic_write_text
+from pft.core.metrics import macro_f1
+from pft.simulations.experiment import ExperimentConfig, PreparedExperiment, prepare_experiment
+from pft.simulations.methods import METHODS, MethodSettings
+from pft.simulations.workspace import FrameSet
 
 AblationKind = Literal["losses", "pairing", "dims", "weights", "branches"]
 ABLATIONS: tuple[AblationKind, ...] = ("losses", "pairing", "dims", "weights", "branches")

@@ -1,7 +1,7 @@
 """The batched engine (``pft simulate --engine batched``): many subjects' translators adapted at once.
 
 The per-client engine adapts one subject after another with
-:class:`~pft_core.adaptation.AdaptationTrainer` and :class:`~pft_core.adaptation.PFTAdaptation`.
+:class:`~pft.core.adaptation.AdaptationTrainer` and :class:`~pft.core.adaptation.PFTAdaptation`.
 This engine runs the SAME math over the SAME sampled batches for a chunk of subjects at a time:
 
 - every trainable tensor of T gets a leading subject axis (stacked per-subject parameters); the
@@ -56,14 +56,14 @@ import torch.nn.functional as F_nn
 from pydantic import Field
 from torch import Tensor
 
-from pft_core.adaptation import AdaptConfig, ModelParts, PFTAdaptation
-from pft_core.config import FrozenConfig
-from pft_core.errors import TooFewFacesError
-from pft_core.losses import STATS_EPS
-from pft_core.models import Classifier, Translator
-from pft_core.personalize import PersonalizeConfig, SourceModel, translation_goal
-from pft_core.training import torch_threads
-from simulations.methods import MethodOutcome, MethodSettings, TargetData
+from pft.core.adaptation import AdaptConfig, ModelParts, PFTAdaptation
+from pft.core.config import FrozenConfig
+from pft.core.errors import TooFewFacesError
+from pft.core.losses import STATS_EPS
+from pft.core.models import Classifier, Translator
+from pft.core.personalize import PersonalizeConfig, SourceModel, translation_goal
+from pft.core.training import torch_threads
+from pft.simulations.methods import MethodOutcome, MethodSettings, TargetData
 
 _MASK53 = (1 << 53) - 1
 _MASK32 = 0xFFFFFFFF
@@ -127,7 +127,7 @@ def subject_task(
     video_ids: Tensor | None = None,
     time_index: Tensor | None = None,
 ) -> SubjectTask:
-    """What :func:`pft_core.personalize.personalize` computes before adapting (style code, the
+    """What :func:`pft.core.personalize.personalize` computes before adapting (style code, the
     ``reference_k`` matched source subjects and their statistics), for seed ``seed``.
 
     Raises
@@ -974,7 +974,7 @@ def run_pft_batched(
     seed: int,
     engine: BatchedConfig | None = None,
 ) -> dict[str, MethodOutcome]:
-    """``simulations.methods.run_pft`` for many targets at once: target ``(k, data)`` adapts with
+    """``pft.simulations.methods.run_pft`` for many targets at once: target ``(k, data)`` adapts with
     seed ``seed * 1000 + k`` (as the per-client engine), then predicts on its ``eval`` frames.
 
     Returns the outcome per subject name (the reported seconds are the chunk's wall time shared

@@ -1,14 +1,14 @@
 """Subjects adapted per second by each engine, side by side in ONE run (``pft bench engines``).
 
 Engines: ``loop`` (the per-client trainer, one subject after another - what ``pft simulate`` runs),
-``batched`` (:mod:`simulations.batched`, stacked translators, replaying each subject's random
+``batched`` (:mod:`pft.simulations.batched`, stacked translators, replaying each subject's random
 streams exactly as the trainer draws them), ``batched_fast`` (the same engine with
 ``rng="fast"``: per-subject generators, one block of random words per subject and step, 16-bit
 dropout draws) and ``flower`` (Flower's simulation engine: one virtual node per subject, each
 running the same per-client adaptation in a Ray actor).
 
 Same work for every engine: the synthetic cached-feature subjects of
-:mod:`simulations.synthetic_world` (each engine - each Flower node - builds subject k's features
+:mod:`pft.simulations.synthetic_world` (each engine - each Flower node - builds subject k's features
 from the seed; nothing is re-extracted), the same source model, and a fixed number of iterations
 (``min_iterations = max_iterations``, so no engine stops early) at the same batch size. Only the
 adaptation is timed (``wall_s``); each engine runs in its own child process so that its peak memory
@@ -40,11 +40,11 @@ from typing import Any
 
 import torch
 
-from pft_core.adaptation import AdaptConfig, ModelParts, adapt_translator
-from pft_core.personalize import PersonalizeConfig
-from simulations.batched import BatchedConfig, SubjectTask, adapt_subjects, subject_task
-from simulations.machine import describe_machine
-from simulations.synthetic_world import synthetic_model, synthetic_subject
+from pft.core.adaptation import AdaptConfig, ModelParts, adapt_translator
+from pft.core.personalize import PersonalizeConfig
+from pft.simulations.batched import BatchedConfig, SubjectTask, adapt_subjects, subject_task
+from pft.simulations.machine import describe_machine
+from pft.simulations.synthetic_world import synthetic_model, synthetic_subject
 
 ENGINES = ("loop", "batched", "batched_fast", "flower")
 SPEC_ENV = "PFT_BENCH_ENGINES_SPEC"
@@ -152,7 +152,8 @@ def run_engine(engine: str, spec: dict[str, Any], timeout_s: float = 1800) -> di
         out = Path(tmp) / "result.json"
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps({**spec, "work_dir": tmp}))
-        cmd = [sys.executable, "-m", "simulations.bench_engines", "--child", engine, str(spec_path), str(out)]
+        module = "pft.simulations.bench_engines"
+        cmd = [sys.executable, "-m", module, "--child", engine, str(spec_path), str(out)]
         proc = subprocess.Popen(cmd)
         peak = [0]
         stop = threading.Event()
@@ -299,7 +300,7 @@ def _child(engine: str, spec: dict[str, Any], out: Path) -> None:
 def _flower(spec: dict[str, Any]) -> tuple[float, int]:
     from flwr.simulation import run_simulation
 
-    from simulations.bench_flower_apps import client_app, server_app
+    from pft.simulations.bench_flower_apps import client_app, server_app
 
     spec_path = Path(spec["work_dir"]) / "flower-spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -319,7 +320,7 @@ def _flower(spec: dict[str, Any]) -> tuple[float, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m simulations.bench_engines --subjects 100 --json out.json`` (see ``pft bench engines``)."""
+    """``python -m pft.simulations.bench_engines --subjects 100 --json out.json`` (``pft bench engines``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--child", nargs=3, metavar=("ENGINE", "SPEC", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--subjects", type=int, default=100)

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from pft_core.adaptation import ModelParts
+from pft.core.adaptation import ModelParts
 
 SPEC_ENV = "PFT_BENCH_ENGINES_SPEC"
 _PARTS: dict[int, ModelParts] = {}
@@ -38,8 +38,8 @@ def train(message: Message, context: Context) -> Message:
     """Adapt this node's subject (partition-id k) with the per-client trainer; reply its steps."""
     import torch
 
-    from simulations.bench_engines import adapt_one, make_tasks
-    from simulations.synthetic_world import synthetic_model
+    from pft.simulations.bench_engines import adapt_one, make_tasks
+    from pft.simulations.synthetic_world import synthetic_model
 
     spec = _spec()
     torch.set_num_threads(1)  # one thread per actor; ``threads`` actors share the CPU budget

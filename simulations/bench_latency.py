@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from pft_core.models import FeatureExtractor, ModelConfig
-from pft_core.personalize import PersonalizeConfig, personalize
-from simulations.machine import describe_machine
-from simulations.synthetic_world import synthetic_model, synthetic_subject
+from pft.core.models import FeatureExtractor, ModelConfig
+from pft.core.personalize import PersonalizeConfig, personalize
+from pft.simulations.machine import describe_machine
+from pft.simulations.synthetic_world import synthetic_model, synthetic_subject
 
 
 def bench_adapt(repeats: int = 7, frames: int = 96, bias_only: bool = True, seed: int = 0) -> dict[str, Any]:

@@ -31,16 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from pft_core.bundle import load_bundle
-from pft_core.data.cache import state_dict_sha256
-from pft_core.metrics import accuracy, macro_f1
-from pft_core.pairing import Strategy
-from pft_core.personalize import SourceModel
-from pft_core.training import SourceStyles
-from simulations.experiment import ExperimentConfig, run_experiment
-from simulations.machine import describe_machine
-from simulations.methods import METHODS, MethodOutcome, TargetData, target_images
-from simulations.workspace import FrameStore, default_cache_root, ensure_cohort, open_cohort
+from pft.core.bundle import load_bundle
+from pft.core.data.cache import state_dict_sha256
+from pft.core.metrics import accuracy, macro_f1
+from pft.core.pairing import Strategy
+from pft.core.personalize import SourceModel
+from pft.core.training import SourceStyles
+from pft.simulations.experiment import ExperimentConfig, run_experiment
+from pft.simulations.machine import describe_machine
+from pft.simulations.methods import METHODS, MethodOutcome, TargetData, target_images
+from pft.simulations.workspace import FrameStore, default_cache_root, ensure_cohort, open_cohort
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -243,7 +243,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m simulations.bench_methods --source-subjects 20 --target-subjects 3``."""
+    """Command line: ``python -m pft.simulations.bench_methods --source-subjects 20 --target-subjects 3``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--profile", default="biovid")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,7 @@
 """Benchmark of the video pipeline: decoded + face-cropped frames per second.
 
 Measures isolated (worker process) and in-process decoding on the same files, median of a few
-repeats. Run: ``python -m simulations.bench_pipeline [VIDEO ...]`` (without videos it writes small
+repeats. Run: ``python -m pft.simulations.bench_pipeline [VIDEO ...]`` (without videos it writes small
 mp4s of a real face, skimage's astronaut portrait, panning) and it prints JSON.
 """
 
@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from pft_core.data.datasets import VideoRecord
-from pft_core.data.faces import AnnotatedFaceDetector, FaceDetector, HaarFaceDetector, sidecar_path
-from pft_core.data.landmarks import AnnotatedLandmarkDetector, LandmarkDetector
-from pft_core.data.pipeline import FaceCropConfig, process_videos
-from pft_core.data.video import VideoConfig, VideoDecoder
+from pft.core.data.datasets import VideoRecord
+from pft.core.data.faces import AnnotatedFaceDetector, FaceDetector, HaarFaceDetector, sidecar_path
+from pft.core.data.landmarks import AnnotatedLandmarkDetector, LandmarkDetector
+from pft.core.data.pipeline import FaceCropConfig, process_videos
+from pft.core.data.video import VideoConfig, VideoDecoder
 
 
 def bench_pipeline(
@@ -114,7 +114,7 @@ def make_astronaut_videos(folder: Path, count: int = 8, frames: int = 30, size: 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Benchmark the given videos (or generated astronaut clips) and print JSON."""
-    from simulations.machine import describe_machine
+    from pft.simulations.machine import describe_machine
 
     args = list(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """How fast the on-device SDK is on this CPU: enrollment, per-frame prediction, export size, memory.
 
-``python -m simulations.bench_sdk [--out DIR] [--repeats N]`` builds a signed demo bundle (the
+``python -m pft.simulations.bench_sdk [--out DIR] [--repeats N]`` builds a signed demo bundle (the
 default ``ModelConfig``: width 16, 64-px crops; random-initialised F, C, T with source styles
 computed from a tiny synthetic cohort - speed does not depend on training), writes a 10-second
 neutral video of a REAL face (the astronaut photograph, slowly panning and zooming, 15 fps,
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pft_core.bundle import save_bundle
-from pft_core.cohort import CohortConfig, make_cohort
-from pft_core.data import (
+from pft.core.bundle import save_bundle
+from pft.core.cohort import CohortConfig, make_cohort
+from pft.core.data import (
     AnnotatedFaceDetector,
     AnnotatedLandmarkDetector,
     DatasetIndex,
@@ -44,10 +44,10 @@ from pft_core.data import (
     load_dataset,
     process_videos,
 )
-from pft_core.models import ModelConfig, build_parts
-from pft_core.signing import generate_signing_key, save_public_key, sign_bundle
-from pft_core.training import SubjectFeatures, extract_features, source_styles
-from simulations.machine import describe_machine
+from pft.core.models import ModelConfig, build_parts
+from pft.core.signing import generate_signing_key, save_public_key, sign_bundle
+from pft.core.training import SubjectFeatures, extract_features, source_styles
+from pft.simulations.machine import describe_machine
 
 __all__ = ["bench_sdk", "build_demo_bundle", "write_astronaut_video"]
 
@@ -146,7 +146,7 @@ def _median_ms(fn: Any, repeats: int) -> float:
 
 def _enroll_child(bundle: str, pem: str, video: str) -> None:
     """Enroll once in this (fresh) process and print its peak RSS in MB as JSON."""
-    from client.sdk import Personalizer
+    from pft.client.sdk import Personalizer
 
     with tempfile.TemporaryDirectory() as state, Personalizer.from_bundle(bundle, pem, state_dir=state) as p:
         report = p.enroll([video])
@@ -165,7 +165,7 @@ def _enroll_child(bundle: str, pem: str, video: str) -> None:
 
 def bench_sdk(work_dir: Path, repeats: int = 3) -> dict[str, Any]:
     """Run every measurement (see the module docstring) and return the numbers."""
-    from client.sdk import Personalizer
+    from pft.client.sdk import Personalizer
 
     work_dir.mkdir(parents=True, exist_ok=True)
     cohort = work_dir / "cohort"
@@ -198,7 +198,7 @@ def bench_sdk(work_dir: Path, repeats: int = 3) -> dict[str, Any]:
     p = Personalizer.from_bundle(bundle_dir, pem)
     p.enroll([video])
     crop = p.predict(video)  # warm the model
-    from pft_core.data import HaarFaceDetector, crop_face, decode_video
+    from pft.core.data import HaarFaceDetector, crop_face, decode_video
 
     frame = decode_video(video, VideoConfig(max_frames=1, isolate=False)).frames[0]
     boxes = HaarFaceDetector().detect(frame)
@@ -220,7 +220,7 @@ def bench_sdk(work_dir: Path, repeats: int = 3) -> dict[str, Any]:
         [
             sys.executable,
             "-m",
-            "simulations.bench_sdk",
+            "pft.simulations.bench_sdk",
             "--enroll-child",
             str(bundle_dir),
             str(pem),

@@ -24,18 +24,18 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from pft_core.bundle import load_bundle, save_bundle
-from pft_core.cohort import CohortConfig
-from pft_core.config import FrozenConfig
-from pft_core.data import DatasetIndex, FaceCropConfig, VideoConfig, VideoRecord
-from pft_core.data.cache import state_dict_sha256
-from pft_core.metrics import accuracy, macro_f1
-from pft_core.models import Classifier, FeatureExtractor, ModelConfig
-from pft_core.pairing import Strategy
-from pft_core.personalize import SourceModel
-from pft_core.privacy import summarise_releases
-from pft_core.safe_weights import load_safetensors, save_safetensors
-from pft_core.training import (
+from pft.core.bundle import load_bundle, save_bundle
+from pft.core.cohort import CohortConfig
+from pft.core.config import FrozenConfig
+from pft.core.data import DatasetIndex, FaceCropConfig, VideoConfig, VideoRecord
+from pft.core.data.cache import state_dict_sha256
+from pft.core.metrics import accuracy, macro_f1
+from pft.core.models import Classifier, FeatureExtractor, ModelConfig
+from pft.core.pairing import Strategy
+from pft.core.personalize import SourceModel
+from pft.core.privacy import summarise_releases
+from pft.core.safe_weights import load_safetensors, save_safetensors
+from pft.core.training import (
     SourceStyles,
     SourceTrainConfig,
     SubjectFeatures,
@@ -43,17 +43,17 @@ from pft_core.training import (
     pretrain_translator,
     train_source,
 )
-from simulations.batched import BatchedConfig, run_pft_batched
-from simulations.machine import describe_machine
-from simulations.methods import METHODS, MethodOutcome, MethodSettings, TargetData, target_images
-from simulations.report import (
+from pft.simulations.batched import BatchedConfig, run_pft_batched
+from pft.simulations.machine import describe_machine
+from pft.simulations.methods import METHODS, MethodOutcome, MethodSettings, TargetData, target_images
+from pft.simulations.report import (
     markdown_table,
     plot_embedding,
     plot_per_subject,
     summarise_method,
     write_results,
 )
-from simulations.workspace import FrameSet, FrameStore, default_cache_root, ensure_cohort, open_cohort
+from pft.simulations.workspace import FrameSet, FrameStore, default_cache_root, ensure_cohort, open_cohort
 
 Profile = Literal["biovid", "stressid", "bah", "affwild2"]
 PROFILES: tuple[Profile, ...] = ("biovid", "stressid", "bah", "affwild2")

@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from flwr.clientapp import ClientApp
 
-from client.flower_app import SPEC_ENV, NodeSpec
-from client.store import generate_key_file
-from pft_core.signing import load_signing_key, write_signing_key_pair
-from server.app import ServerSpec
-from server.publish import publish_bundle
-from simulations.experiment import ExperimentConfig, ExperimentResult, run_experiment
-from simulations.workspace import default_cache_root, ensure_cohort, open_cohort
+from pft.client.flower_app import SPEC_ENV, NodeSpec
+from pft.client.store import generate_key_file
+from pft.core.signing import load_signing_key, write_signing_key_pair
+from pft.server.app import ServerSpec
+from pft.server.publish import publish_bundle
+from pft.simulations.experiment import ExperimentConfig, ExperimentResult, run_experiment
+from pft.simulations.workspace import default_cache_root, ensure_cohort, open_cohort
 
 
 @contextmanager
@@ -174,8 +174,8 @@ def run_flower_simulation(
     """
     from flwr.simulation import run_simulation
 
-    from client.flower_app import app as default_client_app
-    from server.app import app as server_app
+    from pft.client.flower_app import app as default_client_app
+    from pft.server.app import app as server_app
 
     resources = client_resources(num_cpus, num_gpus)
     cache_root = Path(cache_root) if cache_root is not None else default_cache_root()

@@ -1,4 +1,4 @@
-"""The methods an experiment compares, each a small runner over ``pft_core``'s one trainer.
+"""The methods an experiment compares, each a small runner over ``pft.core``'s one trainer.
 
 A runner takes the source model, one target person's data and the settings, adapts on what the
 method is allowed to see (PFT: the person's NEUTRAL ``adapt`` frames; the oracle: the labelled
@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from pft_core.adaptation import (
+from pft.core.adaptation import (
     AdaptationData,
     AdaptationMethod,
     AdaptationTrainer,
@@ -27,7 +27,7 @@ from pft_core.adaptation import (
     Oracle,
     predict,
 )
-from pft_core.baselines import (
+from pft.core.baselines import (
     NeutralNorm,
     NRCConfig,
     SHOTConfig,
@@ -35,18 +35,18 @@ from pft_core.baselines import (
     baseline_translator,
     reestimate_batchnorm,
 )
-from pft_core.config import FrozenConfig
-from pft_core.data import VideoRecord
-from pft_core.models import FeatureExtractor, style_code
-from pft_core.pairing import match_reference
-from pft_core.personalize import PersonalizeConfig, SourceModel, pairing_query, personalize
-from pft_core.training import extract_features
-from simulations.workspace import FrameSet, FrameStore
+from pft.core.config import FrozenConfig
+from pft.core.data import VideoRecord
+from pft.core.models import FeatureExtractor, style_code
+from pft.core.pairing import match_reference
+from pft.core.personalize import PersonalizeConfig, SourceModel, pairing_query, personalize
+from pft.core.training import extract_features
+from pft.simulations.workspace import FrameSet, FrameStore
 
 
 class MethodSettings(FrozenConfig):
     """Per-method settings: PFT's stage 3, the oracle's supervised fine-tuning and the baselines'
-    (SHOT, NRC, TPDS: see ``pft_core.baselines``; AdaBN's batch size for re-estimating BatchNorm)."""
+    (SHOT, NRC, TPDS: see ``pft.core.baselines``; AdaBN's batch size for re-estimating BatchNorm)."""
 
     pft: PersonalizeConfig = PersonalizeConfig()
     oracle: AdaptConfig = AdaptConfig(max_iterations=150, min_iterations=150, lr=1e-3)
@@ -174,7 +174,7 @@ def run_oracle(model: SourceModel, target: TargetData, settings: MethodSettings,
     return MethodOutcome(logits, result.iterations, result.seconds, None, result.converged, n_params)
 
 
-# --- baselines (pft_core.baselines; docs/baselines.md) -------------------------------------------------
+# --- baselines (pft.core.baselines; docs/baselines.md) -------------------------------------------------
 def _reference(model: SourceModel, neutral: FrameSet, seed: int) -> str:
     """The source subject a target is matched with (the same rule as ``personalize``)."""
     query = pairing_query(model.pairing, neutral.features, neutral.mean_descriptor())
@@ -264,7 +264,7 @@ def run_adabn(model: SourceModel, target: TargetData, settings: MethodSettings, 
     if target.images is None:
         raise ValueError(
             f"{target.subject}: adabn needs the face crops (TargetData.images; build it with "
-            "simulations.methods.target_images)"
+            "pft.simulations.methods.target_images)"
         )
     t0 = time.perf_counter()
     adapted = reestimate_batchnorm(target.images.extractor, target.images.adapt, settings.adabn_batch_size)

@@ -8,7 +8,7 @@ then stage-3 PFT runs on every held-out subject starting from (a) the source T0 
 beside source-only (no adaptation) with T0 and with the prior. Mean macro-F1 over held-out subjects
 and the epsilon each participating device spent are written to ``results.json`` and ``report.md``.
 
-    python -m simulations.prior_experiment --out runs/prior --cache-dir /tmp/pftc_prior
+    python -m pft.simulations.prior_experiment --out runs/prior --cache-dir /tmp/pftc_prior
 """
 
 from __future__ import annotations
@@ -29,22 +29,22 @@ import torch
 from flwr.clientapp import ClientApp
 from pydantic import Field
 
-from client.flower_app import SPEC_ENV, NodeSpec
-from client.ledger import PrivacyBudget
-from client.prior_app import PRIOR_NODE_SECTION, PriorNodeSettings
-from pft_core.bundle import load_bundle
-from pft_core.config import FrozenConfig
-from pft_core.errors import SecureAggregationHaltedError
-from pft_core.metrics import macro_f1
-from pft_core.models import Translator
-from pft_core.prior import PriorUpdateConfig, update_release
-from pft_core.signing import TrustedBundleCache, load_public_key, load_signing_key
-from server.prior_app import PRIOR_SERVER_SECTION, REPORT_FILE, PriorServerSpec
-from server.publish import publish_bundle
-from simulations.experiment import ExperimentConfig, PreparedExperiment, prepare_experiment
-from simulations.flower_engine import _env, client_resources, simulation_keys
-from simulations.machine import describe_machine
-from simulations.methods import METHODS
+from pft.client.flower_app import SPEC_ENV, NodeSpec
+from pft.client.ledger import PrivacyBudget
+from pft.client.prior_app import PRIOR_NODE_SECTION, PriorNodeSettings
+from pft.core.bundle import load_bundle
+from pft.core.config import FrozenConfig
+from pft.core.errors import SecureAggregationHaltedError
+from pft.core.metrics import macro_f1
+from pft.core.models import Translator
+from pft.core.prior import PriorUpdateConfig, update_release
+from pft.core.signing import TrustedBundleCache, load_public_key, load_signing_key
+from pft.server.prior_app import PRIOR_SERVER_SECTION, REPORT_FILE, PriorServerSpec
+from pft.server.publish import publish_bundle
+from pft.simulations.experiment import ExperimentConfig, PreparedExperiment, prepare_experiment
+from pft.simulations.flower_engine import _env, client_resources, simulation_keys
+from pft.simulations.machine import describe_machine
+from pft.simulations.methods import METHODS
 
 __all__ = [
     "PriorExperimentConfig",
@@ -183,8 +183,8 @@ def run_prior_federation(federation: PriorFederation, client_app: ClientApp | No
     """
     from flwr.simulation import run_simulation
 
-    from client.prior_app import app as default_client_app
-    from server.prior_app import app as server_app
+    from pft.client.prior_app import app as default_client_app
+    from pft.server.prior_app import app as server_app
 
     report_path = federation.out_dir / REPORT_FILE
     report_path.unlink(missing_ok=True)
@@ -245,7 +245,7 @@ def run_prior_experiment(
     Returns the results (also written to ``out_dir/results.json``, with ``report.md`` and
     ``config.json``).
     """
-    from simulations.workspace import default_cache_root
+    from pft.simulations.workspace import default_cache_root
 
     t_start = time.perf_counter()
     cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
@@ -356,7 +356,7 @@ def prior_report_markdown(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    """Command-line entry: ``python -m simulations.prior_experiment --out DIR``."""
+    """Command-line entry: ``python -m pft.simulations.prior_experiment --out DIR``."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cache-dir", type=Path, default=None)

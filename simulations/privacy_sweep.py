@@ -4,7 +4,7 @@ Runs the ``pft simulate`` experiment (same cohort, cached source model, same see
 epsilon with ``settings.pft.dp`` set, and writes ``privacy_sweep.json``, ``privacy_sweep.md`` (a
 table) and ``privacy_sweep.png`` (F1 vs epsilon) in the output folder::
 
-    python -m simulations.privacy_sweep --cache-dir /tmp/pftc_dp --out runs/privacy
+    python -m pft.simulations.privacy_sweep --cache-dir /tmp/pftc_dp --out runs/privacy
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pft_core.privacy import DPConfig, PrivacyUnit
-from simulations.experiment import ExperimentConfig, run_experiment
+from pft.core.privacy import DPConfig, PrivacyUnit
+from pft.simulations.experiment import ExperimentConfig, run_experiment
 
 DEFAULT_EPSILONS: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, math.inf)
 
@@ -118,7 +118,7 @@ def write_outputs(rows: list[dict[str, Any]], out: Path) -> None:
 
 
 def main() -> None:
-    """Command line: ``python -m simulations.privacy_sweep [--epsilons 1,2,4,8,inf] ...``."""
+    """Command line: ``python -m pft.simulations.privacy_sweep [--epsilons 1,2,4,8,inf] ...``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/privacy"))
     ap.add_argument("--cache-dir", type=Path, default=None)

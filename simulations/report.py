@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pft_core.atomic import atomic_write_text
+from pft.core.atomic import atomic_write_text
 
 #: Row groups in the order of the paper's tables; methods not listed go under "Other".
 METHOD_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (

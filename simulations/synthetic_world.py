@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pft_core.models import Classifier, ModelConfig, StyleNormalizer, Translator
-from pft_core.personalize import SourceModel
-from pft_core.training import SourceStyles
+from pft.core.models import Classifier, ModelConfig, StyleNormalizer, Translator
+from pft.core.personalize import SourceModel
+from pft.core.training import SourceStyles
 
 
 @dataclass

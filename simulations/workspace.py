@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pft_core.cohort import CohortConfig, make_cohort
-from pft_core.data import (
+from pft.core.cohort import CohortConfig, make_cohort
+from pft.core.data import (
     AnnotatedFaceDetector,
     AnnotatedLandmarkDetector,
     DatasetIndex,
@@ -30,9 +30,9 @@ from pft_core.data import (
     load_dataset,
     process_videos,
 )
-from pft_core.data.cache import FeatureCache, file_sha256, state_dict_sha256
-from pft_core.models import FeatureExtractor
-from pft_core.training import extract_features
+from pft.core.data.cache import FeatureCache, file_sha256, state_dict_sha256
+from pft.core.models import FeatureExtractor
+from pft.core.training import extract_features
 
 Step = Callable[[int, int], None]
 """``step(done, total)`` progress callback."""

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server import pki
+from pft.server import pki
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -2,7 +2,7 @@
 
 The bundle is built from real parts: F, C, T random-initialised at a small size (width 8, 32-px
 crops), the style normaliser, source styles and pairing descriptors computed by
-``pft_core.training.source_styles`` from F's features of the cohort's source subjects.
+``pft.core.training.source_styles`` from F's features of the cohort's source subjects.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pft_core.cohort import CohortConfig, make_cohort
-from pft_core.data import (
+from pft.core.cohort import CohortConfig, make_cohort
+from pft.core.data import (
     DatasetIndex,
     load_dataset,
 )
-from pft_core.models import ModelConfig
-from pft_core.signing import generate_signing_key, save_public_key
-from simulations.bench_sdk import build_demo_bundle
+from pft.core.models import ModelConfig
+from pft.core.signing import generate_signing_key, save_public_key
+from pft.simulations.bench_sdk import build_demo_bundle
 
 SDK_MODEL = ModelConfig(width=8, image_size=32, num_classes=2, translator_hidden=32, style_embed_dim=8)
 

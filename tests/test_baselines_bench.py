@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from simulations.bench_methods import _summarise, markdown, measure_memory
+from pft.simulations.bench_methods import _summarise, markdown, measure_memory
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS is sampled from /proc")

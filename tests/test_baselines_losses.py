@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pft_core.baselines import (
+from pft.core.baselines import (
     NeutralNorm,
     iic_loss,
     information_maximisation,

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from pft_core.adaptation import AdaptationData, AdaptationTrainer, AdaptConfig, ModelParts, predict
-from pft_core.baselines import NRC, SHOT, TPDS, baseline_translator, reestimate_batchnorm
-from pft_core.models import Classifier, FeatureExtractor, ModelConfig, Translator, preprocess
-from pft_core.personalize import SourceModel
-from pft_core.training import SubjectFeatures, extract_features, source_styles
-from simulations.methods import METHODS, MethodSettings, TargetData, TargetImages
-from simulations.workspace import FrameSet
+from pft.core.adaptation import AdaptationData, AdaptationTrainer, AdaptConfig, ModelParts, predict
+from pft.core.baselines import NRC, SHOT, TPDS, baseline_translator, reestimate_batchnorm
+from pft.core.models import Classifier, FeatureExtractor, ModelConfig, Translator, preprocess
+from pft.core.personalize import SourceModel
+from pft.core.training import SubjectFeatures, extract_features, source_styles
+from pft.simulations.methods import METHODS, MethodSettings, TargetData, TargetImages
+from pft.simulations.workspace import FrameSet
 
 CFG = ModelConfig(width=8, image_size=32, num_classes=2, translator_hidden=32, style_embed_dim=8)
 FAST = AdaptConfig(max_iterations=12, min_iterations=12, batch_size=16, lr=1e-2, seed=0)

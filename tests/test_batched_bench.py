@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pft_cli.bench import bench_app
-from simulations.bench_latency import bench_adapt, bench_features
+from pft.cli.bench import bench_app
+from pft.simulations.bench_latency import bench_adapt, bench_features
 
 
 @pytest.mark.slow
@@ -51,7 +51,7 @@ def test_bench_engines_refuses_unknown_engine() -> None:
 def test_engines_table_shows_rates_shares_and_ratios() -> None:
     from rich.console import Console
 
-    from pft_cli.bench import engines_table
+    from pft.cli.bench import engines_table
 
     row = {"subjects_per_s": 40.0, "gflops": 100.0, "peak_rss_mb": 700.4, "wall_s": 25.0}
     result = {

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pft_core.adaptation import AdaptationData, AdaptConfig
-from pft_core.errors import TooFewFacesError
-from pft_core.models import ModelConfig
-from pft_core.personalize import PersonalizeConfig, personalize
-from simulations import batched
-from simulations.batched import (
+from pft.core.adaptation import AdaptationData, AdaptConfig
+from pft.core.errors import TooFewFacesError
+from pft.core.models import ModelConfig
+from pft.core.personalize import PersonalizeConfig, personalize
+from pft.simulations import batched
+from pft.simulations.batched import (
     BatchedConfig,
     SubjectAdaptation,
     _bernoulli_mask,
@@ -19,9 +19,9 @@ from simulations.batched import (
     run_pft_batched,
     subject_task,
 )
-from simulations.methods import MethodSettings, TargetData, run_pft
-from simulations.synthetic_world import synthetic_model, synthetic_subject
-from simulations.workspace import FrameSet
+from pft.simulations.methods import MethodSettings, TargetData, run_pft
+from pft.simulations.synthetic_world import synthetic_model, synthetic_subject
+from pft.simulations.workspace import FrameSet
 
 # a loose tolerance makes subjects stop at different steps (per-subject early stopping)
 FAST = AdaptConfig(lr=0.01, max_iterations=36, min_iterations=8, tol=0.06, window=3)

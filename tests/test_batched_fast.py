@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import torch
 
-from pft_core.adaptation import AdaptConfig
-from pft_core.personalize import PersonalizeConfig
-from simulations.batched import (
+from pft.core.adaptation import AdaptConfig
+from pft.core.personalize import PersonalizeConfig
+from pft.simulations.batched import (
     BatchedConfig,
     SubjectAdaptation,
     SubjectTask,
@@ -18,7 +18,7 @@ from simulations.batched import (
     adapt_subjects,
     subject_task,
 )
-from simulations.synthetic_world import synthetic_model, synthetic_subject
+from pft.simulations.synthetic_world import synthetic_model, synthetic_subject
 
 FIXED = AdaptConfig(lr=0.01, max_iterations=30, min_iterations=30)  # no early stop: same work
 

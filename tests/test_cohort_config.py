@@ -10,8 +10,8 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from pft_cli.cohort import cohort_app
-from pft_core.cohort import PROFILES, CohortConfig, load_manifest, preview_cohort
+from pft.cli.cohort import cohort_app
+from pft.core.cohort import PROFILES, CohortConfig, load_manifest, preview_cohort
 
 
 @pytest.mark.parametrize(
@@ -98,7 +98,7 @@ def test_cli_make_info_preview(tmp_path: Path) -> None:
 
 
 def test_preview_refuses_a_folder_without_manifest(tmp_path: Path) -> None:
-    from pft_core.errors import DatasetLayoutError
+    from pft.core.errors import DatasetLayoutError
 
     with pytest.raises(DatasetLayoutError):
         preview_cohort(tmp_path, tmp_path / "x.png")

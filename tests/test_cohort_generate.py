@@ -10,9 +10,9 @@ import av
 import numpy as np
 import pytest
 
-from pft_core.cohort import CohortConfig, load_manifest, make_cohort
-from pft_core.cohort.generate import plan_clips
-from pft_core.errors import DatasetLayoutError
+from pft.core.cohort import CohortConfig, load_manifest, make_cohort
+from pft.core.cohort.generate import plan_clips
+from pft.core.errors import DatasetLayoutError
 
 TINY = {"source_subjects": 2, "target_subjects": 2, "frame_size": 64, "frames_per_clip": 6}
 

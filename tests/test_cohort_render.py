@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pft_core.cohort import AU_NAMES, CohortConfig
-from pft_core.cohort.generate import make_subject
-from pft_core.cohort.render import FrameState, SessionLook, render_frame
+from pft.core.cohort import AU_NAMES, CohortConfig
+from pft.core.cohort.generate import make_subject
+from pft.core.cohort.render import FrameState, SessionLook, render_frame
 
 SIZE = 96
 CONFIG = CohortConfig(source_subjects=8, target_subjects=2)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from data_media import write_sidecar
 
-from simulations.bench_pipeline import bench_pipeline, make_astronaut_videos
+from pft.simulations.bench_pipeline import bench_pipeline, make_astronaut_videos
 
 
 def test_bench_counts_frames_for_both_modes(tmp_path: Path) -> None:

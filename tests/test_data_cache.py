@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pft_core.data.cache import FeatureCache, file_sha256, state_dict_sha256
+from pft.core.data.cache import FeatureCache, file_sha256, state_dict_sha256
 
 
 def test_file_sha256_matches_hashlib(tmp_path: Path) -> None:

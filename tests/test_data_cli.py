@@ -8,7 +8,7 @@ import cv2
 from data_media import astronaut_pan, write_video
 from typer.testing import CliRunner
 
-from pft_cli.data import data_app
+from pft.cli.data import data_app
 
 
 def _tree(root: Path) -> Path:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from data_media import gradient_frames, write_video
 
-from pft_core.data.datasets import load_dataset
-from pft_core.data.video import VideoConfig, decode_video
-from pft_core.errors import DatasetLayoutError
+from pft.core.data.datasets import load_dataset
+from pft.core.data.video import VideoConfig, decode_video
+from pft.core.errors import DatasetLayoutError
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,14 @@ import pytest
 from data_media import ASTRONAUT_EYES, ASTRONAUT_FACE, write_sidecar
 from skimage.data import astronaut, lfw_subset
 
-from pft_core.data.faces import AnnotatedFaceDetector, FaceBox, HaarFaceDetector, crop_face
-from pft_core.data.landmarks import (
+from pft.core.data.faces import AnnotatedFaceDetector, FaceBox, HaarFaceDetector, crop_face
+from pft.core.data.landmarks import (
     AnnotatedLandmarkDetector,
     DlibLandmarkDetector,
     eye_centres,
     geometry_descriptor,
 )
-from pft_core.errors import FaceAnnotationError
+from pft.core.errors import FaceAnnotationError
 
 
 def _iou(a: FaceBox, b: tuple[float, float, float, float]) -> float:

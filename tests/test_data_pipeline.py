@@ -16,12 +16,12 @@ from data_media import (
 )
 from pydantic import ValidationError
 
-from pft_core.data.datasets import VideoRecord
-from pft_core.data.faces import AnnotatedFaceDetector, HaarFaceDetector
-from pft_core.data.landmarks import AnnotatedLandmarkDetector
-from pft_core.data.pipeline import FaceCropConfig, extract_face_clip, process_videos
-from pft_core.data.video import VideoConfig, VideoDecoder
-from pft_core.errors import NoFaceError, TooFewFaceFramesError
+from pft.core.data.datasets import VideoRecord
+from pft.core.data.faces import AnnotatedFaceDetector, HaarFaceDetector
+from pft.core.data.landmarks import AnnotatedLandmarkDetector
+from pft.core.data.pipeline import FaceCropConfig, extract_face_clip, process_videos
+from pft.core.data.video import VideoConfig, VideoDecoder
+from pft.core.errors import NoFaceError, TooFewFaceFramesError
 
 INPROC = VideoConfig(isolate=False)
 CROP = FaceCropConfig(size=48)
@@ -129,7 +129,7 @@ def test_batch_survives_a_decoder_crash(tmp_path: Path, astronaut_video: Path) -
         def decode(self, path: str | Path, config: VideoConfig):  # type: ignore[no-untyped-def]
             self.calls += 1
             if self.calls == 2:
-                from pft_core.data.video import abort_worker_for_tests
+                from pft.core.data.video import abort_worker_for_tests
 
                 self.run_in_worker(abort_worker_for_tests, path)
             return super().decode(path, config)

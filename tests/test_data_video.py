@@ -15,7 +15,7 @@ import pytest
 from data_media import gradient_frames, write_video
 from pydantic import ValidationError
 
-from pft_core.data.video import (
+from pft.core.data.video import (
     VideoConfig,
     VideoDecoder,
     abort_worker_for_tests,
@@ -25,7 +25,7 @@ from pft_core.data.video import (
     planned_frame_indices,
     probe_video,
 )
-from pft_core.errors import (
+from pft.core.errors import (
     DecodeTimeoutError,
     EmptyVideoFileError,
     FrameRateError,
@@ -210,7 +210,7 @@ def test_typed_errors_cross_the_process_boundary(tmp_path: Path) -> None:
 
 
 def test_worker_module_does_not_import_torch() -> None:
-    code = "import sys, pft_core.data.video, pft_core.data; print('torch' in sys.modules)"
+    code = "import sys, pft.core.data.video, pft.core.data; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -245,7 +245,7 @@ def test_worker_does_not_rerun_the_callers_main_module(tmp_path: Path) -> None:
         "import pathlib, sys\n"
         "if __name__ != '__main__':\n"
         f"    pathlib.Path({str(marker)!r}).write_text(__name__)\n"
-        "from pft_core.data.video import VideoDecoder, worker_main_module_for_tests\n"
+        "from pft.core.data.video import VideoDecoder, worker_main_module_for_tests\n"
         "if __name__ == '__main__':\n"
         "    with VideoDecoder() as decoder:\n"
         "        print('main=' + decoder.run_in_worker(worker_main_module_for_tests, 'x'))\n"

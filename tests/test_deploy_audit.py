@@ -1,4 +1,4 @@
-"""The server audit log (server.audit) and the `pft server` commands that write it."""
+"""The server audit log (pft.server.audit) and the `pft server` commands that write it."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pft_cli.server import server_app
-from pft_core.signing import (
+from pft.cli.server import server_app
+from pft.core.signing import (
     bundle_digest,
     key_id,
     load_public_key,
@@ -20,8 +20,8 @@ from pft_core.signing import (
     write_manifest_files,
     write_signing_key_pair,
 )
-from server.audit import AuditLog, AuditLogError, RunAudit, read_audit_log
-from server.rounds import Exchange
+from pft.server.audit import AuditLog, AuditLogError, RunAudit, read_audit_log
+from pft.server.rounds import Exchange
 
 
 def test_append_and_read_back(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from client.flower_app import NodeSpec
-from server.app import ServerSpec
+from pft.client.flower_app import NodeSpec
+from pft.server.app import ServerSpec
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 REPO = DEPLOY.parent

@@ -22,14 +22,14 @@ import pytest
 from deploy_support import BIN, Deployment
 from typer.testing import CliRunner
 
-from client.store import EncryptedStore, StoreKey
-from pft_cli.keys import certs_app, keys_app
-from pft_cli.server import server_app
-from pft_core.signing import load_public_key, verify_bundle
-from server import pki
-from server.audit import read_audit_log
-from simulations.experiment import ExperimentConfig, run_experiment
-from simulations.flower_engine import write_flower_spec
+from pft.cli.keys import certs_app, keys_app
+from pft.cli.server import server_app
+from pft.client.store import EncryptedStore, StoreKey
+from pft.core.signing import load_public_key, verify_bundle
+from pft.server import pki
+from pft.server.audit import read_audit_log
+from pft.simulations.experiment import ExperimentConfig, run_experiment
+from pft.simulations.flower_engine import write_flower_spec
 
 TINY = ExperimentConfig.model_validate(
     {

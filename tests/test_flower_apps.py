@@ -13,18 +13,18 @@ import torch
 from flower_support import incoming
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.egress import EgressViolationError, check_reply, describe_outgoing, metrics_reply
-from client.flower_app import install, query
-from client.store import generate_key_file
-from pft_core.bundle import save_bundle
-from pft_core.errors import (
+from pft.client.egress import EgressViolationError, check_reply, describe_outgoing, metrics_reply
+from pft.client.flower_app import install, query
+from pft.client.store import generate_key_file
+from pft.core.bundle import save_bundle
+from pft.core.errors import (
     BundleRollbackError,
     BundleSignatureError,
     BundleTamperedError,
     BundleUnsignedFileError,
 )
-from pft_core.models import Classifier, FeatureExtractor, ModelConfig, StyleNormalizer, Translator
-from pft_core.signing import (
+from pft.core.models import Classifier, FeatureExtractor, ModelConfig, StyleNormalizer, Translator
+from pft.core.signing import (
     bundle_digest,
     generate_signing_key,
     load_public_key,
@@ -32,7 +32,7 @@ from pft_core.signing import (
     verify_bundle,
     write_signing_key_pair,
 )
-from server.publish import bundle_arrays, publish_bundle
+from pft.server.publish import bundle_arrays, publish_bundle
 
 CFG = ModelConfig(width=8, image_size=32, num_classes=2, translator_hidden=16)
 

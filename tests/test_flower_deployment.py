@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from deploy_support import BIN, CONNECTION, Deployment
 
-from server import pki
-from simulations.experiment import ExperimentConfig, run_experiment
-from simulations.flower_engine import write_flower_spec
+from pft.server import pki
+from pft.simulations.experiment import ExperimentConfig, run_experiment
+from pft.simulations.flower_engine import write_flower_spec
 
 TINY = ExperimentConfig.model_validate(
     {

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from client.egress import ALLOWED_METRICS, make_egress_audit_mod
-from client.flower_app import make_client_app
-from simulations.experiment import ExperimentConfig, ExperimentResult, run_experiment
-from simulations.flower_engine import client_resources, run_flower_simulation
+from pft.client.egress import ALLOWED_METRICS, make_egress_audit_mod
+from pft.client.flower_app import make_client_app
+from pft.simulations.experiment import ExperimentConfig, ExperimentResult, run_experiment
+from pft.simulations.flower_engine import client_resources, run_flower_simulation
 
 TINY = ExperimentConfig.model_validate(
     {

@@ -1,4 +1,4 @@
-"""Key and certificate tooling (server.pki and the `pft keys` / `pft certs` commands)."""
+"""Key and certificate tooling (pft.server.pki and the `pft keys` / `pft certs` commands)."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from typer.testing import CliRunner
 
-from pft_cli.keys import certs_app, keys_app
-from pft_core import signing
-from server import pki
+from pft.cli.keys import certs_app, keys_app
+from pft.core import signing
+from pft.server import pki
 
 SANS = ["127.0.0.1", "localhost", "myhost.example"]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pft_core.adaptation import (
+from pft.core.adaptation import (
     AdaptationData,
     AdaptationTrainer,
     AdaptConfig,
@@ -19,8 +19,8 @@ from pft_core.adaptation import (
     adapt_translator,
     predict,
 )
-from pft_core.errors import TooFewFacesError
-from pft_core.models import Classifier, FeatureExtractor, ModelConfig, Translator
+from pft.core.errors import TooFewFacesError
+from pft.core.models import Classifier, FeatureExtractor, ModelConfig, Translator
 
 CFG = ModelConfig(width=8, translator_hidden=64, style_embed_dim=8)
 FAST = AdaptConfig(max_iterations=12, min_iterations=12, batch_size=16, lr=1e-2, seed=0)

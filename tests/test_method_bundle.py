@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pft_core.bundle import load_bundle, save_bundle
-from pft_core.errors import BundleError, BundleTamperedError
-from pft_core.models import Classifier, FeatureExtractor, ModelConfig, StyleNormalizer, Translator
-from pft_core.signing import generate_signing_key, sign_bundle, verify_bundle
+from pft.core.bundle import load_bundle, save_bundle
+from pft.core.errors import BundleError, BundleTamperedError
+from pft.core.models import Classifier, FeatureExtractor, ModelConfig, StyleNormalizer, Translator
+from pft.core.signing import generate_signing_key, sign_bundle, verify_bundle
 
 CFG = ModelConfig(width=8, image_size=32, num_classes=3, translator_hidden=32)
 

@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from pft_core.losses import (
+from pft.core.losses import (
     channel_stats,
     classification_loss,
     consistency_loss,
     expression_loss,
     style_loss,
 )
-from pft_core.models import Classifier, ModelConfig, Translator
+from pft.core.models import Classifier, ModelConfig, Translator
 
 EPS = 1e-5
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from pft_core.metrics import accuracy, confusion_matrix, macro_f1
+from pft.core.metrics import accuracy, confusion_matrix, macro_f1
 
 
 def test_macro_f1_hand_computed() -> None:

@@ -1,4 +1,4 @@
-"""F, T, C and style codes (pft_core.models)."""
+"""F, T, C and style codes (pft.core.models)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pft_core.errors import IncompatibleWeightsError, UnsafeWeightsError
-from pft_core.models import (
+from pft.core.errors import IncompatibleWeightsError, UnsafeWeightsError
+from pft.core.models import (
     Classifier,
     FeatureExtractor,
     ModelConfig,
@@ -20,7 +20,7 @@ from pft_core.models import (
     raw_style_code,
     style_code,
 )
-from pft_core.safe_weights import save_safetensors
+from pft.core.safe_weights import save_safetensors
 
 # The 122 entries of torchvision.models.resnet18().state_dict(), written out by hand
 # (torchvision is not installable here): 102 parameters/buffers + 20 num_batches_tracked.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pft_core.pairing import match_reference, pair_subjects
+from pft.core.pairing import match_reference, pair_subjects
 
 
 def test_cosine_pairs_by_direction_not_length() -> None:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pft_core.models import Classifier, FeatureExtractor, ModelConfig
-from pft_core.training import (
+from pft.core.models import Classifier, FeatureExtractor, ModelConfig
+from pft.core.training import (
     SourceStyles,
     SourceTrainConfig,
     SubjectFeatures,

@@ -1,4 +1,4 @@
-"""Stage 3 as the SDK, the Flower client and the simulations call it (pft_core.personalize)."""
+"""Stage 3 as the SDK, the Flower client and the simulations call it (pft.core.personalize)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from pft_core.adaptation import ModelParts, PFTAdaptation
-from pft_core.errors import TooFewFacesError
-from pft_core.models import Classifier, ModelConfig, StyleNormalizer, Translator
-from pft_core.pairing import match_references
-from pft_core.personalize import PersonalizeConfig, SourceModel, personalize
-from pft_core.training import SourceStyles
+from pft.core.adaptation import ModelParts, PFTAdaptation
+from pft.core.errors import TooFewFacesError
+from pft.core.models import Classifier, ModelConfig, StyleNormalizer, Translator
+from pft.core.pairing import match_references
+from pft.core.personalize import PersonalizeConfig, SourceModel, personalize
+from pft.core.training import SourceStyles
 
 CFG = ModelConfig(width=8, num_classes=2, translator_hidden=32, style_embed_dim=8)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from pft_cli.main import app
+from pft.cli.main import app
 
 
 def test_bad_noise_list_is_refused_before_any_work(tmp_path: Path) -> None:

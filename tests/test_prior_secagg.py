@@ -18,16 +18,16 @@ from flower_support import incoming
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.egress import EgressViolationError, check_prior_reply, make_egress_audit_mod
-from client.flower_app import node_from_context
-from client.ledger import LEDGER_FILE, PrivacyBudget, PrivacyLedger
-from client.prior_app import PriorConsentError, make_prior_client_app, prior_egress_guard
-from pft_core.bundle import load_bundle
-from pft_core.errors import SecureAggregationHaltedError
-from pft_core.prior import PriorUpdateConfig, update_release
-from pft_core.signing import load_public_key, verify_bundle
-from simulations.experiment import ExperimentConfig, PreparedExperiment, prepare_experiment
-from simulations.prior_experiment import PriorFederation, run_prior_federation, write_prior_spec
+from pft.client.egress import EgressViolationError, check_prior_reply, make_egress_audit_mod
+from pft.client.flower_app import node_from_context
+from pft.client.ledger import LEDGER_FILE, PrivacyBudget, PrivacyLedger
+from pft.client.prior_app import PriorConsentError, make_prior_client_app, prior_egress_guard
+from pft.core.bundle import load_bundle
+from pft.core.errors import SecureAggregationHaltedError
+from pft.core.prior import PriorUpdateConfig, update_release
+from pft.core.signing import load_public_key, verify_bundle
+from pft.simulations.experiment import ExperimentConfig, PreparedExperiment, prepare_experiment
+from pft.simulations.prior_experiment import PriorFederation, run_prior_federation, write_prior_spec
 
 TINY = ExperimentConfig.model_validate(
     {

@@ -1,4 +1,4 @@
-"""pft_core.prior: the update, its clipping and noise, its epsilon, and T0 + mean update."""
+"""pft.core.prior: the update, its clipping and noise, its epsilon, and T0 + mean update."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from pft_core.adaptation import ModelParts, PFTAdaptation
-from pft_core.errors import InvalidPriorUpdateError
-from pft_core.models import ModelConfig, Translator
-from pft_core.prior import (
+from pft.core.adaptation import ModelParts, PFTAdaptation
+from pft.core.errors import InvalidPriorUpdateError
+from pft.core.models import ModelConfig, Translator
+from pft.core.prior import (
     PriorUpdateConfig,
     apply_prior,
     clip_update,

@@ -1,4 +1,4 @@
-"""DP-SGD on the translator (pft_core.privacy): RELIABILITY rows 11 and 15.
+"""DP-SGD on the translator (pft.core.privacy): RELIABILITY rows 11 and 15.
 
 Oracles: Opacus's micro-batch per-sample gradient check; per-record gradients against gradients
 of each record alone (micro-batches); epsilon against Opacus's accountants stepped by hand; the
@@ -18,10 +18,10 @@ from opacus.utils.per_sample_gradients_utils import check_per_sample_gradients_a
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from pft_core.adaptation import AdaptConfig, Batch, ModelParts, PFTAdaptation
-from pft_core.losses import consistency_loss, style_loss
-from pft_core.models import Classifier, ModelConfig, Translator
-from pft_core.privacy import (
+from pft.core.adaptation import AdaptConfig, Batch, ModelParts, PFTAdaptation
+from pft.core.losses import consistency_loss, style_loss
+from pft.core.models import Classifier, ModelConfig, Translator
+from pft.core.privacy import (
     AccountantName,
     DPConfig,
     DPPFTAdaptation,

@@ -1,4 +1,4 @@
-"""The per-device privacy ledger (client.ledger): RELIABILITY row 10.
+"""The per-device privacy ledger (pft.client.ledger): RELIABILITY row 10.
 
 Budget exhaustion is refused before anything runs and nothing is appended; the cumulative epsilon
 is the accountant over the whole history; the ledger survives restarts and a SIGKILL in the middle
@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.ledger import PrivacyBudget, PrivacyLedger
-from pft_core.adaptation import AdaptConfig
-from pft_core.errors import PrivacyBudgetExceededError, StoreError
-from pft_core.privacy import DPConfig, DPRelease, PrivacyUnit, epsilon_spent, plan_release
+from pft.client.ledger import PrivacyBudget, PrivacyLedger
+from pft.core.adaptation import AdaptConfig
+from pft.core.errors import PrivacyBudgetExceededError, StoreError
+from pft.core.privacy import DPConfig, DPRelease, PrivacyUnit, epsilon_spent, plan_release
 
 
 def _release(sigma: float = 1.0, q: float = 0.2, steps: int = 50, unit: PrivacyUnit = "frame") -> DPRelease:
@@ -104,8 +104,8 @@ def test_merge_keeps_the_longer_history_and_refuses_disagreement(tmp_path: Path)
 
 _WRITER = """
 import sys
-from client.ledger import PrivacyBudget, PrivacyLedger
-from pft_core.privacy import DPRelease
+from pft.client.ledger import PrivacyBudget, PrivacyLedger
+from pft.core.privacy import DPRelease
 path = sys.argv[1]
 ledger = PrivacyLedger.open(path, PrivacyBudget(epsilon=1e9))
 r = DPRelease(noise_multiplier=1.0, sample_rate=0.2, steps=5, delta=1e-5, max_grad_norm=1.0,

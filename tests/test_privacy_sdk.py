@@ -11,14 +11,14 @@ import pytest
 import torch
 from sdk_support import SdkWorld, shared_world
 
-from client.ledger import LEDGER_FILE, PrivacyBudget
-from client.sdk import ClientConfig, Personalizer
-from client.store import StoreKey
-from pft_core.adaptation import AdaptConfig
-from pft_core.data import VideoConfig
-from pft_core.errors import PrivacyBudgetExceededError
-from pft_core.personalize import PersonalizeConfig
-from pft_core.privacy import DPConfig, epsilon_spent, plan_release
+from pft.client.ledger import LEDGER_FILE, PrivacyBudget
+from pft.client.sdk import ClientConfig, Personalizer
+from pft.client.store import StoreKey
+from pft.core.adaptation import AdaptConfig
+from pft.core.data import VideoConfig
+from pft.core.errors import PrivacyBudgetExceededError
+from pft.core.personalize import PersonalizeConfig
+from pft.core.privacy import DPConfig, epsilon_spent, plan_release
 
 KEY = StoreKey.from_bytes(bytes(range(32)))
 ADAPT = AdaptConfig(max_iterations=6, min_iterations=2, batch_size=16, lr=0.01)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from sdk_support import SdkWorld, shared_world
 
-from client.sdk import ClientConfig, Personalizer
-from pft_core.data import VideoConfig
-from pft_core.errors import (
+from pft.client.sdk import ClientConfig, Personalizer
+from pft.core.data import VideoConfig
+from pft.core.errors import (
     BundleError,
     BundleRollbackError,
     BundleSignatureError,
@@ -23,7 +23,7 @@ from pft_core.errors import (
     BundleUnsignedFileError,
     UnsafeWeightsError,
 )
-from pft_core.signing import generate_signing_key, sign_bundle, write_manifest_files
+from pft.core.signing import generate_signing_key, sign_bundle, write_manifest_files
 
 CONFIG = ClientConfig(video=VideoConfig(isolate=False))
 

@@ -11,7 +11,7 @@ import pytest
 from sdk_support import SdkWorld, shared_world
 from typer.testing import CliRunner
 
-from pft_cli.client import client_app
+from pft.cli.client import client_app
 
 runner = CliRunner()
 

@@ -15,12 +15,12 @@ from data_media import ASTRONAUT_FACE, noise_frames, write_video
 from sdk_support import SdkWorld, shared_world
 from skimage.data import astronaut
 
-from client.sdk import ClientConfig, Personalizer, smooth_probabilities
-from pft_core.adaptation import AdaptConfig
-from pft_core.data import VideoConfig
-from pft_core.errors import TooFewFacesError
-from pft_core.models import preprocess
-from pft_core.personalize import PersonalizeConfig
+from pft.client.sdk import ClientConfig, Personalizer, smooth_probabilities
+from pft.core.adaptation import AdaptConfig
+from pft.core.data import VideoConfig
+from pft.core.errors import TooFewFacesError
+from pft.core.models import preprocess
+from pft.core.personalize import PersonalizeConfig
 
 FAST = ClientConfig(
     video=VideoConfig(isolate=False),
@@ -62,13 +62,13 @@ def test_enroll_reports_and_changes_only_the_translator(world: SdkWorld) -> None
 
 def test_enroll_from_videos_equals_enroll_from_the_same_crops(world: SdkWorld) -> None:
     """One implementation: videos -> crops -> the same personalize() run as for cached crops."""
-    from pft_core.data import (
+    from pft.core.data import (
         AnnotatedFaceDetector,
         AnnotatedLandmarkDetector,
         FaceCropConfig,
         process_videos,
     )
-    from pft_core.data.datasets import VideoRecord
+    from pft.core.data.datasets import VideoRecord
 
     videos = world.target_videos("adapt")
     a = _sdk(world)
@@ -145,9 +145,9 @@ def test_a_face_in_only_a_few_frames_is_refused(world: SdkWorld, tmp_path: Path)
 
 
 def test_predict_matches_source_model_then_personal_model(world: SdkWorld) -> None:
-    from pft_core.data import AnnotatedFaceDetector, AnnotatedLandmarkDetector, FaceCropConfig
-    from pft_core.data.datasets import VideoRecord
-    from pft_core.data.pipeline import extract_face_clip
+    from pft.core.data import AnnotatedFaceDetector, AnnotatedLandmarkDetector, FaceCropConfig
+    from pft.core.data.datasets import VideoRecord
+    from pft.core.data.pipeline import extract_face_clip
 
     video = world.target_videos("eval", "pain")[0]
     clip = extract_face_clip(
@@ -211,7 +211,7 @@ def test_predict_on_camera_frames_finds_the_real_face(world: SdkWorld) -> None:
         )
     )
     assert crop.probabilities.shape == (1, 2)
-    from pft_core.errors import NoFaceError
+    from pft.core.errors import NoFaceError
 
     with pytest.raises(NoFaceError):
         p.predict(blank)

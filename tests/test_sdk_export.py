@@ -15,10 +15,10 @@ from data_media import ASTRONAUT_FACE
 from sdk_support import SdkWorld, shared_world
 from skimage.data import astronaut
 
-from client.export import PersonalizedModel
-from client.sdk import ClientConfig, Personalizer
-from pft_core.adaptation import AdaptConfig
-from pft_core.data import (
+from pft.client.export import PersonalizedModel
+from pft.client.sdk import ClientConfig, Personalizer
+from pft.core.adaptation import AdaptConfig
+from pft.core.data import (
     AnnotatedFaceDetector,
     AnnotatedLandmarkDetector,
     FaceBox,
@@ -26,9 +26,9 @@ from pft_core.data import (
     VideoConfig,
     crop_face,
 )
-from pft_core.data.datasets import VideoRecord
-from pft_core.data.pipeline import extract_face_clip
-from pft_core.personalize import PersonalizeConfig
+from pft.core.data.datasets import VideoRecord
+from pft.core.data.pipeline import extract_face_clip
+from pft.core.personalize import PersonalizeConfig
 
 FAST = ClientConfig(
     video=VideoConfig(isolate=False),

@@ -23,8 +23,8 @@ from sdk_support import SdkWorld, shared_world
 _SESSION = textwrap.dedent(
     """
     import json, os, sys
-    from client.sdk import Personalizer
-    from client.store import StoreKey
+    from pft.client.sdk import Personalizer
+    from pft.client.store import StoreKey
 
     bundle, pem, state, videos, probe = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:-1], sys.argv[-1]
     WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
@@ -139,7 +139,7 @@ def test_a_whole_session_writes_only_inside_state_dir(tmp_path_factory: pytest.T
     assert outside == []
     assert any(e[0] == "open" and e[1].endswith("personal.store.lock") for e in result["events"])  # hook live
     assert sorted(p.name for p in state.iterdir()) == [
-        ".torch-cache",  # torch's import-time cache folder, kept in here (see client.sdk)
+        ".torch-cache",  # torch's import-time cache folder, kept in here (see pft.client.sdk)
         "bundles",
         "personal.store",
         "personal.store.lock",

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from sdk_support import SdkWorld, shared_world
 
-from client.sdk import STATE_FILE, ClientConfig, Personalizer
-from client.store import StoreKey
-from pft_core.adaptation import AdaptConfig
-from pft_core.data import VideoConfig
-from pft_core.errors import PersonalStateMismatchError, PFTError, StoreAuthenticationError, StoreError
-from pft_core.personalize import PersonalizeConfig
-from pft_core.privacy import DPRelease
+from pft.client.sdk import STATE_FILE, ClientConfig, Personalizer
+from pft.client.store import StoreKey
+from pft.core.adaptation import AdaptConfig
+from pft.core.data import VideoConfig
+from pft.core.errors import PersonalStateMismatchError, PFTError, StoreAuthenticationError, StoreError
+from pft.core.personalize import PersonalizeConfig
+from pft.core.privacy import DPRelease
 
 FAST = ClientConfig(
     video=VideoConfig(isolate=False),
@@ -151,8 +151,8 @@ def test_save_needs_a_state_dir_a_key_and_an_enrollment(world: SdkWorld) -> None
 _SAVER = textwrap.dedent(
     """
     import sys
-    from client.sdk import Personalizer
-    from client.store import StoreKey
+    from pft.client.sdk import Personalizer
+    from pft.client.store import StoreKey
     state, pem = sys.argv[1], sys.argv[2]
     p = Personalizer.load(state, pem, StoreKey.from_bytes(bytes(range(32))), owner="alice")
     p.save()

@@ -15,15 +15,15 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pft_core import signing
-from pft_core.errors import (
+from pft.core import signing
+from pft.core.errors import (
     BundleError,
     BundleRollbackError,
     BundleSignatureError,
     BundleTamperedError,
     BundleUnsignedFileError,
 )
-from pft_core.safe_weights import save_safetensors
+from pft.core.safe_weights import save_safetensors
 
 
 def make_bundle(folder: Path, version: int, key: Any, seed: int = 0) -> Path:

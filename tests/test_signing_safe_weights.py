@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from pft_core.errors import UnsafeWeightsError
-from pft_core.safe_weights import load_numpy_array, load_safetensors, safetensors_bytes, save_safetensors
+from pft.core.errors import UnsafeWeightsError
+from pft.core.safe_weights import load_numpy_array, load_safetensors, safetensors_bytes, save_safetensors
 
 
 class _Payload:

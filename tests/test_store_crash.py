@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.store import EncryptedStore, StoreKey
+from pft.client.store import EncryptedStore, StoreKey
 
 KEY = bytes(range(32))
 SAVER = textwrap.dedent(
     """
     import sys
     import torch
-    from client.store import EncryptedStore, StoreKey
+    from pft.client.store import EncryptedStore, StoreKey
 
     path, start, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     store = EncryptedStore(path, StoreKey.from_bytes(bytes(range(32))))

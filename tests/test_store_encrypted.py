@@ -12,8 +12,8 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from client.store import EncryptedStore, StoreKey, generate_key_file, pack_payload, unpack_payload
-from pft_core.errors import StoreAuthenticationError, StoreError
+from pft.client.store import EncryptedStore, StoreKey, generate_key_file, pack_payload, unpack_payload
+from pft.core.errors import StoreAuthenticationError, StoreError
 
 # Cheap scrypt for tests; the default (n=2**15) is exercised once below.
 FAST = {"n": 2**10, "r": 8, "p": 1}

@@ -5,11 +5,11 @@ styles, and capture conditions, written as H.264 videos with per-frame ground tr
 manifest, for four profiles that mimic BioVid, StressID, BAH and Aff-Wild2.
 """
 
-from pft_core.cohort.config import CohortConfig
-from pft_core.cohort.generate import make_cohort
-from pft_core.cohort.manifest import CohortManifest, SubjectInfo, VideoEntry, load_manifest
-from pft_core.cohort.preview import preview_cohort
-from pft_core.cohort.profiles import AU_NAMES, PROFILES, ProfileSpec, get_profile
+from pft.core.cohort.config import CohortConfig
+from pft.core.cohort.generate import make_cohort
+from pft.core.cohort.manifest import CohortManifest, SubjectInfo, VideoEntry, load_manifest
+from pft.core.cohort.preview import preview_cohort
+from pft.core.cohort.profiles import AU_NAMES, PROFILES, ProfileSpec, get_profile
 
 __all__ = [
     "AU_NAMES",

@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from pft_core.cohort.profiles import ClipCounts, ProfileSpec, get_profile
-from pft_core.config import FrozenConfig
+from pft.core.cohort.profiles import ClipCounts, ProfileSpec, get_profile
+from pft.core.config import FrozenConfig
 
 
 class CohortConfig(FrozenConfig):

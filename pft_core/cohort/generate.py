@@ -23,11 +23,11 @@ import av
 import cv2
 import numpy as np
 
-from pft_core.cohort.config import CohortConfig
-from pft_core.cohort.identity import Subject, sample_subject
-from pft_core.cohort.manifest import CohortManifest, Split, SubjectInfo, VideoEntry
-from pft_core.cohort.profiles import AU_NAMES, ExpressionSpec, ProfileSpec
-from pft_core.cohort.render import FrameState, Occluder, make_session_look, render_frame
+from pft.core.cohort.config import CohortConfig
+from pft.core.cohort.identity import Subject, sample_subject
+from pft.core.cohort.manifest import CohortManifest, Split, SubjectInfo, VideoEntry
+from pft.core.cohort.profiles import AU_NAMES, ExpressionSpec, ProfileSpec
+from pft.core.cohort.render import FrameState, Occluder, make_session_look, render_frame
 
 _SPLIT_CODE: dict[str, int] = {"identity": 0, "train": 1, "adapt": 2, "oracle": 3, "eval": 4}
 ProgressFn = Callable[[int, int], None]

@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from pft_core.cohort.profiles import AU_ALTERNATIVES, AU_NAMES, ProfileSpec
+from pft.core.cohort.profiles import AU_ALTERNATIVES, AU_NAMES, ProfileSpec
 
 AgeGroup = Literal["young", "adult", "elderly"]
 RGB = tuple[int, int, int]

@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from pft_core.atomic import atomic_write_text
-from pft_core.errors import DatasetLayoutError
+from pft.core.atomic import atomic_write_text
+from pft.core.errors import DatasetLayoutError
 
 MANIFEST_FORMAT = "pft-cohort/1"
 Split = Literal["train", "adapt", "oracle", "eval"]

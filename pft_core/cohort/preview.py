@@ -8,7 +8,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from pft_core.cohort.manifest import Split, VideoEntry, load_manifest
+from pft.core.cohort.manifest import Split, VideoEntry, load_manifest
 
 
 def _apex_frame(cohort_dir: Path, entry: VideoEntry) -> np.ndarray:
@@ -28,7 +28,7 @@ def preview_cohort(cohort_dir: Path, out_png: Path, subjects: int = 8) -> Path:
     Parameters
     ----------
     cohort_dir:
-        A folder made by :func:`pft_core.cohort.make_cohort`.
+        A folder made by :func:`pft.core.cohort.make_cohort`.
     out_png:
         Where to write the PNG.
     subjects:

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pft_core.config import FrozenConfig
+from pft.core.config import FrozenConfig
 
 ProfileName = Literal["biovid", "stressid", "bah", "affwild2"]
 

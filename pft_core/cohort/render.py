@@ -16,7 +16,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from pft_core.cohort.identity import RGB, Identity
+from pft.core.cohort.identity import RGB, Identity
 
 SUPERSAMPLE = 2
 _SHIFT = 4

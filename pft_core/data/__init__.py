@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pft_core.data.datasets import DatasetIndex, VideoRecord, load_dataset
-from pft_core.data.faces import AnnotatedFaceDetector, FaceBox, FaceDetector, HaarFaceDetector, crop_face
-from pft_core.data.landmarks import (
+from pft.core.data.datasets import DatasetIndex, VideoRecord, load_dataset
+from pft.core.data.faces import AnnotatedFaceDetector, FaceBox, FaceDetector, HaarFaceDetector, crop_face
+from pft.core.data.landmarks import (
     AnnotatedLandmarkDetector,
     DlibLandmarkDetector,
     LandmarkDetector,
     eye_centres,
     geometry_descriptor,
 )
-from pft_core.data.pipeline import (
+from pft.core.data.pipeline import (
     BatchReport,
     FaceClip,
     FaceCropConfig,
@@ -28,20 +28,20 @@ from pft_core.data.pipeline import (
     extract_face_clip,
     process_videos,
 )
-from pft_core.data.video import DecodedVideo, VideoConfig, VideoDecoder, VideoInfo, decode_video, probe_video
+from pft.core.data.video import DecodedVideo, VideoConfig, VideoDecoder, VideoInfo, decode_video, probe_video
 
 if TYPE_CHECKING:
-    from pft_core.data.cache import FeatureCache, file_sha256, state_dict_sha256
+    from pft.core.data.cache import FeatureCache, file_sha256, state_dict_sha256
 
 _LAZY = {"FeatureCache", "file_sha256", "state_dict_sha256"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from pft_core.data import cache
+        from pft.core.data import cache
 
         return getattr(cache, name)
-    raise AttributeError(f"module 'pft_core.data' has no attribute {name!r}")
+    raise AttributeError(f"module 'pft.core.data' has no attribute {name!r}")
 
 
 __all__ = [

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from pft_core.atomic import atomic_write_bytes
+from pft.core.atomic import atomic_write_bytes
 
 _CHUNK = 1 << 20
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import cv2
 import numpy as np
 
-from pft_core.errors import FaceAnnotationError, PFTError
+from pft.core.errors import FaceAnnotationError, PFTError
 
 Point = tuple[float, float]
 

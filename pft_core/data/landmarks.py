@@ -13,8 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from pft_core.data.faces import FaceBox, sidecar_frame
-from pft_core.errors import FaceAnnotationError, PFTError
+from pft.core.data.faces import FaceBox, sidecar_frame
+from pft.core.errors import FaceAnnotationError, PFTError
 
 #: iBUG-68 index ranges of the two eyes: 36-41 is the subject's right eye (image left),
 #: 42-47 the subject's left eye (image right).

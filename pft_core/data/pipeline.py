@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from pft_core.config import FrozenConfig
-from pft_core.data.datasets import VideoRecord
-from pft_core.data.faces import FaceBox, FaceDetector, crop_face
-from pft_core.data.landmarks import N_LANDMARKS, LandmarkDetector, PoseEstimator, eye_centres
-from pft_core.data.video import VideoConfig, VideoDecoder, decode_video
-from pft_core.errors import NoFaceError, PFTError, TooFewFaceFramesError
+from pft.core.config import FrozenConfig
+from pft.core.data.datasets import VideoRecord
+from pft.core.data.faces import FaceBox, FaceDetector, crop_face
+from pft.core.data.landmarks import N_LANDMARKS, LandmarkDetector, PoseEstimator, eye_centres
+from pft.core.data.video import VideoConfig, VideoDecoder, decode_video
+from pft.core.errors import NoFaceError, PFTError, TooFewFaceFramesError
 
 
 class FaceCropConfig(FrozenConfig):
@@ -217,7 +217,7 @@ def process_videos(
     video_config, crop_config:
         Decoding and cropping settings (defaults when ``None``).
     detector:
-        Face detector (default: :class:`~pft_core.data.faces.HaarFaceDetector`).
+        Face detector (default: :class:`~pft.core.data.faces.HaarFaceDetector`).
     landmarker:
         Optional landmark detector.
     decoder:
@@ -230,7 +230,7 @@ def process_videos(
     BatchReport
         Clips in input order and one :class:`Rejection` per failed file.
     """
-    from pft_core.data.faces import HaarFaceDetector
+    from pft.core.data.faces import HaarFaceDetector
 
     records = list(records)
     video_config = video_config or VideoConfig()

@@ -1,6 +1,6 @@
 """Video decoding with PyAV: probe, validate, sample frames, and isolate FFmpeg in a worker process.
 
-Every way a file can be unusable ends in a typed :class:`~pft_core.errors.VideoError` that names
+Every way a file can be unusable ends in a typed :class:`~pft.core.errors.VideoError` that names
 the file (RELIABILITY.md row 12). Decoding runs in a persistent ``spawn`` worker process by default,
 so a decoder crash (some FFmpeg builds segfault on truncated H.264) costs one file, not the caller.
 
@@ -26,8 +26,8 @@ from typing import Any, Self
 import numpy as np
 from pydantic import Field
 
-from pft_core.config import FrozenConfig
-from pft_core.errors import (
+from pft.core.config import FrozenConfig
+from pft.core.errors import (
     DecodeTimeoutError,
     EmptyVideoFileError,
     FrameRateError,
@@ -331,7 +331,7 @@ def hang_worker_for_tests(path: str) -> None:
 
 
 def _raise_from_worker(payload: tuple[str, str, str]) -> None:
-    from pft_core import errors
+    from pft.core import errors
 
     name, path, detail = payload
     cls = getattr(errors, name, None)
