@@ -160,6 +160,20 @@ def subject_frames(node: Node, bundle: Bundle, splits: tuple[str, ...]) -> dict[
     }
 
 
+def subject_images(node: Node, bundle: Bundle) -> Any:
+    """The face crops of the node's adapt, eval and oracle videos (for methods that re-run F)."""
+    from pft.core.data import load_dataset
+    from pft.simulations.methods import target_images
+    from pft.simulations.workspace import FrameStore
+
+    index = load_dataset(node.spec.dataset_root, node.spec.layout)
+    records = index.by_subject().get(node.subject, [])
+    store = FrameStore(index, node.spec.cache_root, node.spec.video, node.spec.crop)
+    store.load_frames(records)
+    split = {s: [r for r in records if r.split == s] for s in ("adapt", "eval", "oracle")}
+    return target_images(store, bundle.extractor, split["adapt"], split["eval"], split["oracle"])
+
+
 def _config(message: Message) -> ConfigRecord:
     record = message.content.get(CONFIG_RECORD) if CONFIG_RECORD in message.content else None
     if not isinstance(record, ConfigRecord):
@@ -310,12 +324,14 @@ def evaluate(message: Message, context: Context) -> Message:
         with torch.no_grad():
             logits = bundle.classifier(held_out.features)
     else:  # research baselines (e.g. the oracle) run the simulation's method runners
-        from pft.simulations.methods import METHODS, MethodSettings, TargetData
+        from pft.simulations.methods import IMAGE_METHODS, METHODS, MethodSettings, TargetData
 
         if method not in METHODS or "adapt" not in splits:
             raise PFTError(f"node {node.index}: cannot run method {method!r} here")
         settings = MethodSettings.model_validate_json(str(config["method-settings"]))
         target = TargetData(node.subject, splits["adapt"], splits.get("oracle"), held_out)
+        if method in IMAGE_METHODS:
+            target.images = subject_images(node, bundle)
         seed = _int(config, "seed") * 1000 + node.index
         outcome = METHODS[method](source_model(bundle), target, settings, seed)
         logits, iterations, seconds = outcome.logits, outcome.iterations, outcome.seconds

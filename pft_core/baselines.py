@@ -14,6 +14,8 @@ in front of C); C is frozen, as in the originals, and F is frozen (its outputs a
   distribution searching"): a searched, confident neighbour's prediction as the target of an
   invariant-information (IIC) consistency, plus diversity.
 - ``NeutralNorm`` (no training): the person's neutral feature statistics swapped for the source's.
+- ``NeutralCalibration`` (no training): C's neutral logit shifted per person so the person's neutral
+  frames get the neutral confidence C gives source subjects' neutral frames.
 - ``reestimate_batchnorm`` (AdaBN, Li et al. 2016): F's BatchNorm statistics re-estimated on the
   person's neutral face crops (not a trainer method: no loss, no gradient).
 
@@ -421,6 +423,81 @@ class NeutralNorm:
     def predict(self, parts: ModelParts, features: Tensor) -> Tensor:
         """``C(f')``."""
         return parts.classifier(neutral_normalise(features, self.person, self.reference))
+
+
+def calibration_shift(
+    logits: Tensor, target: float, neutral_class: int = 0, tol: float = 1e-6, max_steps: int = 100
+) -> float:
+    """The shift ``delta`` of the neutral logit for which ``mean_i softmax(z_i + delta e_n)[n]``
+    equals ``target`` (bisection; that mean rises monotonically with ``delta``).
+
+    Parameters
+    ----------
+    logits : (N, K) logits of the person's neutral frames.
+    target : the mean neutral probability to reach, in (0, 1).
+    """
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"the calibration target must lie in (0, 1), got {target}")
+    if logits.ndim != 2 or len(logits) == 0:
+        raise ValueError("calibration needs the (N, K) logits of at least one neutral frame")
+    z = logits.double()
+    onehot = torch.zeros(z.shape[1], dtype=z.dtype)
+    onehot[neutral_class] = 1.0
+
+    def mean_p(delta: float) -> float:
+        return float(torch.softmax(z + delta * onehot, dim=1)[:, neutral_class].mean())
+
+    lo, hi = -1.0, 1.0
+    while mean_p(lo) > target:
+        lo *= 2.0
+    while mean_p(hi) < target:
+        hi *= 2.0
+    for _ in range(max_steps):
+        mid = 0.5 * (lo + hi)
+        if mean_p(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < tol:
+            break
+    return 0.5 * (lo + hi)
+
+
+@dataclass(frozen=True)
+class NeutralCalibration:
+    """The simplest use of a neutral-only video: no translator; C's neutral bias shifted per person
+    (``delta``) so that the person's neutral frames get, on average, the neutral probability that
+    C gives source subjects' neutral frames. For two classes this is the decision threshold fitted
+    on the person's neutral frames - what a bias-only stage 3 can at most express."""
+
+    delta: float
+    neutral_class: int = 0
+    name: str = "neutral_calibration"
+
+    @classmethod
+    def fit(
+        cls, classifier: nn.Module, neutral_features: Tensor, target: float, neutral_class: int = 0
+    ) -> NeutralCalibration:
+        """The shift for this person's neutral features (C in eval mode)."""
+        with torch.no_grad():
+            classifier.eval()
+            logits = classifier(neutral_features)
+        return cls(calibration_shift(logits, target, neutral_class), neutral_class)
+
+    def trainable_parameters(self, parts: ModelParts) -> list[nn.Parameter]:
+        """None."""
+        return []
+
+    def loss(self, parts: ModelParts, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """NeutralCalibration trains nothing."""
+        raise RuntimeError("NeutralCalibration has no loss; it trains nothing")
+
+    def predict(self, parts: ModelParts, features: Tensor) -> Tensor:
+        """``C(f) + delta e_neutral``."""
+        logits = parts.classifier(features)
+        shift = torch.zeros(logits.shape[1], dtype=logits.dtype, device=logits.device)
+        shift[self.neutral_class] = self.delta
+        return logits + shift
 
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

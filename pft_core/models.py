@@ -164,6 +164,28 @@ class FeatureExtractor(nn.Module):
         """Pooled features (N, D) of images (N, 3, H, W) scaled to [-1, 1]."""
         return self.forward_taps(x)[0]
 
+    def forward_to(self, x: Tensor, last: str) -> Tensor:
+        """The feature maps after block ``last`` (one of ``LAYER_NAMES``) of images (N, 3, H, W)."""
+        h = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for name in LAYER_NAMES[: LAYER_NAMES.index(last) + 1]:
+            h = getattr(self, name)(h)
+        return h
+
+    def forward_from(self, h: Tensor, first: str) -> Tensor:
+        """Pooled features (N, D) from the maps ``h`` entering block ``first``:
+        ``forward_from(forward_to(x, "layer3"), "layer4") == forward(x)``."""
+        for name in LAYER_NAMES[LAYER_NAMES.index(first) :]:
+            h = getattr(self, name)(h)
+        f = torch.flatten(self.avgpool(h), 1)
+        return self.embed(f) if self.embed is not None else f
+
+    def block_parameters(self, first: str) -> list[nn.Parameter]:
+        """Parameters of block ``first`` and everything after it (the pooling embedding)."""
+        blocks = [getattr(self, n) for n in LAYER_NAMES[LAYER_NAMES.index(first) :]]
+        if self.embed is not None:
+            blocks.append(self.embed)
+        return [p for b in blocks for p in b.parameters()]
+
     def features_and_statistics(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Pooled features (N, D) and ``frame_statistics`` (N, 2*C_taps) in one pass."""
         f, taps = self.forward_taps(x)

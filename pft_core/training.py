@@ -270,20 +270,33 @@ def source_descriptors(subjects: Mapping[str, SubjectFeatures], strategy: Strate
 
 @dataclass
 class SourceStyles:
-    """Per source subject: normalised style code and neutral pooled-feature mean/std."""
+    """Per source subject: normalised style code, neutral pooled-feature mean/std and, where C was
+    known when they were collected, ``neutral_confidence``: the mean probability C gives "neutral"
+    on that subject's neutral frames (a 0-d tensor; model state, like BatchNorm statistics)."""
 
     codes: dict[str, Tensor] = field(default_factory=dict)
     neutral_mean: dict[str, Tensor] = field(default_factory=dict)
     neutral_std: dict[str, Tensor] = field(default_factory=dict)
+    neutral_confidence: dict[str, Tensor] = field(default_factory=dict)
 
     def as_tensors(self) -> dict[str, Tensor]:
-        """Flat ``{"code/<s>", "neutral_mean/<s>", "neutral_std/<s>"}`` dict for a bundle."""
+        """Flat ``{"code/<s>", "neutral_mean/<s>", "neutral_std/<s>", "neutral_confidence/<s>"}``
+        dict for a bundle."""
         out: dict[str, Tensor] = {}
         for name in self.codes:
             out[f"code/{name}"] = self.codes[name]
             out[f"neutral_mean/{name}"] = self.neutral_mean[name]
             out[f"neutral_std/{name}"] = self.neutral_std[name]
+            if name in self.neutral_confidence:
+                out[f"neutral_confidence/{name}"] = self.neutral_confidence[name].reshape(1)
         return out
+
+    def mean_neutral_confidence(self, names: list[str] | None = None) -> float:
+        """The mean over source subjects (``names``, default all) of ``neutral_confidence``."""
+        chosen = sorted(self.neutral_confidence) if names is None else names
+        if not chosen or any(n not in self.neutral_confidence for n in chosen):
+            raise ValueError("these source styles carry no neutral confidence for the subjects asked")
+        return float(torch.stack([self.neutral_confidence[n].reshape(()) for n in chosen]).mean())
 
     @classmethod
     def from_tensors(cls, flat: Mapping[str, Tensor]) -> SourceStyles:
@@ -293,11 +306,29 @@ class SourceStyles:
             "code": styles.codes,
             "neutral_mean": styles.neutral_mean,
             "neutral_std": styles.neutral_std,
+            "neutral_confidence": styles.neutral_confidence,
         }
         for key, value in flat.items():
             kind, _, name = key.partition("/")
-            tables[kind][name] = value
+            tables[kind][name] = value.reshape(()) if kind == "neutral_confidence" else value
         return styles
+
+
+@torch.no_grad()
+def neutral_confidence(
+    classifier: Classifier, subjects: Mapping[str, SubjectFeatures]
+) -> dict[str, Tensor]:
+    """Per subject, the mean probability C (eval mode) gives the neutral class on its neutral frames."""
+    was_training = classifier.training
+    classifier.eval()
+    out: dict[str, Tensor] = {}
+    for name, s in subjects.items():
+        mask = s.neutral_mask
+        if bool(mask.any()):
+            p = torch.softmax(classifier(s.features[mask]), dim=1)[:, s.neutral_class]
+            out[name] = p.mean()
+    classifier.train(was_training)
+    return out
 
 
 def source_styles(subjects: Mapping[str, SubjectFeatures]) -> tuple[StyleNormalizer, SourceStyles]:
@@ -336,6 +367,7 @@ def pretrain_translator(
     gen = torch.Generator().manual_seed(config.seed)
     pairs = pair_subjects(source_descriptors(subjects, config.pairing), config.pairing, config.seed)
     normalizer, styles = source_styles(subjects)
+    styles.neutral_confidence = neutral_confidence(classifier, subjects)
     with torch.random.fork_rng(devices=[]), torch_threads(config.num_threads):
         torch.manual_seed(config.seed)
         translator = Translator(model_config)

@@ -45,7 +45,14 @@ from pft.core.training import (
 )
 from pft.simulations.batched import BatchedConfig, run_pft_batched
 from pft.simulations.machine import describe_machine
-from pft.simulations.methods import METHODS, MethodOutcome, MethodSettings, TargetData, target_images
+from pft.simulations.methods import (
+    IMAGE_METHODS,
+    METHODS,
+    MethodOutcome,
+    MethodSettings,
+    TargetData,
+    target_images,
+)
 from pft.simulations.report import (
     markdown_table,
     plot_embedding,
@@ -166,6 +173,7 @@ def _load_or_train_source(
     blob = json.dumps(
         [
             config.cohort.model_dump(mode="json"),
+            config.cohort.config_hash(),  # carries the generator version
             config.video.model_dump(mode="json"),
             config.crop.model_dump(mode="json"),
             model_config.model_dump(mode="json"),
@@ -397,9 +405,11 @@ def run_experiment(
             if target is None:
                 log(f"{subject}: skipped (no usable adapt or eval frames)")
                 continue
-            if "adabn" in config.methods:  # the one method that needs pixels, not cached features
+            if IMAGE_METHODS & set(config.methods):  # methods that need pixels, not cached features
                 own = split_records[subject]
-                target.images = target_images(store, extractor, own["adapt"], own["eval"])
+                target.images = target_images(
+                    store, extractor, own["adapt"], own["eval"], own.get("oracle", [])
+                )
             for method in config.methods:
                 outcome: MethodOutcome = (
                     batched_pft[subject]

@@ -7,7 +7,6 @@ method is allowed to see (PFT: the person's NEUTRAL ``adapt`` frames; the oracle
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,12 +21,11 @@ from pft.core.adaptation import (
     AdaptationData,
     AdaptationMethod,
     AdaptationTrainer,
-    AdaptConfig,
     ModelParts,
-    Oracle,
     predict,
 )
 from pft.core.baselines import (
+    NeutralCalibration,
     NeutralNorm,
     NRCConfig,
     SHOTConfig,
@@ -38,6 +36,7 @@ from pft.core.baselines import (
 from pft.core.config import FrozenConfig
 from pft.core.data import VideoRecord
 from pft.core.models import FeatureExtractor, style_code
+from pft.core.oracle import OracleConfig, fine_tune_oracle
 from pft.core.pairing import match_reference
 from pft.core.personalize import PersonalizeConfig, SourceModel, pairing_query, personalize
 from pft.core.training import extract_features
@@ -45,11 +44,12 @@ from pft.simulations.workspace import FrameSet, FrameStore
 
 
 class MethodSettings(FrozenConfig):
-    """Per-method settings: PFT's stage 3, the oracle's supervised fine-tuning and the baselines'
-    (SHOT, NRC, TPDS: see ``pft.core.baselines``; AdaBN's batch size for re-estimating BatchNorm)."""
+    """Per-method settings: PFT's stage 3, the oracle's supervised fine-tuning (F's last block and
+    C, ``pft.core.oracle``) and the baselines' (SHOT, NRC, TPDS: see ``pft.core.baselines``;
+    AdaBN's batch size for re-estimating BatchNorm)."""
 
     pft: PersonalizeConfig = PersonalizeConfig()
-    oracle: AdaptConfig = AdaptConfig(max_iterations=150, min_iterations=150, lr=1e-3)
+    oracle: OracleConfig = OracleConfig()
     shot: SHOTConfig = SHOTConfig()
     nrc: NRCConfig = NRCConfig()
     tpds: TPDSConfig = TPDSConfig()
@@ -59,12 +59,13 @@ class MethodSettings(FrozenConfig):
 
 @dataclass
 class TargetImages:
-    """Face crops of a target's ``adapt`` and ``eval`` frames (rows aligned with those FrameSets)
-    and the source F, for methods that re-run F (AdaBN)."""
+    """Face crops of a target's ``adapt``, ``eval`` and (when it has them) ``oracle`` frames, rows
+    aligned with those FrameSets, and the source F, for methods that re-run F (AdaBN, the oracle)."""
 
     extractor: FeatureExtractor
     adapt: np.ndarray  # uint8 (N_adapt, S, S, 3)
     eval: np.ndarray  # uint8 (N_eval, S, S, 3)
+    oracle: np.ndarray | None = None  # uint8 (N_oracle, S, S, 3)
 
 
 @dataclass
@@ -87,9 +88,10 @@ def target_images(
     extractor: FeatureExtractor,
     adapt_records: Sequence[VideoRecord],
     eval_records: Sequence[VideoRecord],
+    oracle_records: Sequence[VideoRecord] = (),
 ) -> TargetImages:
-    """The crops of ``adapt_records`` and ``eval_records`` in ``FrameStore.frame_set``'s row order
-    (records in order, videos without usable frames skipped)."""
+    """The crops of ``adapt_records``, ``eval_records`` and ``oracle_records`` in
+    ``FrameStore.frame_set``'s row order (records in order, videos without usable frames skipped)."""
 
     def crops(records: Sequence[VideoRecord]) -> np.ndarray:
         parts = [store.videos[r.path].crops for r in records if r.path in store.videos]
@@ -97,7 +99,12 @@ def target_images(
             raise ValueError("none of these videos has usable face frames")
         return np.concatenate(parts)
 
-    return TargetImages(extractor, crops(adapt_records), crops(eval_records))
+    oracle = crops(oracle_records) if any(r.path in store.videos for r in oracle_records) else None
+    return TargetImages(extractor, crops(adapt_records), crops(eval_records), oracle)
+
+
+IMAGE_METHODS = frozenset({"adabn", "oracle"})
+"""Methods that re-run F on face crops (their ``TargetData.images`` must be set)."""
 
 
 @dataclass
@@ -156,22 +163,43 @@ def run_pft(model: SourceModel, target: TargetData, settings: MethodSettings, se
 
 
 def run_oracle(model: SourceModel, target: TargetData, settings: MethodSettings, seed: int) -> MethodOutcome:
-    """Upper bound: supervised fine-tuning of a copy of C on the person's labelled ``oracle`` frames."""
+    """Upper bound: supervised fine-tuning of F's last block and C (copies) on the person's
+    labelled ``oracle`` frames (``pft.core.oracle``), evaluated on the ``eval`` crops."""
     if target.oracle is None or len(target.oracle) == 0:
         raise ValueError(f"{target.subject}: the oracle needs labelled `oracle` videos")
-    classifier = copy.deepcopy(model.classifier)
-    parts = ModelParts(classifier=classifier)
-    data = AdaptationData(
-        features=target.oracle.features,
-        labels=target.oracle.labels,
+    if target.images is None or target.images.oracle is None:
+        raise ValueError(
+            f"{target.subject}: the oracle needs the face crops of its `oracle` and `eval` videos "
+            "(TargetData.images; build it with pft.simulations.methods.target_images)"
+        )
+    if len(target.images.oracle) != len(target.oracle):
+        n_crops, n_frames = len(target.images.oracle), len(target.oracle)
+        raise ValueError(f"{target.subject}: {n_crops} oracle crops for {n_frames} oracle frames")
+    out = fine_tune_oracle(
+        target.images.extractor,
+        model.classifier,
+        target.images.oracle,
+        target.oracle.labels,
+        target.images.eval,
+        settings.oracle,
+        seed,
         video_ids=target.oracle.video_ids,
-        time_index=target.oracle.time_index,
     )
-    result = AdaptationTrainer(settings.oracle.model_copy(update={"seed": seed})).fit(Oracle(), parts, data)
-    with torch.no_grad():
-        logits = classifier(target.eval.features)
-    n_params = sum(p.numel() for p in classifier.parameters())
-    return MethodOutcome(logits, result.iterations, result.seconds, None, result.converged, n_params)
+    r = out.result
+    return MethodOutcome(out.logits, r.iterations, r.seconds, None, r.converged, out.trainable_parameters)
+
+
+def run_neutral_calibration(
+    model: SourceModel, target: TargetData, settings: MethodSettings, seed: int
+) -> MethodOutcome:
+    """C's neutral logit shifted per person so the person's neutral ``adapt`` frames get the mean
+    neutral confidence C gives source subjects' neutral frames (``NeutralCalibration``)."""
+    t0 = time.perf_counter()
+    goal = model.styles.mean_neutral_confidence()
+    method = NeutralCalibration.fit(model.classifier, target.adapt.features, goal)
+    seconds = time.perf_counter() - t0
+    logits = predict(method, ModelParts(classifier=model.classifier), target.eval.features)
+    return MethodOutcome(logits, 0, seconds, converged=True)
 
 
 # --- baselines (pft.core.baselines; docs/baselines.md) -------------------------------------------------
@@ -285,6 +313,7 @@ METHODS: dict[str, Runner] = {
     "shot": run_shot,
     "nrc": run_nrc,
     "tpds": run_tpds,
+    "neutral_calibration": run_neutral_calibration,
     "neutral_norm": run_neutral_norm,
     "neutral_norm_matched": run_neutral_norm_matched,
     "adabn": run_adabn,

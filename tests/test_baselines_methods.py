@@ -13,7 +13,7 @@ from pft.core.adaptation import AdaptationData, AdaptationTrainer, AdaptConfig, 
 from pft.core.baselines import NRC, SHOT, TPDS, baseline_translator, reestimate_batchnorm
 from pft.core.models import Classifier, FeatureExtractor, ModelConfig, Translator, preprocess
 from pft.core.personalize import SourceModel
-from pft.core.training import SubjectFeatures, extract_features, source_styles
+from pft.core.training import SubjectFeatures, extract_features, neutral_confidence, source_styles
 from pft.simulations.methods import METHODS, MethodSettings, TargetData, TargetImages
 from pft.simulations.workspace import FrameSet
 
@@ -150,20 +150,21 @@ def world() -> tuple[SourceModel, TargetData]:
         f, s = extract_features(extractor, crops)
         subjects[f"s{k}"] = SubjectFeatures(f, s, torch.arange(24) % 2)
     normalizer, styles = source_styles(subjects)
+    styles.neutral_confidence = neutral_confidence(classifier, subjects)
     descriptors = {n: sf.features[sf.neutral_mask].double().mean(0).numpy() for n, sf in subjects.items()}
     model = SourceModel(classifier, translator, normalizer, styles, descriptors, "cosine")
-    adapt_crops, eval_crops = _crops(24, 150, 10), _crops(16, 160, 11)
+    adapt_crops, eval_crops, oracle_crops = _crops(24, 150, 10), _crops(16, 160, 11), _crops(16, 155, 12)
     target = TargetData(
         "t0",
         _frame_set(extractor, adapt_crops, np.zeros(24, dtype=np.int64)),
-        None,
+        _frame_set(extractor, oracle_crops, np.arange(16) % 2),
         _frame_set(extractor, eval_crops, np.arange(16) % 2),
-        TargetImages(extractor, adapt_crops, eval_crops),
+        TargetImages(extractor, adapt_crops, eval_crops, oracle_crops),
     )
     return model, target
 
 
-@pytest.mark.parametrize("name", [m for m in METHODS if m != "oracle"])
+@pytest.mark.parametrize("name", list(METHODS))
 def test_every_runner_runs_and_leaves_the_source_model_alone(
     world: tuple[SourceModel, TargetData], name: str
 ) -> None:
@@ -172,7 +173,7 @@ def test_every_runner_runs_and_leaves_the_source_model_alone(
     settings = MethodSettings().model_copy(
         update={
             k: getattr(MethodSettings(), k).model_copy(update={"adapt": FAST})
-            for k in ("shot", "nrc", "tpds")
+            for k in ("shot", "nrc", "tpds", "oracle")
         }
     )
     out = METHODS[name](model, target, settings, 3)

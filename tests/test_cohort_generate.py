@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pft.core.cohort import CohortConfig, load_manifest, make_cohort
+from pft.core.cohort.config import GENERATOR_VERSION
 from pft.core.cohort.generate import plan_clips
 from pft.core.errors import DatasetLayoutError
 
@@ -35,8 +36,9 @@ def test_every_video_is_h264_with_the_stated_frames_and_digest(cohort: Path) -> 
     manifest = load_manifest(cohort)
     assert manifest.format == "pft-cohort/1"
     assert manifest.classes == ["neutral", "pain"]
-    # biovid clips: source 3 train per class; target 3 adapt (neutral), 3 oracle and 3 eval per class
-    assert len(manifest.videos) == 2 * (3 * 2) + 2 * (3 + 3 * 2 + 3 * 2)
+    assert manifest.generator_version == GENERATOR_VERSION
+    # biovid clips: source 3 train per class; target 3 adapt (neutral), 4 oracle and 3 eval per class
+    assert len(manifest.videos) == 2 * (3 * 2) + 2 * (3 + 4 * 2 + 3 * 2)
     for entry in manifest.videos:
         path = cohort / entry.path
         assert path.name == f"{entry.split}_{entry.clip}.mp4"
@@ -124,3 +126,32 @@ def test_light_mode_makes_fewer_smaller_clips(tmp_path: Path) -> None:
 def test_load_manifest_names_a_missing_cohort(tmp_path: Path) -> None:
     with pytest.raises(DatasetLayoutError, match=r"manifest\.json"):
         load_manifest(tmp_path)
+
+
+def test_mixed_bursts_cover_every_frame_and_change_over_the_clip() -> None:
+    from pft.core.cohort.generate import _mixed_envelopes
+
+    for seed in range(20):
+        env = _mixed_envelopes(np.random.default_rng(seed), 16, ["AU12", "AU15", "AU4"])
+        stack = np.stack(list(env.values()))
+        assert stack.max(0).min() >= 0.5  # some action shows in every frame
+        assert stack.max() <= 1.0 and stack.min() >= 0.0
+    # conflicting signals: over many clips, each action is off somewhere and on somewhere
+    env = _mixed_envelopes(np.random.default_rng(3), 64, ["AU12", "AU15"])
+    assert all(e.min() == 0.0 and e.max() == 1.0 for e in env.values())
+
+
+def test_sustained_apex_covers_most_frames() -> None:
+    from pft.core.cohort.generate import _sustained_envelope
+
+    shares = [float((_sustained_envelope(np.random.default_rng(s), 16) > 0.99).mean()) for s in range(50)]
+    assert min(shares) >= 0.6 and float(np.mean(shares)) >= 0.75
+
+
+def test_cohort_cache_key_follows_the_generator_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pft.core.cohort.config as cohort_config
+
+    config = CohortConfig(profile="stressid", seed=4)
+    before = config.config_hash()
+    monkeypatch.setattr(cohort_config, "GENERATOR_VERSION", cohort_config.GENERATOR_VERSION + 1)
+    assert config.config_hash() != before

@@ -28,7 +28,7 @@ TINY = ExperimentConfig.model_validate(
         "pretrain": {"iterations": 40},
         "settings": {
             "pft": {"adapt": {"max_iterations": 30, "min_iterations": 30}},
-            "oracle": {"max_iterations": 5, "min_iterations": 5},
+            "oracle": {"adapt": {"max_iterations": 5, "min_iterations": 5}},
         },
     }
 )

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Literal
 
 from pydantic import Field, field_validator
 
 from pft.core.cohort.profiles import ClipCounts, ProfileSpec, get_profile
 from pft.core.config import FrozenConfig
+
+#: Version of what the generator draws for a given config (renderer, animation, profiles). It is
+#: part of ``CohortConfig.config_hash`` and of every manifest, so a cache keyed by the hash never
+#: serves videos an older generator made. Bump it whenever the same config would render differently.
+#: 2: larger lip-press, lid-tightening and brow-lowering effects, short onsets and offsets, mixed
+#: dynamics that cover the clip, stronger stress/ambivalence prototypes, 4 oracle clips per class.
+GENERATOR_VERSION = 2
 
 
 class CohortConfig(FrozenConfig):
@@ -34,6 +43,11 @@ class CohortConfig(FrozenConfig):
         if value % 2:
             raise ValueError("frame_size must be even (H.264 yuv420p needs even sizes)")
         return value
+
+    def config_hash(self) -> str:
+        """A stable short hash of the config and :data:`GENERATOR_VERSION` (the cohort cache key)."""
+        blob = json.dumps({"generator": GENERATOR_VERSION, **self.model_dump(mode="json")}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
     def spec(self) -> ProfileSpec:

@@ -23,7 +23,7 @@ import av
 import cv2
 import numpy as np
 
-from pft.core.cohort.config import CohortConfig
+from pft.core.cohort.config import GENERATOR_VERSION, CohortConfig
 from pft.core.cohort.identity import Subject, sample_subject
 from pft.core.cohort.manifest import CohortManifest, Split, SubjectInfo, VideoEntry
 from pft.core.cohort.profiles import AU_NAMES, ExpressionSpec, ProfileSpec
@@ -75,11 +75,12 @@ def _smooth_noise(rng: np.random.Generator, frames: int, knots: int = 4) -> np.n
 
 
 def _sustained_envelope(rng: np.random.Generator, frames: int) -> np.ndarray:
-    """Onset - apex - offset, the apex covering most frames."""
-    ramp = max(1, frames // 5)
+    """Onset - apex - offset, the apex covering most frames (onset and offset of 1..frames//8
+    frames each, starting within the first frame or two)."""
+    ramp = max(1, frames // 8)
     n_on = int(rng.integers(1, ramp + 1))
     n_off = int(rng.integers(1, ramp + 1))
-    start = int(rng.integers(0, max(1, frames // 8) + 1))
+    start = int(rng.integers(0, 2))
     idx = np.arange(frames, dtype=float)
     rise = np.clip((idx - start + 1) / (n_on + 1), 0.0, 1.0)
     fall = np.clip((frames - idx) / (n_off + 1), 0.0, 1.0)
@@ -87,16 +88,26 @@ def _sustained_envelope(rng: np.random.Generator, frames: int) -> np.ndarray:
     return e * e * (3 - 2 * e)
 
 
-def _burst_envelope(rng: np.random.Generator, frames: int) -> np.ndarray:
-    """One or two brief bursts (mixed, conflicting signals)."""
-    e = np.zeros(frames)
-    for _ in range(int(rng.integers(1, 3))):
-        length = int(rng.integers(max(2, frames // 4), max(3, frames // 2) + 1))
-        start = int(rng.integers(0, max(1, frames - length) + 1))
-        idx = np.arange(frames, dtype=float)
-        x = np.clip(1.0 - np.abs((idx - start - (length - 1) / 2) / (length / 2 + 0.5)), 0.0, 1.0)
-        e = np.maximum(e, np.clip(1.6 * x, 0.0, 1.0))
-    return e
+def _mixed_envelopes(rng: np.random.Generator, frames: int, actions: list[str]) -> dict[str, np.ndarray]:
+    """Brief, possibly conflicting bursts that together cover the clip (BAH-like ambivalence).
+
+    The clip is cut into segments of 3..6 frames; each segment shows a random non-empty subset of
+    the actions as a short bump (1 at its centre, >= 0.5 at its ends), so the signals change and
+    conflict from segment to segment, yet every frame shows at least one of them.
+    """
+    out = {au: np.zeros(frames) for au in actions}
+    t = 0
+    while t < frames:
+        length = min(int(rng.integers(3, 7)), frames - t)
+        k = int(rng.integers(1, len(actions) + 1))
+        chosen = rng.choice(len(actions), size=k, replace=False)
+        x = (np.arange(length) - (length - 1) / 2) / max(length / 2, 1.0)
+        bump = 1.0 - 0.5 * x**2
+        for j in chosen:
+            seg = out[actions[int(j)]][t : t + length]
+            np.maximum(seg, bump, out=seg)
+        t += length
+    return out
 
 
 def _blinks(rng: np.random.Generator, frames: int, rate_per_frame: float) -> np.ndarray:
@@ -125,10 +136,11 @@ def _clip_states(
     apex = float(rng.uniform(spec.intensity.lo, spec.intensity.hi)) if label else 0.0
     gain = apex * subject.expressiveness
     envelopes: dict[str, np.ndarray] = {}
-    if label:
+    if label and behaviour.dynamics == "mixed":
+        envelopes = _mixed_envelopes(rng, frames, list(weights))
+    elif label:
         shared = _sustained_envelope(rng, frames)
-        for au in weights:
-            envelopes[au] = shared if behaviour.dynamics == "sustained" else _burst_envelope(rng, frames)
+        envelopes = {au: shared for au in weights}
     n = len(AU_NAMES)
     aus = np.zeros((frames, n))
     for j, au in enumerate(AU_NAMES):
@@ -423,6 +435,7 @@ def make_cohort(config: CohortConfig, out_dir: Path, progress: ProgressFn | None
                 if progress:
                     progress(done, total)
     manifest = CohortManifest(
+        generator_version=GENERATOR_VERSION,
         profile=config.profile,
         seed=config.seed,
         config=manifest_config(config),

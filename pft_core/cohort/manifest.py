@@ -56,6 +56,7 @@ class CohortManifest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     format: Literal["pft-cohort/1"] = "pft-cohort/1"
+    generator_version: int = 1  # pft.core.cohort.config.GENERATOR_VERSION of the code that made it
     profile: str
     seed: int
     config: dict[str, Any]

@@ -162,7 +162,7 @@ PROFILES: dict[str, ProfileSpec] = {
         expressiveness=_r(0.45, 1.25),
         elderly_expressiveness=0.75,
         age_mix=(0.3, 0.35, 0.35),  # BioVid spans 18-65 years
-        clips=ClipCounts(train=3, adapt=3, oracle=3, eval=3),
+        clips=ClipCounts(train=3, adapt=3, oracle=4, eval=3),
     ),
     "stressid": ProfileSpec(
         name="stressid",
@@ -171,8 +171,10 @@ PROFILES: dict[str, ProfileSpec] = {
         target_subjects=10,
         neutral=ExpressionSpec(blink_rate=0.25, gaze_aversion=0.1, head_motion=1.5),
         expressions={
+            # Stress: pressed lips, brow tension and tightened lids in every frame, on top of
+            # the behavioural signs (frequent blinks, gaze aversion, head movement).
             "stress": ExpressionSpec(
-                aus={"AU24": 0.7, "AU4": 0.3, "AU20": 0.2, "AU7": 0.25},
+                aus={"AU24": 1.0, "AU4": 0.55, "AU7": 0.55, "AU20": 0.3},
                 blink_rate=1.1,
                 gaze_aversion=0.7,
                 head_motion=5.0,
@@ -180,9 +182,9 @@ PROFILES: dict[str, ProfileSpec] = {
             )
         },
         resting_lean_aus={"AU24": 0.6, "AU4": 0.4, "AU7": 0.3},
-        intensity=_r(0.35, 0.9),
+        intensity=_r(0.55, 1.0),
         age_mix=(0.55, 0.4, 0.05),
-        clips=ClipCounts(train=2, adapt=3, oracle=2, eval=3),
+        clips=ClipCounts(train=2, adapt=3, oracle=4, eval=3),
     ),
     "bah": ProfileSpec(
         name="bah",
@@ -191,8 +193,10 @@ PROFILES: dict[str, ProfileSpec] = {
         target_subjects=10,
         neutral=ExpressionSpec(blink_rate=0.3, head_motion=2.0),
         expressions={
+            # Ambivalence/hesitancy: brief, conflicting smile / lip-corner depressor / frown /
+            # lip-press bursts that follow one another through the clip, with head shakes.
             "ambivalence": ExpressionSpec(
-                aus={"AU12": 0.6, "AU15": 0.6, "AU4": 0.4, "AU24": 0.3},
+                aus={"AU12": 0.75, "AU15": 0.75, "AU4": 0.5, "AU24": 0.45},
                 dynamics="mixed",
                 blink_rate=0.5,
                 gaze_aversion=0.5,
@@ -201,10 +205,10 @@ PROFILES: dict[str, ProfileSpec] = {
             )
         },
         resting_lean_aus={"AU15": 0.5, "AU4": 0.35, "AU24": 0.35},
-        intensity=_r(0.4, 1.0),
+        intensity=_r(0.55, 1.0),
         age_mix=(0.4, 0.45, 0.15),
         capture=CaptureSpec(yaw=10.0, pitch=8.0, light_level=_r(0.65, 1.2), noise=_r(1.5, 6.0)),
-        clips=ClipCounts(train=1, adapt=3, oracle=2, eval=3),
+        clips=ClipCounts(train=1, adapt=3, oracle=4, eval=3),
     ),
     "affwild2": ProfileSpec(
         name="affwild2",
@@ -241,7 +245,7 @@ PROFILES: dict[str, ProfileSpec] = {
             blur=_r(0.0, 1.2),
             occlusion=0.35,
         ),
-        clips=ClipCounts(train=1, adapt=3, oracle=2, eval=3),
+        clips=ClipCounts(train=1, adapt=3, oracle=4, eval=3),
     ),
 }
 

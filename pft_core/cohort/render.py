@@ -216,9 +216,9 @@ def render_frame(
 
     # --- eyes (landmarks 36-47) ------------------------------------------------------------------
     eye_lm: list[np.ndarray] = []
-    upper_h = idt.eye_h * (1 + 0.6 * A("AU5") - 0.35 * A("AU7") - 0.2 * A("AU6") - 0.15 * A("AU4"))
+    upper_h = idt.eye_h * (1 + 0.6 * A("AU5") - 0.5 * A("AU7") - 0.2 * A("AU6") - 0.2 * A("AU4"))
     upper_h = max(0.0, upper_h) * (1.0 - au43)
-    lower_h = idt.eye_h * 0.72 * max(0.0, 1 - 0.6 * A("AU7") - 0.45 * A("AU6") + 0.15 * A("AU5"))
+    lower_h = idt.eye_h * 0.72 * max(0.0, 1 - 0.85 * A("AU7") - 0.45 * A("AU6") + 0.15 * A("AU5"))
     lower_h *= 1.0 - 0.7 * au43
     ri = min(idt.eye_h * 0.95, idt.eye_w * 0.55)
     u = np.linspace(-1.0, 1.0, 13)
@@ -282,14 +282,14 @@ def render_frame(
     brow_lm: list[np.ndarray] = []
     tb = np.linspace(0.0, 1.0, 9)  # 0 = inner end, 1 = outer end
     for s in (-1.0, 1.0):
-        xi, xo = 0.09 - 0.035 * A("AU4"), idt.eye_dx + idt.eye_w + 0.05
+        xi, xo = 0.09 - 0.045 * A("AU4"), idt.eye_dx + idt.eye_w + 0.05
         xs = s * (xi + tb * (xo - xi))
         ys = (
             brow_base
             - idt.brow_arch * 4 * tb * (1 - tb)
             - 0.11 * A("AU1") * (1 - tb) ** 1.5
             - 0.1 * A("AU2") * tb**1.5
-            + 0.075 * A("AU4")
+            + 0.095 * A("AU4")
             + 0.03 * A("AU4") * (1 - tb)
             + 0.015 * A("AU9") * (1 - tb)
             + 0.02 * A("AU43") * (1 - tb)
@@ -332,12 +332,12 @@ def render_frame(
 
     # --- mouth (landmarks 48-67) and folds -------------------------------------------------------
     mw = idt.mouth_w * (
-        1 + 0.2 * A("AU12") + 0.25 * A("AU20") - 0.1 * A("AU24") + 0.05 * A("AU26") - 0.06 * A("AU15")
+        1 + 0.2 * A("AU12") + 0.25 * A("AU20") - 0.2 * A("AU24") + 0.05 * A("AU26") - 0.06 * A("AU15")
     )
     corner_dy = -0.09 * A("AU12") + 0.09 * A("AU15") - 0.012 * A("AU20") - 0.01 * A("AU10")
     my = idt.mouth_y + 0.02 * A("AU26")
-    up_th = max(0.007, idt.lip_up * (1 - 0.65 * A("AU24") - 0.3 * A("AU20") - 0.2 * A("AU12")))
-    low_th = max(0.008, idt.lip_low * (1 - 0.55 * A("AU24") - 0.3 * A("AU20") - 0.15 * A("AU12")))
+    up_th = max(0.006, idt.lip_up * (1 - 0.85 * A("AU24") - 0.3 * A("AU20") - 0.2 * A("AU12")))
+    low_th = max(0.007, idt.lip_low * (1 - 0.8 * A("AU24") - 0.3 * A("AU20") - 0.15 * A("AU12")))
     gap = max(0.0, 0.045 * A("AU25") + 0.2 * A("AU26") + 0.02 * A("AU10") - 0.04 * A("AU24"))
     raise10 = 0.045 * A("AU10") + 0.015 * A("AU9")
     t = np.linspace(-1.0, 1.0, 13)
@@ -363,12 +363,13 @@ def render_frame(
         if mar > 0.15:
             seg = np.array([[s * (mw + 0.015), my + corner_dy + 0.03], [s * (mw + 0.01), my + 0.2]])
             _line(img, P(seg), _shade(skin, 1 - 0.3 * min(mar, 1.2)), t1)
-    if A("AU24") > 0.2:
-        chin_line = np.stack([xs[3:-3], outer_low[3:-3] + 0.035], -1)
-        _line(img, P(chin_line), _shade(skin, 1 - 0.3 * A("AU24")), t1)
+    if A("AU24") > 0.15:  # pressed lips push the chin up: a mentalis crease under the lower lip
+        chin_line = np.stack([xs[2:-2], outer_low[2:-2] + 0.035], -1)
+        _line(img, P(chin_line), _shade(skin, 1 - 0.45 * min(A("AU24"), 1.0)), 1.5 * t1)
     up_poly = np.stack([xs, outer_up], -1)
     low_poly = np.stack([xs, outer_low], -1)
-    _fill(img, P(np.vstack([up_poly, low_poly[::-1]])), idt.lips)
+    lip_col = _mix(idt.lips, skin, 0.45 * A("AU24"))  # pressed lips blanch
+    _fill(img, P(np.vstack([up_poly, low_poly[::-1]])), lip_col)
     in_up = np.stack([xs, inner_up], -1)
     in_low = np.stack([xs, inner_low], -1)
     if gap > 0.004 or raise10 > 0.01:
