@@ -1,12 +1,15 @@
 """The oracle: supervised fine-tuning on the target person's LABELLED frames (the upper bound).
 
 The paper's "Oracle" row is supervised fine-tuning on the target subject's labelled data. Here it
-fine-tunes F's last block(s) together with C, from the source model, with cross-entropy on the
-person's labelled ``oracle`` clips (never their ``eval`` clips, never used by a source-free
-method). The frozen blocks of F run once on the crops; the trainable tail runs in every step, on
-the ONE shared :class:`~pft.core.adaptation.AdaptationTrainer`, so the oracle is seeded, logged and
-converges like every other method. BatchNorm layers of the trainable tail are in train mode while
-training, so their statistics move to the person's frames too.
+fine-tunes, from the source model, C alone (``first_block="classifier"``) or F's last block(s)
+together with C (``"layer4"``, ``"layer3"``), with cross-entropy on the person's labelled
+``oracle`` clips - never their ``eval`` clips, and never used by a source-free method. The frozen
+part of F runs on the crops (once, or on every step's augmented batch with ``augment``); the
+trainable tail runs in every step, on the ONE shared :class:`~pft.core.adaptation.AdaptationTrainer`,
+so the oracle is seeded, logged and converges like every other method. BatchNorm layers of a
+trainable block are in train mode while training, so their statistics move to the person's frames.
+
+Which tail to train is chosen on the validation cohort seeds like any default (docs/results.md).
 """
 
 from __future__ import annotations
@@ -24,57 +27,92 @@ from pft.core.adaptation import AdaptationData, AdaptationTrainer, AdaptConfig, 
 from pft.core.config import FrozenConfig
 from pft.core.losses import classification_loss
 from pft.core.models import LAYER_NAMES, Classifier, FeatureExtractor, preprocess
+from pft.core.training import SourceTrainConfig, augment
 
-TrainableTail = Literal["layer3", "layer4"]
+TrainableTail = Literal["classifier", "layer3", "layer4"]
 
 
 class OracleConfig(FrozenConfig):
-    """Supervised fine-tuning of F from block ``first_block`` on, and of C.
+    """Supervised fine-tuning of C, or of F from block ``first_block`` on and of C.
 
     ``adapt`` is the shared trainer's settings (steps, batch, optimiser, learning rate);
-    ``batch_size`` is the crop batch used to run F's frozen blocks once.
+    ``augment`` applies stage 1's photometric and geometric augmentation (``augmentation``) to
+    every batch, which runs F's frozen part on every step; ``batch_size`` is the crop batch used
+    to run F's frozen part once when there is no augmentation.
     """
 
-    first_block: TrainableTail = "layer4"
-    adapt: AdaptConfig = AdaptConfig(max_iterations=200, min_iterations=200, lr=1e-3, weight_decay=1e-4)
+    first_block: TrainableTail = "classifier"
+    adapt: AdaptConfig = AdaptConfig(max_iterations=300, min_iterations=300, lr=3e-3)
+    augment: bool = False
+    augmentation: SourceTrainConfig = SourceTrainConfig()
     batch_size: int = Field(256, ge=1)
 
 
 @dataclass(frozen=True)
 class SupervisedFineTuning:
-    """The oracle as an adaptation method: ``C(F_tail(h))`` on frozen-block maps ``h``, trained with
-    cross-entropy on labelled target frames (the trainer's ``features`` are the maps ``h``)."""
+    """The oracle as an adaptation method: ``C(F_tail(h))`` trained with cross-entropy on labelled
+    target frames. The trainer's ``features`` are the frozen part's outputs ``h`` (maps entering
+    ``first_block``, or pooled features for ``"classifier"``), or - with ``augmentation`` - the
+    preprocessed crops themselves, augmented and run through the frozen part on every step."""
 
-    first_block: TrainableTail = "layer4"
+    first_block: TrainableTail = "classifier"
+    augmentation: SourceTrainConfig | None = None
     name: str = "oracle"
 
     def trainable_parameters(self, parts: ModelParts) -> list[nn.Parameter]:
-        """F's blocks from ``first_block`` on, and all of C."""
-        if parts.extractor is None:
-            raise ValueError("the oracle needs ModelParts.extractor (F)")
-        return parts.extractor.block_parameters(self.first_block) + list(parts.classifier.parameters())
+        """C's parameters, and F's blocks from ``first_block`` on."""
+        if self.first_block == "classifier":
+            return list(parts.classifier.parameters())
+        return _extractor(parts).block_parameters(self.first_block) + list(parts.classifier.parameters())
 
     def loss(self, parts: ModelParts, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """Cross-entropy on the labelled batch."""
         if batch.labels is None:
             raise ValueError("the oracle needs labelled frames (AdaptationData.labels)")
-        ce = classification_loss(self.predict(parts, batch.features), batch.labels)
+        h = batch.features
+        if self.augmentation is not None:
+            h = augment(h, self.augmentation, batch.generator)
+            h = frozen_part(_extractor(parts), h, self.first_block)
+        ce = classification_loss(self.predict(parts, h), batch.labels)
         return ce, {"ce": float(ce.detach())}
 
     def predict(self, parts: ModelParts, features: Tensor) -> Tensor:
-        """Logits (N, K) of frozen-block maps (N, C, H, W)."""
-        assert parts.extractor is not None
-        return parts.classifier(parts.extractor.forward_from(features, self.first_block))
+        """Logits (N, K) of frozen-part outputs (see the class docstring)."""
+        if self.first_block == "classifier":
+            return parts.classifier(features)
+        return parts.classifier(_extractor(parts).forward_from(features, self.first_block))
+
+
+def _extractor(parts: ModelParts) -> FeatureExtractor:
+    if parts.extractor is None:
+        raise ValueError("the oracle needs ModelParts.extractor (F)")
+    return parts.extractor
 
 
 @torch.no_grad()
-def frozen_maps(extractor: FeatureExtractor, crops: np.ndarray, first_block: str, batch_size: int) -> Tensor:
-    """F's maps entering ``first_block`` (eval mode) for uint8 crops (N, S, S, 3)."""
-    extractor.eval()
-    last = LAYER_NAMES[LAYER_NAMES.index(first_block) - 1]
+def frozen_part(extractor: FeatureExtractor, x: Tensor, first_block: TrainableTail) -> Tensor:
+    """F's frozen part on images ``x`` (N, 3, S, S) in [-1, 1], its BatchNorm layers in eval mode:
+    pooled features for ``"classifier"``, else the maps entering ``first_block``."""
+    frozen = [m for m in extractor.modules() if isinstance(m, nn.BatchNorm2d)]
+    modes = [m.training for m in frozen]
+    for m in frozen:
+        m.eval()
+    try:
+        if first_block == "classifier":
+            return extractor(x)
+        return extractor.forward_to(x, LAYER_NAMES[LAYER_NAMES.index(first_block) - 1])
+    finally:
+        for m, mode in zip(frozen, modes, strict=True):
+            m.train(mode)
+
+
+def frozen_outputs(
+    extractor: FeatureExtractor, crops: np.ndarray, first_block: TrainableTail, batch_size: int
+) -> Tensor:
+    """:func:`frozen_part` of uint8 crops (N, S, S, 3), in batches."""
     x = preprocess(crops, extractor.config.image_size)
     steps = range(0, len(x), batch_size)
-    return torch.cat([extractor.forward_to(x[k : k + batch_size], last) for k in steps])
+    return torch.cat([frozen_part(extractor, x[k : k + batch_size], first_block) for k in steps])
 
 
 @dataclass
@@ -96,24 +134,31 @@ def fine_tune_oracle(
     seed: int,
     video_ids: Tensor | None = None,
 ) -> OracleResult:
-    """Fine-tune COPIES of F's tail and C on a person's labelled crops; logits on ``eval_crops``.
+    """Fine-tune COPIES of C (and F's tail) on a person's labelled crops; logits on ``eval_crops``.
 
     ``extractor`` and ``classifier`` are left untouched. Raises ``ValueError`` when the labelled
     crops and labels differ in number or fewer than two labelled crops are given.
     """
     if len(labelled_crops) != len(labels) or len(labels) < 2:
-        raise ValueError(f"the oracle needs >= 2 labelled crops with one label each, got "
-                         f"{len(labelled_crops)} crops and {len(labels)} labels")
-    f_copy, c_copy = copy.deepcopy(extractor), copy.deepcopy(classifier)
-    maps = frozen_maps(f_copy, labelled_crops, config.first_block, config.batch_size)
-    data = AdaptationData(features=maps, labels=labels.long(), video_ids=video_ids)
-    parts = ModelParts(classifier=c_copy, extractor=f_copy)
-    method = SupervisedFineTuning(config.first_block)
+        raise ValueError(
+            f"the oracle needs >= 2 labelled crops with one label each, got "
+            f"{len(labelled_crops)} crops and {len(labels)} labels"
+        )
+    f_copy, c_copy = copy.deepcopy(extractor).eval(), copy.deepcopy(classifier)
+    if config.augment:
+        inputs = preprocess(labelled_crops, f_copy.config.image_size)
+    else:
+        inputs = frozen_outputs(f_copy, labelled_crops, config.first_block, config.batch_size)
+    data = AdaptationData(features=inputs, labels=labels.long(), video_ids=video_ids)
+    # F is needed for a trainable tail, or to run its frozen part on every augmented batch
+    needs_f = config.first_block != "classifier" or config.augment
+    parts = ModelParts(classifier=c_copy, extractor=f_copy if needs_f else None)
+    method = SupervisedFineTuning(config.first_block, config.augmentation if config.augment else None)
     result = AdaptationTrainer(config.adapt.model_copy(update={"seed": seed})).fit(method, parts, data)
-    eval_maps = frozen_maps(f_copy, eval_crops, config.first_block, config.batch_size)
+    eval_inputs = frozen_outputs(f_copy, eval_crops, config.first_block, config.batch_size)
     with torch.no_grad():
         f_copy.eval()
         c_copy.eval()
-        logits = method.predict(parts, eval_maps)
+        logits = method.predict(parts, eval_inputs)
     n_params = sum(p.numel() for p in method.trainable_parameters(parts))
     return OracleResult(logits, result, n_params)

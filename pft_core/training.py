@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F_nn
+from pydantic import Field
 from torch import Tensor
 
 from pft.core.config import FrozenConfig
@@ -63,6 +64,11 @@ class SourceTrainConfig(FrozenConfig):
 
     AdamW with a one-cycle (or cosine) schedule; augmentation per batch: brightness and contrast
     jitter, translation by up to ``translate`` of the side, horizontal flip, Gaussian noise.
+    Where per-frame facial-action intensities are known (the synthetic cohort's ground truth, or an
+    AU-annotated dataset), a linear head on F's pooled features regresses them as an auxiliary
+    task with weight ``lambda_actions`` (binary cross-entropy against intensities in [0, 1]); the
+    head only shapes F and is not kept. It plays the part of pretraining F on an AU-labelled face
+    corpus: F learns to see the facial actions rather than who is making them.
     """
 
     epochs: int = 4
@@ -76,6 +82,7 @@ class SourceTrainConfig(FrozenConfig):
     translate: float = 0.08
     hflip: bool = True
     noise_std: float = 0.03
+    lambda_actions: float = Field(1.0, ge=0)
     channels_last: bool = False
     num_threads: int | None = None
     seed: int = 0
@@ -115,6 +122,7 @@ def train_source(
     model_config: ModelConfig,
     config: SourceTrainConfig,
     progress: Progress | None = None,
+    actions: np.ndarray | Tensor | None = None,
 ) -> tuple[FeatureExtractor, Classifier, dict[str, Any]]:
     """Stage 1: train F and C with cross-entropy on labelled source crops.
 
@@ -122,6 +130,8 @@ def train_source(
     ----------
     images : uint8 (N, H, W, 3) face crops (resized to ``model_config.image_size``).
     labels : (N,) class indices in 0..K-1.
+    actions : optional (N, A) facial-action intensities in [0, 1] per crop, the target of the
+        auxiliary head (used when ``config.lambda_actions > 0``).
 
     Returns
     -------
@@ -134,14 +144,22 @@ def train_source(
         raise ValueError("images and labels must be non-empty and of the same length")
     if int(y.min()) < 0 or int(y.max()) >= model_config.num_classes:
         raise ValueError(f"labels must lie in 0..{model_config.num_classes - 1}")
+    a_all = None
+    if actions is not None and config.lambda_actions > 0:
+        a_all = torch.as_tensor(np.asarray(actions)).float()
+    if a_all is not None and (a_all.ndim != 2 or len(a_all) != len(y)):
+        raise ValueError("actions must be (N, A) with one row per image")
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)  # parameter init and dropout; the data order has its own generator
     gen = torch.Generator().manual_seed(config.seed)
     extractor, classifier = FeatureExtractor(model_config), Classifier(model_config)
+    action_head = None if a_all is None else torch.nn.Linear(model_config.pooled_dim, a_all.shape[1])
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     extractor = extractor.to(memory_format=memory_format)  # type: ignore[call-overload]
     params = list(extractor.parameters()) + list(classifier.parameters())
+    if action_head is not None:
+        params += list(action_head.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(y) / config.batch_size)
     total = max(1, steps_per_epoch * config.epochs)
@@ -150,21 +168,26 @@ def train_source(
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total, pct_start=0.2)
     else:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    history: dict[str, Any] = {"loss": [], "accuracy": [], "seconds": []}
+    history: dict[str, Any] = {"loss": [], "accuracy": [], "seconds": [], "actions_loss": []}
     t_start = time.perf_counter()
     extractor.train()
     classifier.train()
     for epoch in range(config.epochs):
         t0 = time.perf_counter()
         order = torch.randperm(len(y), generator=gen)
-        loss_sum, correct = 0.0, 0
+        loss_sum, correct, actions_sum = 0.0, 0, 0.0
         for k in range(steps_per_epoch):
             idx = order[k * config.batch_size : (k + 1) * config.batch_size]
             if len(idx) < 2:  # BatchNorm needs two samples
                 continue
             xb = augment(x_all[idx], config, gen).contiguous(memory_format=memory_format)
-            logits = classifier(extractor(xb))
+            feats = extractor(xb)
+            logits = classifier(feats)
             loss = F_nn.cross_entropy(logits, y[idx], label_smoothing=config.label_smoothing)
+            if action_head is not None and a_all is not None:
+                aux = F_nn.binary_cross_entropy_with_logits(action_head(feats), a_all[idx])
+                loss = loss + config.lambda_actions * aux
+                actions_sum += float(aux.detach()) * len(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -173,6 +196,7 @@ def train_source(
             correct += int((logits.argmax(1) == y[idx]).sum())
         history["loss"].append(loss_sum / len(y))
         history["accuracy"].append(100.0 * correct / len(y))
+        history["actions_loss"].append(actions_sum / len(y))
         history["seconds"].append(time.perf_counter() - t0)
         if progress is not None:
             progress(epoch + 1, config.epochs, {"loss": history["loss"][-1]})

@@ -13,7 +13,7 @@ import hashlib
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from pft.core.bundle import load_bundle, save_bundle
-from pft.core.cohort import CohortConfig
+from pft.core.cohort import CohortConfig, load_manifest
 from pft.core.config import FrozenConfig
 from pft.core.data import DatasetIndex, FaceCropConfig, VideoConfig, VideoRecord
 from pft.core.data.cache import state_dict_sha256
@@ -44,6 +44,7 @@ from pft.core.training import (
     train_source,
 )
 from pft.simulations.batched import BatchedConfig, run_pft_batched
+from pft.simulations.gap_analysis import SubjectGap, markdown_correlations, plot_gaps, subject_gaps
 from pft.simulations.machine import describe_machine
 from pft.simulations.methods import (
     IMAGE_METHODS,
@@ -191,9 +192,10 @@ def _load_or_train_source(
         return extractor, classifier, folder
     source_records = list(index.filter(role="source", split="train").records)
     images, labels = store.crops_and_labels(source_records)
+    actions = store.annotated_actions(source_records) if config.source_train.lambda_actions > 0 else None
     step = progress("stage 1: source model F, C", config.source_train.epochs)
     extractor, classifier, history = train_source(
-        images, labels, model_config, config.source_train, progress=lambda e, n, _i: step(e, n)
+        images, labels, model_config, config.source_train, lambda e, n, _i: step(e, n), actions
     )
     save_safetensors(classifier.state_dict(), folder / "C.safetensors")
     save_safetensors(extractor.state_dict(), folder / "F.safetensors")
@@ -294,6 +296,7 @@ class PreparedExperiment:
     sources: list[str]
     targets: list[str]
     timings: dict[str, float]
+    cohort_dir: Path | None = None  # the synthetic cohort's folder (its manifest has the ground truth)
 
     def target(self, subject: str) -> TargetData | None:
         """One target's data (None when it has no usable adapt or eval frames)."""
@@ -369,6 +372,7 @@ def prepare_experiment(
         sources,
         targets,
         timings,
+        cohort_dir,
     )
 
 
@@ -460,7 +464,8 @@ def run_experiment(
         if rel and m in results["methods"]:
             results["methods"][m]["privacy"] = summarise_releases(rel)
     write_results(out_dir, results)
-    _write_report(out_dir, results, frames, sources, targets, embeddings, classes, config)
+    gaps = subject_gaps(results, load_manifest(prepared.cohort_dir)) if prepared.cohort_dir else []
+    _write_report(out_dir, results, frames, sources, targets, embeddings, classes, config, gaps)
     return ExperimentResult(results, out_dir, timings)
 
 
@@ -480,6 +485,7 @@ def _write_report(
     embeddings: Mapping[str, np.ndarray],
     classes: list[str],
     config: ExperimentConfig,
+    gaps: Sequence[SubjectGap] = (),
 ) -> Path:
     bars = plot_per_subject(results, out_dir / "per_subject_f1.png")
     lines = [
@@ -526,6 +532,16 @@ def _write_report(
             "source features (colour = class):",
             "",
             f"![embedding]({png.name})",
+            "",
+        ]
+    if gaps:
+        png = plot_gaps(gaps, out_dir / "gap_analysis.png", "per-subject F1 against personal effects")
+        lines += [
+            "## Why subjects differ",
+            "",
+            markdown_correlations(gaps),
+            "",
+            f"![gap analysis]({png.name})",
             "",
         ]
     lines += [

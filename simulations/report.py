@@ -15,7 +15,7 @@ from pft.core.atomic import atomic_write_text
 #: Row groups in the order of the paper's tables; methods not listed go under "Other".
 METHOD_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Source-only", ("source_only",)),
-    ("Simple baselines", ("neutral_norm", "neutral_norm_matched", "adabn")),
+    ("Simple baselines", ("neutral_calibration", "neutral_norm", "neutral_norm_matched", "adabn")),
     ("SFDA (model-based)", ("shot", "nrc", "tpds")),
     ("SFDA-PFT (ours)", ("pft",)),
     ("Oracle", ("oracle",)),

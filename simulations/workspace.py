@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from pft.core.cohort import CohortConfig, make_cohort
+from pft.core.cohort.profiles import AU_NAMES
 from pft.core.data import (
     AnnotatedFaceDetector,
     AnnotatedLandmarkDetector,
@@ -31,6 +32,8 @@ from pft.core.data import (
     process_videos,
 )
 from pft.core.data.cache import FeatureCache, file_sha256, state_dict_sha256
+from pft.core.data.faces import sidecar_frame
+from pft.core.errors import PFTError
 from pft.core.models import FeatureExtractor
 from pft.core.training import extract_features
 
@@ -178,6 +181,26 @@ class FrameStore:
         if not crops:
             raise ValueError("no usable frames in these videos")
         return np.concatenate(crops), np.concatenate(labels)
+
+    def annotated_actions(self, records: Sequence[VideoRecord]) -> np.ndarray | None:
+        """The renderer's facial-action values (N, len(AU_NAMES)) of the frames ``crops_and_labels``
+        returns for ``records`` (same rows), from the videos' sidecars; ``None`` when a video has
+        no sidecar or a frame no ``au`` entry (real datasets)."""
+        rows: list[np.ndarray] = []
+        for record in records:
+            video = self.videos.get(record.path)
+            if video is None:
+                continue
+            try:
+                entries = [sidecar_frame(record.path, int(i)) for i in video.frame_indices]
+            except (PFTError, OSError, ValueError):
+                return None
+            for entry in entries:
+                actions = entry.get("au") if entry else None
+                if not isinstance(actions, dict):
+                    return None
+                rows.append(np.array([float(actions.get(n, 0.0)) for n in AU_NAMES], dtype=np.float32))
+        return np.stack(rows) if rows else None
 
     def _class(self, record: VideoRecord) -> int:
         return self.index.classes.index(record.label) if record.label in self.index.classes else -1

@@ -8,7 +8,7 @@ import torch
 
 from pft.core.adaptation import AdaptationData, Batch, ModelParts
 from pft.core.models import Classifier, FeatureExtractor, ModelConfig, preprocess
-from pft.core.oracle import OracleConfig, SupervisedFineTuning, fine_tune_oracle, frozen_maps
+from pft.core.oracle import OracleConfig, SupervisedFineTuning, fine_tune_oracle, frozen_outputs
 
 
 @pytest.mark.parametrize("feature_dim", [None, 96])
@@ -28,6 +28,19 @@ def test_block_parameters_are_the_tail_of_f() -> None:
     expected = {id(p) for p in extractor.layer4.parameters()} | {id(p) for p in extractor.embed.parameters()}  # type: ignore[union-attr]
     assert tail == expected
     assert len(extractor.block_parameters("layer3")) > len(extractor.block_parameters("layer4"))
+
+
+def test_classifier_oracle_trains_c_alone() -> None:
+    cfg = ModelConfig(width=8)
+    parts = ModelParts(classifier=Classifier(cfg))
+    method = SupervisedFineTuning("classifier")
+    trainable = {id(p) for p in method.trainable_parameters(parts)}
+    assert trainable == {id(p) for p in parts.classifier.parameters()}
+    feats = torch.randn(4, cfg.pooled_dim)
+    batch = Batch(feats, feats, torch.tensor([0, 1, 0, 1]), torch.arange(4), torch.Generator())
+    loss, _ = method.loss(parts, batch)
+    loss.backward()
+    assert all(p.grad is not None for p in parts.classifier.parameters())
 
 
 def test_oracle_gradient_reaches_exactly_fs_last_block_and_c() -> None:
@@ -64,25 +77,32 @@ def test_oracle_learns_a_persons_labels_and_leaves_the_source_model_untouched() 
     before = {k: v.clone() for k, v in {**extractor.state_dict(), **classifier.state_dict()}.items()}
     train, y_train = _two_class_crops(64, rng)
     test, y_test = _two_class_crops(32, rng)
-    config = OracleConfig(adapt={"max_iterations": 60, "min_iterations": 60, "lr": 3e-3, "batch_size": 32})
-    out = fine_tune_oracle(extractor, classifier, train, y_train, test, config, seed=0)
-    accuracy = float((out.logits.argmax(1) == y_test).float().mean())
-    assert accuracy >= 0.9
-    assert out.result.iterations == 60
-    assert out.trainable_parameters == sum(p.numel() for p in extractor.layer4.parameters()) + sum(
-        p.numel() for p in classifier.parameters()
-    )
-    after = {**extractor.state_dict(), **classifier.state_dict()}
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    n_c = sum(p.numel() for p in classifier.parameters())
+    n_layer4 = sum(p.numel() for p in extractor.layer4.parameters())
+    adapt = {"max_iterations": 60, "min_iterations": 60, "lr": 3e-3, "batch_size": 32}
+    for tail, augmented, n_params in (("layer4", False, n_layer4 + n_c), ("layer4", True, n_layer4 + n_c),
+                                      ("classifier", False, n_c), ("classifier", True, n_c)):
+        config = OracleConfig(first_block=tail, augment=augmented, adapt=adapt)
+        out = fine_tune_oracle(extractor, classifier, train, y_train, test, config, seed=0)
+        accuracy = float((out.logits.argmax(1) == y_test).float().mean())
+        assert accuracy >= 0.9, (tail, augmented)
+        assert out.result.iterations == 60 and out.trainable_parameters == n_params
+        after = {**extractor.state_dict(), **classifier.state_dict()}
+        assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_frozen_maps_are_the_eval_mode_maps_entering_the_block() -> None:
+def test_frozen_outputs_are_eval_mode_maps_or_features_even_from_a_training_f() -> None:
     torch.manual_seed(0)
-    extractor = FeatureExtractor(ModelConfig(width=8)).eval()
+    extractor = FeatureExtractor(ModelConfig(width=8))
     crops = np.random.default_rng(1).integers(0, 255, size=(5, 64, 64, 3)).astype(np.uint8)
-    maps = frozen_maps(extractor, crops, "layer4", batch_size=2)
+    extractor.train()  # the frozen part must still use the source BatchNorm statistics
+    maps = frozen_outputs(extractor, crops, "layer4", batch_size=2)
+    pooled = frozen_outputs(extractor, crops, "classifier", batch_size=2)
+    assert extractor.training and all(m.training for m in extractor.modules())
+    extractor.eval()
     with torch.no_grad():
         torch.testing.assert_close(maps, extractor.forward_to(preprocess(crops, 64), "layer3"))
+        torch.testing.assert_close(pooled, extractor(preprocess(crops, 64)))
 
 
 def test_oracle_refuses_mismatched_labels() -> None:

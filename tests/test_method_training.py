@@ -84,6 +84,24 @@ def test_train_source_learns_and_is_deterministic() -> None:
     assert acc >= 0.9
 
 
+def test_action_head_is_trained_only_when_actions_are_given_and_shapes_f() -> None:
+    imgs, labels = _images(96, 0)
+    # one facial action: the brightness of the lower-left corner (independent of the class)
+    actions = (np.arange(96) % 3 == 0).astype(np.float32)[:, None]
+    imgs[actions[:, 0] == 1, 24:, :8, :] = 250
+    cfg = SourceTrainConfig(epochs=4, batch_size=32, lr=5e-3, seed=7)
+    f_plain, _, h_plain = train_source(imgs, labels, CFG, cfg)
+    f_aux, _, h_aux = train_source(imgs, labels, CFG, cfg, actions=actions)
+    assert h_plain["actions_loss"] == [0.0] * 4
+    assert h_aux["actions_loss"][-1] < h_aux["actions_loss"][0]  # the head learns the action
+    assert not torch.equal(f_plain.conv1.weight, f_aux.conv1.weight)  # and it changes F
+    off = cfg.model_copy(update={"lambda_actions": 0.0})
+    f_off, _, h_off = train_source(imgs, labels, CFG, off, actions=actions)
+    assert torch.equal(f_off.conv1.weight, f_plain.conv1.weight) and h_off["actions_loss"] == [0.0] * 4
+    with pytest.raises(ValueError, match="actions"):
+        train_source(imgs, labels, CFG, cfg, actions=actions[:10])
+
+
 def test_train_source_rejects_bad_labels() -> None:
     imgs, _ = _images(8, 0)
     with pytest.raises(ValueError):

@@ -14,9 +14,13 @@ from pft.core.config import FrozenConfig
 #: Version of what the generator draws for a given config (renderer, animation, profiles). It is
 #: part of ``CohortConfig.config_hash`` and of every manifest, so a cache keyed by the hash never
 #: serves videos an older generator made. Bump it whenever the same config would render differently.
-#: 2: larger lip-press, lid-tightening and brow-lowering effects, short onsets and offsets, mixed
-#: dynamics that cover the clip, stronger stress/ambivalence prototypes, 4 oracle clips per class.
-GENERATOR_VERSION = 2
+#: 3: larger eyes, mouth and lips; larger lip-press, lid-tightening and brow-lowering effects; short
+#: onsets and offsets; mixed dynamics that cover the clip; stronger stress/ambivalence prototypes;
+#: expressiveness from 0.5 (x0.75 for elderly subjects); 6 oracle clips per class.
+#: 4: mixed bursts show at least two conflicting actions at once; 8 oracle clips per class;
+#: affwild2's apex intensity from 0.65 and somewhat milder capture (yaw 20, noise <= 6, blur <= 0.9,
+#: occluders in 25 % of clips).
+GENERATOR_VERSION = 4
 
 
 class CohortConfig(FrozenConfig):

@@ -91,15 +91,16 @@ def _sustained_envelope(rng: np.random.Generator, frames: int) -> np.ndarray:
 def _mixed_envelopes(rng: np.random.Generator, frames: int, actions: list[str]) -> dict[str, np.ndarray]:
     """Brief, possibly conflicting bursts that together cover the clip (BAH-like ambivalence).
 
-    The clip is cut into segments of 3..6 frames; each segment shows a random non-empty subset of
-    the actions as a short bump (1 at its centre, >= 0.5 at its ends), so the signals change and
-    conflict from segment to segment, yet every frame shows at least one of them.
+    The clip is cut into segments of 3..6 frames; each segment shows a random subset of at least
+    two of the actions (conflicting signals at once, e.g. a smile with a lip-corner depressor) as a
+    short bump (1 at its centre, >= 0.5 at its ends), so the signals change and conflict from
+    segment to segment, yet every frame shows them.
     """
     out = {au: np.zeros(frames) for au in actions}
     t = 0
     while t < frames:
         length = min(int(rng.integers(3, 7)), frames - t)
-        k = int(rng.integers(1, len(actions) + 1))
+        k = int(rng.integers(min(2, len(actions)), len(actions) + 1))
         chosen = rng.choice(len(actions), size=k, replace=False)
         x = (np.arange(length) - (length - 1) / 2) / max(length / 2, 1.0)
         bump = 1.0 - 0.5 * x**2

@@ -125,8 +125,8 @@ class ProfileSpec(FrozenConfig):
     resting_lean_aus: dict[str, float] = Field(default_factory=dict)
     resting_noise: float = 0.08  # everyone's small random resting offsets (max per action)
     # --- personal expression style ---
-    expressiveness: Range = _r(0.3, 1.2)
-    elderly_expressiveness: float = 0.6  # multiplier for elderly subjects
+    expressiveness: Range = _r(0.5, 1.2)
+    elderly_expressiveness: float = 0.75  # multiplier for elderly subjects
     style_jitter: float = 0.35  # lognormal sigma of per-action weights
     au_swap_prob: float = 0.25  # chance a prototype action is swapped for an alternative
     intensity: Range = _r(0.4, 1.0)  # apex intensity of an expressive clip
@@ -162,7 +162,7 @@ PROFILES: dict[str, ProfileSpec] = {
         expressiveness=_r(0.45, 1.25),
         elderly_expressiveness=0.75,
         age_mix=(0.3, 0.35, 0.35),  # BioVid spans 18-65 years
-        clips=ClipCounts(train=3, adapt=3, oracle=4, eval=3),
+        clips=ClipCounts(train=3, adapt=3, oracle=8, eval=3),
     ),
     "stressid": ProfileSpec(
         name="stressid",
@@ -184,7 +184,7 @@ PROFILES: dict[str, ProfileSpec] = {
         resting_lean_aus={"AU24": 0.6, "AU4": 0.4, "AU7": 0.3},
         intensity=_r(0.55, 1.0),
         age_mix=(0.55, 0.4, 0.05),
-        clips=ClipCounts(train=2, adapt=3, oracle=4, eval=3),
+        clips=ClipCounts(train=2, adapt=3, oracle=8, eval=3),
     ),
     "bah": ProfileSpec(
         name="bah",
@@ -208,7 +208,7 @@ PROFILES: dict[str, ProfileSpec] = {
         intensity=_r(0.55, 1.0),
         age_mix=(0.4, 0.45, 0.15),
         capture=CaptureSpec(yaw=10.0, pitch=8.0, light_level=_r(0.65, 1.2), noise=_r(1.5, 6.0)),
-        clips=ClipCounts(train=1, adapt=3, oracle=4, eval=3),
+        clips=ClipCounts(train=1, adapt=3, oracle=8, eval=3),
     ),
     "affwild2": ProfileSpec(
         name="affwild2",
@@ -229,23 +229,23 @@ PROFILES: dict[str, ProfileSpec] = {
         },
         resting_lean_aus={"AU15": 0.5, "AU4": 0.4, "AU1": 0.3},
         resting_lean_fraction=0.3,
-        intensity=_r(0.5, 1.0),
+        intensity=_r(0.65, 1.0),
         age_mix=(0.45, 0.4, 0.15),
         glasses_fraction=0.25,
         capture=CaptureSpec(
-            yaw=25.0,
+            yaw=20.0,
             pitch=12.0,
             roll=12.0,
             scale_jitter=0.12,
             shift=0.08,
-            light_level=_r(0.5, 1.3),
-            light_gradient=_r(0.1, 0.8),
-            contrast=_r(0.6, 1.25),
-            noise=_r(1.0, 9.0),
-            blur=_r(0.0, 1.2),
-            occlusion=0.35,
+            light_level=_r(0.55, 1.3),
+            light_gradient=_r(0.1, 0.7),
+            contrast=_r(0.7, 1.2),
+            noise=_r(1.0, 6.0),
+            blur=_r(0.0, 0.9),
+            occlusion=0.25,
         ),
-        clips=ClipCounts(train=1, adapt=3, oracle=4, eval=3),
+        clips=ClipCounts(train=1, adapt=3, oracle=8, eval=3),
     ),
 }
 
