@@ -20,7 +20,12 @@ from pft.core.config import FrozenConfig
 #: 4: mixed bursts show at least two conflicting actions at once; 8 oracle clips per class;
 #: affwild2's apex intensity from 0.65 and somewhat milder capture (yaw 20, noise <= 6, blur <= 0.9,
 #: occluders in 25 % of clips).
-GENERATOR_VERSION = 4
+#: 5: biovid's resting lean looks like mild pain (brow lowering, lid tightening, cheek raise, nose
+#: wrinkle, upper-lip raise).
+#: 6: stronger resting leans (biovid 45 % of subjects at 0.6-1.0, others 0.45-0.8), biovid apex
+#: intensity from 0.4 (mild pain overlaps another person's leaning neutral), affwild2 apex from 0.7
+#: with noise <= 5, blur <= 0.8 and occluders in 20 % of clips.
+GENERATOR_VERSION = 6
 
 
 class CohortConfig(FrozenConfig):

@@ -121,7 +121,7 @@ class ProfileSpec(FrozenConfig):
     expressions: dict[str, ExpressionSpec]
     # --- resting face (neutral offset) ---
     resting_lean_fraction: float = 0.33  # share of subjects whose neutral leans to an expression
-    resting_lean_strength: Range = _r(0.35, 0.65)
+    resting_lean_strength: Range = _r(0.45, 0.8)
     resting_lean_aus: dict[str, float] = Field(default_factory=dict)
     resting_noise: float = 0.08  # everyone's small random resting offsets (max per action)
     # --- personal expression style ---
@@ -155,10 +155,11 @@ PROFILES: dict[str, ProfileSpec] = {
                 head_motion=2.5,
             )
         },
-        resting_lean_aus={"AU4": 0.6, "AU7": 0.55, "AU15": 0.45, "AU6": 0.2},
-        resting_lean_fraction=0.5,
-        resting_lean_strength=_r(0.45, 0.8),
-        intensity=_r(0.5, 1.0),  # PA3..PA4-like spread (the binary BL1 vs PA4 protocol)
+        # a resting face that looks like mild pain to someone who does not know the person
+        resting_lean_aus={"AU4": 0.6, "AU7": 0.55, "AU6": 0.35, "AU9": 0.3, "AU10": 0.3, "AU15": 0.2},
+        resting_lean_fraction=0.45,
+        resting_lean_strength=_r(0.6, 1.0),
+        intensity=_r(0.4, 1.0),  # PA3..PA4-like spread (the binary BL1 vs PA4 protocol)
         expressiveness=_r(0.45, 1.25),
         elderly_expressiveness=0.75,
         age_mix=(0.3, 0.35, 0.35),  # BioVid spans 18-65 years
@@ -229,7 +230,7 @@ PROFILES: dict[str, ProfileSpec] = {
         },
         resting_lean_aus={"AU15": 0.5, "AU4": 0.4, "AU1": 0.3},
         resting_lean_fraction=0.3,
-        intensity=_r(0.65, 1.0),
+        intensity=_r(0.7, 1.0),
         age_mix=(0.45, 0.4, 0.15),
         glasses_fraction=0.25,
         capture=CaptureSpec(
@@ -241,9 +242,9 @@ PROFILES: dict[str, ProfileSpec] = {
             light_level=_r(0.55, 1.3),
             light_gradient=_r(0.1, 0.7),
             contrast=_r(0.7, 1.2),
-            noise=_r(1.0, 6.0),
-            blur=_r(0.0, 0.9),
-            occlusion=0.25,
+            noise=_r(1.0, 5.0),
+            blur=_r(0.0, 0.8),
+            occlusion=0.2,
         ),
         clips=ClipCounts(train=1, adapt=3, oracle=8, eval=3),
     ),
