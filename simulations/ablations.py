@@ -28,6 +28,7 @@ import torch.nn.functional as F_nn
 
 from pft.core.atomic import atomic_write_text
 from pft.core.metrics import macro_f1
+from pft.core.seeding import subject_seed
 from pft.simulations.experiment import ExperimentConfig, PreparedExperiment, prepare_experiment
 from pft.simulations.methods import METHODS, MethodSettings
 from pft.simulations.workspace import FrameSet
@@ -85,7 +86,7 @@ def _evaluate(
             continue
         y = target.eval.labels.numpy()
         for method in scores:
-            outcome = METHODS[method](prepared.model, target, settings, seed * 1000 + k)
+            outcome = METHODS[method](prepared.model, target, settings, subject_seed(seed, k))
             scores[method].append(macro_f1(y, outcome.logits.argmax(1).numpy(), len(prepared.classes)))
     return {
         m: {
@@ -116,7 +117,7 @@ def branch_similarity(prepared: PreparedExperiment, settings: MethodSettings, se
         target = prepared.target(subject)
         if target is None:
             continue
-        outcome = METHODS["pft"](prepared.model, target, settings, seed * 1000 + k)
+        outcome = METHODS["pft"](prepared.model, target, settings, subject_seed(seed, k))
         assert outcome.translated is not None
         ev: FrameSet = target.eval
         for c in range(len(prepared.classes)):

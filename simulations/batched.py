@@ -62,6 +62,7 @@ from pft.core.errors import TooFewFacesError
 from pft.core.losses import STATS_EPS
 from pft.core.models import Classifier, Translator
 from pft.core.personalize import PersonalizeConfig, SourceModel, translation_goal
+from pft.core.seeding import subject_seed
 from pft.core.training import torch_threads
 from pft.simulations.methods import MethodOutcome, MethodSettings, TargetData
 
@@ -975,7 +976,7 @@ def run_pft_batched(
     engine: BatchedConfig | None = None,
 ) -> dict[str, MethodOutcome]:
     """``pft.simulations.methods.run_pft`` for many targets at once: target ``(k, data)`` adapts with
-    seed ``seed * 1000 + k`` (as the per-client engine), then predicts on its ``eval`` frames.
+    seed ``subject_seed(seed, k)`` (as the per-client engine), then predicts on its ``eval`` frames.
 
     Returns the outcome per subject name (the reported seconds are the chunk's wall time shared
     equally by its subjects).
@@ -989,7 +990,7 @@ def run_pft_batched(
             t.adapt.features,
             t.adapt.frame_stats,
             pft,
-            seed * 1000 + k,
+            subject_seed(seed, k),
             subject=t.subject,
             descriptor=t.adapt.mean_descriptor(),
             video_ids=t.adapt.video_ids,

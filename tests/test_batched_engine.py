@@ -9,6 +9,7 @@ from pft.core.adaptation import AdaptationData, AdaptConfig
 from pft.core.errors import TooFewFacesError
 from pft.core.models import ModelConfig
 from pft.core.personalize import PersonalizeConfig, personalize
+from pft.core.seeding import subject_seed
 from pft.simulations import batched
 from pft.simulations.batched import (
     BatchedConfig,
@@ -196,7 +197,7 @@ def test_run_pft_batched_equals_run_pft_predictions() -> None:
         targets.append((k, TargetData(f"t{k}", adapt, None, held)))
     batched = run_pft_batched(model, targets, settings, seed=4, engine=BatchedConfig(chunk_size=2))
     for k, target in targets:
-        ref = run_pft(model, target, settings, 4 * 1000 + k)
+        ref = run_pft(model, target, settings, subject_seed(4, k))
         got = batched[target.subject]
         assert got.iterations == ref.iterations
         torch.testing.assert_close(got.logits, ref.logits, atol=1e-5, rtol=0)
