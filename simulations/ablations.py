@@ -38,7 +38,7 @@ ABLATIONS: tuple[AblationKind, ...] = ("losses", "pairing", "dims", "weights", "
 
 
 def _with(config: ExperimentConfig, **paths: Any) -> ExperimentConfig:
-    """A copy of ``config`` with dotted-path overrides, e.g. ``{"settings.pft.lambda_style": 0}``."""
+    """A copy of ``config`` with dotted-path overrides (``{"settings.pft.objective.lambda_style": 0}``)."""
     data = config.model_dump()
     for dotted, value in paths.items():
         node = data
@@ -54,9 +54,11 @@ def _variants(kind: AblationKind, base: ExperimentConfig) -> dict[str, Experimen
         none = {"settings.pft.adapt.max_iterations": 0, "settings.pft.adapt.min_iterations": 0}
         return {
             "full": base,
-            "stage 3 - consistency": _with(base, **{"settings.pft.lambda_consistency": 0.0}),
-            "stage 3 + style term (0.1; off by default)": _with(base, **{"settings.pft.lambda_style": 0.1}),
-            "stage 3 - neutral calibration": _with(base, **{"settings.pft.lambda_neutral": 0.0}),
+            "stage 3 - consistency": _with(base, **{"settings.pft.objective.lambda_consistency": 0.0}),
+            "stage 3 + style term (0.1; off by default)": _with(
+                base, **{"settings.pft.objective.lambda_style": 0.1}
+            ),
+            "stage 3 - neutral calibration": _with(base, **{"settings.pft.objective.lambda_neutral": 0.0}),
             "no stage 3 (T0)": _with(base, **none),
             "stage 2 - style": _with(base, **{"pretrain.lambda_style": 0.0}),
             "stage 2 - expression (KL)": _with(base, **{"pretrain.lambda_expr": 0.0}),

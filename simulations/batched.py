@@ -56,11 +56,12 @@ import torch.nn.functional as F_nn
 from pydantic import Field
 from torch import Tensor
 
-from pft.core.adaptation import AdaptConfig, ModelParts, PFTAdaptation
+from pft.core.adaptation import AdaptConfig, Convergence, ModelParts, PFTAdaptation
 from pft.core.config import FrozenConfig
 from pft.core.errors import TooFewFacesError
-from pft.core.losses import STATS_EPS
+from pft.core.losses import batch_statistics
 from pft.core.models import Classifier, Translator
+from pft.core.objective import PairOutputs, ReferenceTargets
 from pft.core.personalize import PersonalizeConfig, SourceModel, translation_goal
 from pft.core.seeding import subject_seed
 from pft.core.training import torch_threads
@@ -109,7 +110,7 @@ class SubjectTask:
     features: Tensor
     style_target: Tensor
     style_reference: Tensor
-    reference_stats: tuple[Tensor, Tensor]
+    targets: ReferenceTargets
     seed: int
     video_ids: Tensor | None = None
     time_index: Tensor | None = None
@@ -144,7 +145,7 @@ def subject_task(
         features=features,
         style_target=goal.style_target,
         style_reference=goal.style_reference,
-        reference_stats=goal.reference_stats,
+        targets=goal.targets,
         seed=seed,
         video_ids=video_ids,
         time_index=time_index,
@@ -336,8 +337,7 @@ class _Chunk:
     ref_sigma: Tensor
     params: dict[str, Tensor]
     state: dict[str, list[Tensor]]
-    ema: list[list[float]]
-    history: list[list[float]]
+    convergence: list[Convergence]
     sizes: Tensor  # (S,) frames per subject
     partner_table: Tensor | None = None  # (all frames, width) chunk rows
     partner_count: Tensor | None = None  # (all frames,) partners per frame
@@ -358,7 +358,7 @@ class _Chunk:
     def keep(self, rows: list[int]) -> None:
         """Keep only the subjects at ``rows`` (compaction after some stopped)."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.s_t.device)
-        for name in ("positions", "tasks", "partners", "gens", "drop_gens", "ema", "history"):
+        for name in ("positions", "tasks", "partners", "gens", "drop_gens", "convergence"):
             values = getattr(self, name)
             setattr(self, name, [values[r] for r in rows])
         self.offsets = self.offsets[idx.cpu()]
@@ -447,6 +447,7 @@ def _new_chunk(
     base: dict[str, Tensor],
     names: list[str],
     device: torch.device,
+    cfg: AdaptConfig,
 ) -> _Chunk:
     """Stack ``tasks`` (positions ``start``...): features, style codes, generators, parameters."""
     s = len(tasks)
@@ -463,12 +464,11 @@ def _new_chunk(
         features=torch.cat([t.features for t in tasks]).float().to(device),
         s_t=torch.stack([t.style_target for t in tasks]).float().to(device),
         s_r=torch.stack([t.style_reference for t in tasks]).float().to(device),
-        ref_mu=torch.stack([t.reference_stats[0] for t in tasks]).float().to(device),
-        ref_sigma=torch.stack([t.reference_stats[1] for t in tasks]).float().to(device),
+        ref_mu=torch.stack([t.targets.mean for t in tasks]).float().to(device),
+        ref_sigma=torch.stack([t.targets.std for t in tasks]).float().to(device),
         params=stacked,
         state={n: [] for n in names},
-        ema=[[] for _ in tasks],
-        history=[[] for _ in tasks],
+        convergence=[Convergence(cfg) for _ in tasks],
         sizes=sizes,
         buffers=_Buffers(device),
     )
@@ -490,7 +490,7 @@ def _run_chunk(
     engine: BatchedConfig,
     workers: _Workers | None = None,
 ) -> list[SubjectAdaptation]:
-    chunk = _new_chunk(tasks, start, base, names, device)
+    chunk = _new_chunk(tasks, start, base, names, device, cfg)
     blocks = len(translator.blocks)
     drop_p = [float(translator.blocks[i][2].p) for i in range(blocks)]  # type: ignore[index]
     ln_eps = translator.norm.eps
@@ -505,13 +505,7 @@ def _run_chunk(
         )  # fmt: skip
         done: list[int] = []
         for r, value in enumerate(losses):
-            ema, hist = chunk.ema[r], chunk.history[r]
-            hist.append(value)
-            ema.append(value if not ema else cfg.ema_beta * ema[-1] + (1 - cfg.ema_beta) * value)
-            converged = False
-            if step >= cfg.min_iterations and step > cfg.window:
-                before = ema[-1 - cfg.window]
-                converged = abs(ema[-1] - before) <= cfg.tol * max(abs(before), 1e-8)
+            converged = chunk.convergence[r].observe(value)
             if converged or step == cfg.max_iterations:
                 done.append(r)
                 results.append(
@@ -600,8 +594,8 @@ def _draw_exact(
     idx = buffers.get("idx", (s, bsz), torch.long, host=True)
     raw = buffers.get("raw", (s, bsz), torch.long, host=True)
     part = buffers.get("part", (s, bsz), torch.long, host=True)
-    noise = buffers.get("noise", (s, bsz, d), host=True) if method.noise_std > 0 else None
-    passes = 2 if method.consistency_target == "translated" else 1
+    noise = buffers.get("noise", (s, bsz, d), host=True) if method.objective.noise_std > 0 else None
+    passes = 2 if method.objective.consistency_target == "translated" else 1
     kept_all, kept = _new_kept(buffers, passes, s, bsz, hidden, drop_p)
     threshold = _keep_threshold(1 - drop_p[0])
     # ``randint(n, (bsz,))`` (n < 2**32) takes one 32-bit output per index; a subject all of whose
@@ -648,12 +642,12 @@ def _draw_fast(
 ) -> _Draws:
     """One block of 64-bit words per subject (its own generator), converted for the whole chunk."""
     s = len(chunk.tasks)
-    passes = 2 if method.consistency_target == "translated" else 1
+    passes = 2 if method.objective.consistency_target == "translated" else 1
     kept_all, kept = _new_kept(chunk.buffers, passes, s, bsz, hidden, drop_p)
     decisions = kept_all[0].numel() if kept_all is not None else 0
     width = 2 * bsz + (decisions + 3) // 4
     words = chunk.buffers.get("words", (s, width), torch.int64, host=True)
-    noise = chunk.buffers.get("noise", (s, bsz, d), host=True) if method.noise_std > 0 else None
+    noise = chunk.buffers.get("noise", (s, bsz, d), host=True) if method.objective.noise_std > 0 else None
 
     def draw(rows: range) -> None:
         for r in rows:
@@ -795,20 +789,8 @@ def _frames_b(chunk: _Chunk, draws: _Draws, method: PFTAdaptation) -> Tensor:
     s, d = len(chunk.tasks), chunk.features.shape[1]
     fb = chunk.features[draws.b_rows.to(chunk.features.device)].view(s, -1, d)
     if draws.noise is not None:
-        fb = fb + method.noise_std * draws.noise.to(fb.device)
+        fb = fb + method.objective.noise_std * draws.noise.to(fb.device)
     return fb
-
-
-@dataclass
-class _Outputs:
-    """What the loss needs from one step's forward, per subject: C's logits on T(f_a) (with
-    autograd to the trainable tensors), the consistency target's logits, and T(f_a)'s batch
-    mean and standard deviation."""
-
-    logits_a: Tensor  # (S, B, classes)
-    logits_b: Tensor  # (S, B, classes), no autograd
-    mu: Tensor  # (S, D)
-    sigma: Tensor  # (S, D)
 
 
 def _outputs_frozen(
@@ -820,17 +802,16 @@ def _outputs_frozen(
     frozen: _FrozenHidden,
     draws: _Draws,
     ln_eps: float,
-) -> _Outputs:
+) -> PairOutputs:
     """Bias-only: C(T(f)) = C(z) + C.weight @ out.bias with z = T(f) - out.bias, and the batch's
     spread of T(f) is z's (the bias moves every frame alike): autograd only sees (S, classes)."""
-    translated = method.consistency_target == "translated"
+    translated = method.objective.consistency_target == "translated"
     with torch.no_grad():
-        z = _forward_frozen(chunk, base, frozen, draws, method.noise_std, ln_eps, 2 if translated else 1)
+        z = _forward_frozen(
+            chunk, base, frozen, draws, method.objective.noise_std, ln_eps, 2 if translated else 1
+        )
         plain_a = F_nn.linear(z[0], cls_w, cls_b)
-        mu_z = z[0].mean(1, keepdim=True)
-        # the biased variance as the mean squared deviation: torch's var over a middle dim is a
-        # scalar Welford loop, 7x slower (the two agree to float rounding)
-        sigma = torch.sqrt((z[0] - mu_z).square_().mean(1) + STATS_EPS)
+        mu_z, sigma = batch_statistics(z[0])
     bias = chunk.params["out.bias"]
     shift = F_nn.linear(bias, cls_w).unsqueeze(1)
     with torch.no_grad():
@@ -838,7 +819,7 @@ def _outputs_frozen(
             logits_b = F_nn.linear(z[1], cls_w, cls_b) + shift
         else:
             logits_b = F_nn.linear(_frames_b(chunk, draws, method), cls_w, cls_b)
-    return _Outputs(plain_a + shift, logits_b, mu_z.squeeze(1) + bias, sigma)
+    return PairOutputs(plain_a + shift, logits_b, batch_mean=mu_z + bias, batch_std=sigma)
 
 
 def _outputs_autograd(
@@ -851,7 +832,7 @@ def _outputs_autograd(
     blocks: int,
     drop_p: list[float],
     ln_eps: float,
-) -> _Outputs:
+) -> PairOutputs:
     """Any trainable set: T's forward on the stacked tensors, autograd through all of it."""
     device = chunk.features.device
     s, d = len(chunk.tasks), chunk.features.shape[1]
@@ -873,11 +854,10 @@ def _outputs_autograd(
     fb = _frames_b(chunk, draws, method)
     f_hat = _translate(p, fa, e_from, e_to, blocks, keep(0), ln_eps)
     with torch.no_grad():
-        if method.consistency_target == "translated":
+        if method.objective.consistency_target == "translated":
             fb = _translate(p, fb, e_from, e_to, blocks, keep(1), ln_eps)
         logits_b = F_nn.linear(fb, cls_w, cls_b)
-    sigma = torch.sqrt(f_hat.var(1, unbiased=False) + STATS_EPS)
-    return _Outputs(F_nn.linear(f_hat, cls_w, cls_b), logits_b, f_hat.mean(1), sigma)
+    return PairOutputs(F_nn.linear(f_hat, cls_w, cls_b), logits_b, translated_a=f_hat)
 
 
 def _step(
@@ -905,20 +885,8 @@ def _step(
         out = _outputs_frozen(chunk, base, cls_w, cls_b, method, frozen, draws, ln_eps)
     else:
         out = _outputs_autograd(chunk, base, cls_w, cls_b, method, draws, blocks, drop_p, ln_eps)
-    log_pa = F_nn.log_softmax(out.logits_a, dim=2)
-    log_pb = F_nn.log_softmax(out.logits_b, dim=2)
-    cons = (log_pb.exp() * (log_pb - log_pa)).sum(dim=(1, 2)) / bsz
-    total = method.lambda_consistency * cons
-    if method.lambda_style > 0:
-        sty = (out.mu - chunk.ref_mu).pow(2).sum(1) + (out.sigma - chunk.ref_sigma).pow(2).sum(1)
-        total = total + method.lambda_style * sty
-    if method.lambda_neutral > 0:
-        eps = method.neutral_smoothing
-        k = log_pa.shape[2]
-        nll = -log_pa[:, :, method.neutral_class].mean(1)
-        smooth = -log_pa.sum(2).mean(1)
-        neu = (1 - eps) * nll + (eps / k) * smooth if eps > 0 else nll
-        total = total + method.lambda_neutral * neu
+    targets = ReferenceTargets(chunk.ref_mu, chunk.ref_sigma)
+    total, _ = method.objective.evaluate(out, targets, reduction="mean")
     leaves = list(chunk.params.values())
     grads = torch.autograd.grad(total.sum(), leaves)
     with torch.no_grad():
@@ -999,7 +967,8 @@ def run_pft_batched(
         for k, t in targets
     ]
     by_name = {t.subject: t for _, t in targets}
-    n_params = sum(p.numel() for p in model.translator.last_layers_parameters(pft.last_layers))
+    names = trainable_names(model.translator, model.classifier, pft.method())
+    n_params = sum(model.translator.get_parameter(n).numel() for n in names)
     outcomes: dict[str, MethodOutcome] = {}
     t0 = time.perf_counter()
     for chunk in adapt_subjects(model.translator, model.classifier, tasks, pft, engine):

@@ -88,7 +88,7 @@ def adapt_one(spec: dict[str, Any], task: SubjectTask, model_parts: ModelParts) 
         translator=model_parts.translator,
         style_target=task.style_target,
         style_reference=task.style_reference,
-        reference_stats=task.reference_stats,
+        targets=task.targets,
     )
     _, result = adapt_translator(
         parts,

@@ -8,6 +8,7 @@ import torch
 from pft.core.adaptation import AdaptationData, AdaptConfig
 from pft.core.errors import TooFewFacesError
 from pft.core.models import ModelConfig
+from pft.core.objective import PFTObjective
 from pft.core.personalize import PersonalizeConfig, personalize
 from pft.core.seeding import subject_seed
 from pft.simulations import batched
@@ -26,6 +27,11 @@ from pft.simulations.workspace import FrameSet
 
 # a loose tolerance makes subjects stop at different steps (per-subject early stopping)
 FAST = AdaptConfig(lr=0.01, max_iterations=36, min_iterations=8, tol=0.06, window=3)
+
+
+def _config(adapt: AdaptConfig = FAST, **objective: object) -> PersonalizeConfig:
+    """The shipped stage 3 with ``adapt`` and some objective settings changed."""
+    return PersonalizeConfig(adapt=adapt, objective=PFTObjective.model_validate(objective))
 
 
 def _run_both(
@@ -73,7 +79,7 @@ def _run_both(
 
 def test_bias_only_matches_per_client_engine() -> None:
     # with the style term on, these synthetic subjects converge at different steps (tested below)
-    ref, out = _run_both(PersonalizeConfig(adapt=FAST, lambda_style=0.1, neutral_smoothing=0.4), 4, chunk=3)
+    ref, out = _run_both(_config(lambda_style=0.1, neutral_smoothing=0.4), 4, chunk=3)
     assert [a.position for a in out] == [0, 1, 2, 3]
     assert len({a.iterations for a in out}) > 1  # subjects really stopped at their own steps
     for r, a in zip(ref, out, strict=True):
@@ -90,14 +96,16 @@ def test_bias_only_matches_per_client_engine() -> None:
         # 2 threads split the subjects' draws; subject 1 has a frame without a partner, so its
         # partner draws take the per-subject path while the others' are converted chunk-wide
         ({}, 2, (1,), None),
-        ({"adapt": FAST.model_copy(update={"batch_size": 7})}, 1, (), None),  # odd batch: per subject
+        ({"batch_size": 7}, 1, (), None),  # odd batch: partners drawn per subject
         ({}, 1, (), ModelConfig(dropout=0.0)),  # no dropout: no masks, unscaled weights
     ],
 )
 def test_bias_only_variants_match_per_client_engine(
     update: dict, threads: int, lonely: tuple[int, ...], model_config: ModelConfig | None
 ) -> None:
-    config = PersonalizeConfig(adapt=FAST, lambda_style=0.1).model_copy(update=update)
+    adapt = FAST.model_copy(update={k: v for k, v in update.items() if k == "batch_size"})
+    objective = {k: v for k, v in update.items() if k != "batch_size"}
+    config = _config(adapt, lambda_style=0.1, **objective)
     ref, out = _run_both(config, 3, chunk=3, threads=threads, lonely=lonely, model_config=model_config)
     for r, a in zip(ref, out, strict=True):
         assert a.iterations == r.result.iterations and a.converged == r.result.converged
@@ -108,7 +116,7 @@ def test_bias_only_variants_match_per_client_engine(
 def test_bias_only_without_the_first_block_cache_matches(monkeypatch: pytest.MonkeyPatch) -> None:
     # a chunk whose cache would be too large computes T(f_a)'s first block every step instead
     monkeypatch.setattr(batched, "_FIRST_BLOCK_BYTES", 0)
-    ref, out = _run_both(PersonalizeConfig(adapt=FAST, lambda_style=0.1), 2, chunk=2)
+    ref, out = _run_both(_config(lambda_style=0.1), 2, chunk=2)
     for r, a in zip(ref, out, strict=True):
         assert a.iterations == r.result.iterations
         assert a.final_loss == pytest.approx(r.result.final_loss, rel=1e-5)
@@ -201,6 +209,8 @@ def test_run_pft_batched_equals_run_pft_predictions() -> None:
         got = batched[target.subject]
         assert got.iterations == ref.iterations
         torch.testing.assert_close(got.logits, ref.logits, atol=1e-5, rtol=0)
+        # the adapted parameters are counted as the per-client engine counts them (bias-only: D)
+        assert got.trainable_parameters == ref.trainable_parameters == model.translator.out.bias.numel()
 
 
 def test_refuses_too_few_frames() -> None:

@@ -56,7 +56,7 @@ def test_fast_draws_are_valid_partners_and_have_the_dropout_rate() -> None:
     tasks = _tasks(config, 4)
     model = synthetic_model(0)
     base = {n: p.detach() for n, p in model.translator.named_parameters()}
-    chunk = _new_chunk(tasks, 0, base, ["out.bias"], torch.device("cpu"))
+    chunk = _new_chunk(tasks, 0, base, ["out.bias"], torch.device("cpu"), config.adapt)
     method = config.method()
     hidden, drop_p, bsz = [256, 256], [0.1, 0.1], 64
     kept, total = 0, 0
