@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -11,16 +13,17 @@ from pft.core.models import ModelConfig
 from pft.core.objective import PFTObjective
 from pft.core.personalize import PersonalizeConfig, personalize
 from pft.core.seeding import subject_seed
-from pft.simulations import batched
 from pft.simulations.batched import (
     BatchedConfig,
+    FastPathUnavailable,
     SubjectAdaptation,
-    _bernoulli_mask,
-    _Partners,
     adapt_subjects,
+    forward,
     run_pft_batched,
     subject_task,
+    trainable_names,
 )
+from pft.simulations.batched.streams import Partners, bernoulli_mask
 from pft.simulations.methods import MethodSettings, TargetData, run_pft
 from pft.simulations.synthetic_world import synthetic_model, synthetic_subject
 from pft.simulations.workspace import FrameSet
@@ -115,10 +118,44 @@ def test_bias_only_variants_match_per_client_engine(
 
 def test_bias_only_without_the_first_block_cache_matches(monkeypatch: pytest.MonkeyPatch) -> None:
     # a chunk whose cache would be too large computes T(f_a)'s first block every step instead
-    monkeypatch.setattr(batched, "_FIRST_BLOCK_BYTES", 0)
+    monkeypatch.setattr(forward, "FIRST_BLOCK_BYTES", 0)
     ref, out = _run_both(_config(lambda_style=0.1), 2, chunk=2)
     for r, a in zip(ref, out, strict=True):
         assert a.iterations == r.result.iterations
+        assert a.final_loss == pytest.approx(r.result.final_loss, rel=1e-5)
+        torch.testing.assert_close(a.state["out.bias"], r.translator.out.bias.detach(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("config", "road"),
+    [
+        (PersonalizeConfig(), "bias_only"),  # the shipped stage 3 takes the fast road
+        (_config(lambda_style=0.1), "bias_only"),  # batch statistics: the fast road gives them
+        (PersonalizeConfig(bias_only=False, last_layers=1), "autograd"),
+        (PersonalizeConfig(bias_only=False), "autograd"),
+    ],
+)
+def test_the_fast_road_is_taken_where_it_gives_what_the_objective_needs(
+    config: PersonalizeConfig, road: str
+) -> None:
+    model = synthetic_model(0)
+    names = trainable_names(model.translator, model.classifier, config.method())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastPathUnavailable)
+        chosen = forward.choose_forward(
+            model.translator, model.classifier, names, config.objective, torch.device("cpu")
+        )
+    assert chosen.name == road
+
+
+def test_bias_only_falls_back_to_the_general_road_when_the_objective_needs_more() -> None:
+    # the per-frame style term needs T(f_a) per frame, which the bias-only fast road never forms:
+    # the engine says so and runs the autograd road, with the per-client engine's numbers
+    config = _config(lambda_style=0.1, style_form="reference_mean")
+    with pytest.warns(FastPathUnavailable, match="translated_a"):
+        ref, out = _run_both(config, 2, chunk=2)
+    for r, a in zip(ref, out, strict=True):
+        assert a.iterations == r.result.iterations and a.converged == r.result.converged
         assert a.final_loss == pytest.approx(r.result.final_loss, rel=1e-5)
         torch.testing.assert_close(a.state["out.bias"], r.translator.out.bias.detach(), atol=1e-6, rtol=0)
 
@@ -176,7 +213,7 @@ def test_partner_draws_equal_the_trainers() -> None:
     vids = torch.tensor([0, 1, 1, 2, 2, 2, 2, 2])
     times = torch.tensor([0, 0, 3, 0, 0, 2, 4, 6])
     data = AdaptationData(torch.zeros(8, 2), video_ids=vids, time_index=times)
-    table = _Partners(8, vids, times)
+    table = Partners(8, vids, times)
     for seed in range(5):
         g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         for size in (7, 8):
@@ -190,7 +227,7 @@ def test_dropout_masks_equal_torch_bernoulli() -> None:
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     for shape in ((4, 5), (64, 256)):
         expected = torch.empty(shape).bernoulli_(0.9, generator=g1)
-        assert torch.equal(_bernoulli_mask(g2, shape, 0.9).float(), expected)
+        assert torch.equal(bernoulli_mask(g2, shape, 0.9).float(), expected)
 
 
 def test_run_pft_batched_equals_run_pft_predictions() -> None:
