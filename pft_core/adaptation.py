@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -304,7 +304,7 @@ class AdaptationTrainer:
             with torch.random.fork_rng(devices=[]), torch_threads(cfg.num_threads):
                 torch.manual_seed(cfg.seed)
                 gen = torch.Generator().manual_seed(cfg.seed)
-                opt = make_optimizer(params, cfg)
+                opt = self._optimizer(params)
                 run_parts = parts
                 if self.privacy is not None:
                     run_parts, opt = self.privacy.make_private(parts, opt, data, cfg)
@@ -334,24 +334,11 @@ class AdaptationTrainer:
                 m.eval()
         return AdaptResult(method.name, steps, converged, time.perf_counter() - t0, history)
 
-
-def make_optimizer(
-    params: Sequence[Tensor], config: AdaptConfig, fused: bool = False
-) -> torch.optim.Optimizer:
-    """The optimiser of an adaptation run: Adam or SGD (with momentum) over ``params``.
-
-    The trainer's default is torch's single-tensor update; ``fused`` (Adam only) runs torch's fused
-    kernel instead, one pass instead of six on large tensors, rounding differently by ~1 ulp. The
-    batched engine uses this with a subject axis on each tensor: both updates are elementwise, so
-    every subject's slice moves as its own run's would.
-    """
-    if config.optimizer == "adam":
-        if fused:
-            return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, foreach=False)
-    return torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, foreach=False
-    )
+    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        cfg = self.config
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 @torch.no_grad()

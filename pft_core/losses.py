@@ -136,8 +136,10 @@ def batch_statistics(x: Tensor, eps: float = STATS_EPS) -> tuple[Tensor, Tensor]
     if x.ndim < 2:
         raise ValueError(f"batch_statistics expects (..., N, C), got shape {tuple(x.shape)}")
     mu = x.mean(-2, keepdim=True)
-    var = (x - mu).square().mean(-2)
-    return mu.squeeze(-2), torch.sqrt(var + eps)
+    deviation = x - mu
+    # squared in place when no gradient flows (a fresh multi-MB tensor per step costs page faults)
+    square = deviation.square() if deviation.requires_grad else deviation.square_()
+    return mu.squeeze(-2), torch.sqrt(square.mean(-2) + eps)
 
 
 def moment_distance(mu: Tensor, sigma: Tensor, reference_mu: Tensor, reference_sigma: Tensor) -> Tensor:

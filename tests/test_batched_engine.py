@@ -23,6 +23,7 @@ from pft.simulations.batched import (
     subject_task,
     trainable_names,
 )
+from pft.simulations.batched.optimiser import StackedOptimizer
 from pft.simulations.batched.streams import Partners, bernoulli_mask
 from pft.simulations.methods import MethodSettings, TargetData, run_pft
 from pft.simulations.synthetic_world import synthetic_model, synthetic_subject
@@ -228,6 +229,43 @@ def test_dropout_masks_equal_torch_bernoulli() -> None:
     for shape in ((4, 5), (64, 256)):
         expected = torch.empty(shape).bernoulli_(0.9, generator=g1)
         assert torch.equal(bernoulli_mask(g2, shape, 0.9).float(), expected)
+
+
+@pytest.mark.parametrize(
+    "update",
+    [
+        {},
+        {"weight_decay": 0.01},
+        {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.01},
+        {"optimizer": "sgd", "momentum": 0.0},
+    ],
+)
+def test_stacked_optimizer_is_torch_optim_bit_for_bit(update: dict) -> None:
+    # the oracle: each subject's own torch optimiser (what the trainer runs), also after compaction
+    cfg = AdaptConfig(lr=0.01).model_copy(update=update)
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(4, 3, 5, generator=g)
+    grads = [torch.randn(4, 3, 5, generator=g) for _ in range(6)]
+    stack = start.clone().requires_grad_(True)
+    stacked = StackedOptimizer({"w": stack}, cfg)
+    own = [start[r].clone().requires_grad_(True) for r in range(4)]
+    opts = [
+        torch.optim.Adam([p], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adam"
+        else torch.optim.SGD([p], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        for p in own
+    ]
+    live = [0, 1, 2, 3]
+    for k, grad in enumerate(grads):
+        if k == 3:  # subjects 1 and 3 stop: the others' state carries over
+            live = [0, 2]
+            stack = stacked.keep(torch.tensor(live))["w"]
+        stacked.step([grad[live]])
+        for r in live:
+            own[r].grad = grad[r].clone()
+            opts[r].step()
+        for row, r in enumerate(live):
+            assert torch.equal(stack[row].detach(), own[r].detach()), (k, r)
 
 
 def test_run_pft_batched_equals_run_pft_predictions() -> None:
