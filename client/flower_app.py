@@ -42,6 +42,7 @@ from pft.core.errors import BundleTamperedError, PFTError
 from pft.core.metrics import accuracy, macro_f1
 from pft.core.models import Translator
 from pft.core.personalize import Personalization, PersonalizeConfig, SourceModel, personalize
+from pft.core.seeding import subject_seed
 from pft.core.signing import TrustedBundleCache, load_public_key
 from pft.core.training import SourceStyles
 
@@ -58,7 +59,7 @@ class NodeSpec(FrozenConfig):
     """Where a node finds its data, keys and disk.
 
     ``subjects[k]`` is the person of the node with ``partition-id`` k (the simulation: the k-th
-    target subject in sorted order, which also gives the adaptation seed ``seed * 1000 + k``).
+    target subject in sorted order, which also gives the adaptation seed ``subject_seed(seed, k)``).
     """
 
     dataset_root: Path
@@ -264,7 +265,7 @@ def train(message: Message, context: Context) -> Message:
     node = node_from_context(context)
     config = _config(message)
     base = PersonalizeConfig.model_validate_json(str(config["pft-config"]))
-    seed = _int(config, "seed") * 1000 + node.index
+    seed = subject_seed(_int(config, "seed"), node.index)
     bundle = installed_bundle(node)
     result, neutral_frames = personalize_node(node, bundle, base, seed)
     node.translator_store().save(
@@ -332,7 +333,7 @@ def evaluate(message: Message, context: Context) -> Message:
         target = TargetData(node.subject, splits["adapt"], splits.get("oracle"), held_out)
         if method in IMAGE_METHODS:
             target.images = subject_images(node, bundle)
-        seed = _int(config, "seed") * 1000 + node.index
+        seed = subject_seed(_int(config, "seed"), node.index)
         outcome = METHODS[method](source_model(bundle), target, settings, seed)
         logits, iterations, seconds = outcome.logits, outcome.iterations, outcome.seconds
     y = held_out.labels.numpy()

@@ -41,6 +41,7 @@ from pft.core.config import FrozenConfig
 from pft.core.errors import PFTError
 from pft.core.personalize import PersonalizeConfig
 from pft.core.prior import PriorUpdateConfig, privatize_update, translator_update, update_release
+from pft.core.seeding import subject_seed
 
 __all__ = [
     "OPT_IN_KEY",
@@ -146,11 +147,11 @@ class PriorClient(NumPyClient):
         ledger = prior_ledger(node, self.settings)
         ledger.check(update_release(update_config))  # refuse before any work: nothing leaves
         pft = PersonalizeConfig.model_validate_json(str(config["pft-config"]))
-        seed = int(config["seed"]) * 1000 + node.index
+        seed = subject_seed(int(config["seed"]), node.index)
         result, _ = personalize_node(node, bundle, pft, seed)
         update = translator_update(bundle.translator, result.translator, names)
         noise_seed = (
-            self.settings.noise_seed * 1000 + node.index
+            subject_seed(self.settings.noise_seed, node.index)
             if self.settings.noise_seed is not None
             else secrets.randbits(63)
         )

@@ -21,22 +21,23 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
-import torch.nn.functional as F_nn
 from torch import Tensor, nn
 
 from pft.core.config import FrozenConfig
 from pft.core.errors import TooFewFacesError
-from pft.core.losses import classification_loss, consistency_loss, style_loss
+from pft.core.losses import classification_loss
 from pft.core.models import Classifier, FeatureExtractor, Translator
+from pft.core.objective import PairOutputs, PFTObjective, ReferenceTargets
 from pft.core.training import Progress, torch_threads
 
 
 class AdaptConfig(FrozenConfig):
     """Settings of one adaptation run.
 
-    Convergence: the loss is smoothed by an EMA, ``e_t = ema_beta * e_{t-1} + (1 - ema_beta) *
-    loss_t`` (``e_1 = loss_1``). The run stops at step t (counted from 1) once ``t >=
-    min_iterations`` and ``|e_t - e_{t-window}| <= tol * max(|e_{t-window}|, 1e-8)``, or at
+    Convergence (:class:`Convergence`, the one stop rule of the trainer and the batched engine):
+    the loss is smoothed by an EMA, ``e_t = ema_beta * e_{t-1} + (1 - ema_beta) * loss_t``
+    (``e_1 = loss_1``). The run stops at step t (counted from 1) once ``t >= min_iterations``,
+    ``t > window`` and ``|e_t - e_{t-window}| <= tol * max(|e_{t-window}|, 1e-8)``, or at
     ``max_iterations``. ``AdaptResult.converged`` says which. ``num_threads`` intra-op threads
     are used during the run (1 is fastest for T's small MLP).
     """
@@ -57,12 +58,43 @@ class AdaptConfig(FrozenConfig):
     device: str = "cpu"
 
 
+class Convergence:
+    """The stop rule of one run (see :class:`AdaptConfig`): feed it each step's loss.
+
+    The trainer keeps one per run, the batched engine one per subject, so both stop a subject at
+    the same step for the same losses.
+    """
+
+    def __init__(self, config: AdaptConfig) -> None:
+        self.ema_beta = config.ema_beta
+        self.window = config.window
+        self.tol = config.tol
+        self.min_iterations = config.min_iterations
+        self.ema: list[float] = []
+
+    @property
+    def steps(self) -> int:
+        """Losses observed so far."""
+        return len(self.ema)
+
+    def observe(self, loss: float) -> bool:
+        """Record step ``steps + 1``'s loss; True when the smoothed loss has flattened (stop here)."""
+        ema = self.ema
+        ema.append(loss if not ema else self.ema_beta * ema[-1] + (1 - self.ema_beta) * loss)
+        step = len(ema)
+        if step < self.min_iterations or step <= self.window:
+            return False
+        before = ema[-1 - self.window]
+        return abs(ema[-1] - before) <= self.tol * max(abs(before), 1e-8)
+
+
 @dataclass
 class ModelParts:
     """The model a method adapts: C always; T, F and style codes where the method uses them.
 
     ``style_target`` is the person's normalised style code, ``style_reference`` the reference
-    source subject's; ``reference_stats`` is that subject's neutral pooled-feature (mean, std).
+    source subject's; ``targets`` what stage 3 pulls the person's frames toward (the reference's
+    neutral pooled-feature mean and std).
     """
 
     classifier: Classifier
@@ -70,7 +102,7 @@ class ModelParts:
     extractor: FeatureExtractor | None = None
     style_target: Tensor | None = None
     style_reference: Tensor | None = None
-    reference_stats: tuple[Tensor, Tensor] | None = None
+    targets: ReferenceTargets | None = None
 
     def modules(self) -> list[nn.Module]:
         """The parts present, in the order F, T, C."""
@@ -84,8 +116,8 @@ class ModelParts:
             self.style_target = self.style_target.to(device)
         if self.style_reference is not None:
             self.style_reference = self.style_reference.to(device)
-        if self.reference_stats is not None:
-            self.reference_stats = (self.reference_stats[0].to(device), self.reference_stats[1].to(device))
+        if self.targets is not None:
+            self.targets = self.targets.to(device)
         return self
 
     def with_translator(self, translator: Translator) -> ModelParts:
@@ -96,7 +128,7 @@ class ModelParts:
             extractor=None,
             style_target=self.style_target,
             style_reference=self.style_reference,
-            reference_stats=self.reference_stats,
+            targets=self.targets,
         )
 
     def require_translation(self) -> tuple[Translator, Tensor, Tensor]:
@@ -276,7 +308,7 @@ class AdaptationTrainer:
                 run_parts = parts
                 if self.privacy is not None:
                     run_parts, opt = self.privacy.make_private(parts, opt, data, cfg)
-                ema: list[float] = []
+                stop = Convergence(cfg)
                 for step in range(1, cfg.max_iterations + 1):
                     batch = data.sample(cfg.batch_size, gen, device)
                     loss, terms = method.loss(run_parts, batch)
@@ -290,14 +322,11 @@ class AdaptationTrainer:
                     history.setdefault("loss", []).append(value)
                     for k, v in terms.items():
                         history.setdefault(k, []).append(v)
-                    ema.append(value if not ema else cfg.ema_beta * ema[-1] + (1 - cfg.ema_beta) * value)
                     if progress is not None:
                         progress(step, cfg.max_iterations, {"loss": value})
-                    if step >= cfg.min_iterations and step > cfg.window:
-                        before = ema[-1 - cfg.window]
-                        if abs(ema[-1] - before) <= cfg.tol * max(abs(before), 1e-8):
-                            converged = True
-                            break
+                    if stop.observe(value):
+                        converged = True
+                        break
         finally:
             for p, r in saved:
                 p.requires_grad_(r)
@@ -347,30 +376,19 @@ def _translated_logits(parts: ModelParts, features: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class PFTAdaptation:
-    """Stage 3 of SFDA-PFT: adapt only T (or its last ``last_layers`` groups) on NEUTRAL frames.
+    """Stage 3 of SFDA-PFT: adapt only T (its output bias, or its last ``last_layers`` groups) on
+    the person's NEUTRAL frames with the stage-3 objective (:class:`pft.core.objective.PFTObjective`).
 
-    ``L = lambda_consistency * KL(stopgrad p_b || p_a) + lambda_style * L_style(T(f_a), ref)
-    + lambda_neutral * CE(C(T(f_a)), neutral)`` where ``p_a = C(T(f_a))`` for a frame a, and
-    ``p_b = C(T(f_b + noise))`` (``consistency_target="translated"``) or ``C(f_b + noise)`` (the
-    frozen path as the paper's figure draws it, ``"frozen"``) for a partner frame b of the same
-    person; ``ref`` is the reference source subject's neutral (mean, std). F and C stay frozen.
-
-    ``neutral_smoothing`` = eps turns the known-neutral term into a calibration: its target puts
-    probability ``1 - eps + eps / K`` on neutral, so frames that C already finds deeply neutral are
-    pulled back toward the boundary and frames it finds expressive are pulled toward neutral.
+    The settings have no defaults here: the shipped ones are ``PFTObjective()``'s and
+    :class:`pft.core.personalize.PersonalizeConfig`'s (``PersonalizeConfig().method()``).
     ``bias_only`` adapts only T's output bias - a per-person shift in feature space that cannot
-    fold expressive frames onto neutral ones (the collapse METHOD.md warns about).
+    fold expressive frames onto neutral ones (adapting all of T on neutral frames collapses every
+    prediction to neutral; docs/method.md). F and C stay frozen.
     """
 
-    lambda_consistency: float = 1.0
-    lambda_style: float = 0.1
-    lambda_neutral: float = 0.1
-    noise_std: float = 0.05
-    last_layers: int | None = None
-    consistency_target: Literal["translated", "frozen"] = "translated"
-    neutral_class: int = 0
-    neutral_smoothing: float = 0.0
-    bias_only: bool = False
+    objective: PFTObjective
+    bias_only: bool
+    last_layers: int | None
     name: str = "pft"
 
     def trainable_parameters(self, parts: ModelParts) -> list[nn.Parameter]:
@@ -381,46 +399,35 @@ class PFTAdaptation:
             return [translator.out.bias]
         return translator.last_layers_parameters(self.last_layers)
 
-    def pair_forward(self, parts: ModelParts, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """``(T(f_a), C(T(f_a)), C(.(f_b + noise)))`` for a batch: the translated frames a, their
-        logits, and the (gradient-free) logits of the partner frames b. Style codes are expanded to
-        one row per frame, so every layer of T sees a batch dimension (per-sample gradients)."""
+    def pair_outputs(self, parts: ModelParts, batch: Batch) -> PairOutputs:
+        """The forward the objective reads, for a batch: ``T(f_a)``, ``C(T(f_a))`` and the
+        (gradient-free) consistency target ``C(T(f_b + noise))`` or ``C(f_b + noise)``.
+
+        The partner noise is drawn from the batch's generator (after the batch itself); style
+        codes are expanded to one row per frame, so every layer of T sees a batch dimension
+        (per-sample gradients)."""
         translator, s_t, s_r = parts.require_translation()
+        objective = self.objective
         n = len(batch.features)
         s_t_rows, s_r_rows = s_t.reshape(1, -1).expand(n, -1), s_r.reshape(1, -1).expand(n, -1)
         f_a_hat = translator(batch.features, s_t_rows, s_r_rows)
         logits_a = parts.classifier(f_a_hat)
         f_b = batch.partner_features
-        if self.noise_std > 0:
-            f_b = f_b + self.noise_std * torch.randn(f_b.shape, generator=batch.generator).to(f_b.device)
+        if objective.noise_std > 0:
+            noise = torch.randn(f_b.shape, generator=batch.generator).to(f_b.device)
+            f_b = f_b + objective.noise_std * noise
         with torch.no_grad():
             logits_b = (
                 parts.classifier(translator(f_b, s_t_rows, s_r_rows))
-                if self.consistency_target == "translated"
+                if objective.consistency_target == "translated"
                 else parts.classifier(f_b)
             )
-        return f_a_hat, logits_a, logits_b
+        return PairOutputs(logits_a, logits_b, translated_a=f_a_hat)
 
     def loss(self, parts: ModelParts, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        """Consistency + style + known-neutral terms on one batch of neutral frames."""
-        f_a_hat, logits_a, logits_b = self.pair_forward(parts, batch)
-        cons = consistency_loss(logits_a, logits_b)
-        total = self.lambda_consistency * cons
-        terms = {"consistency": float(cons.detach())}
-        if self.lambda_style > 0:
-            if parts.reference_stats is None:
-                raise ValueError("PFTAdaptation with lambda_style > 0 needs ModelParts.reference_stats")
-            sty = style_loss([f_a_hat], [parts.reference_stats])
-            total = total + self.lambda_style * sty
-            terms["style"] = float(sty.detach())
-        if self.lambda_neutral > 0:
-            target = torch.full(
-                (len(logits_a),), self.neutral_class, dtype=torch.long, device=logits_a.device
-            )
-            neu = F_nn.cross_entropy(logits_a, target, label_smoothing=self.neutral_smoothing)
-            total = total + self.lambda_neutral * neu
-            terms["neutral"] = float(neu.detach())
-        return total, terms
+        """The stage-3 objective on one batch of neutral frames (mean over the batch)."""
+        total, terms = self.objective.evaluate(self.pair_outputs(parts, batch), parts.targets, "mean")
+        return total, {k: float(v.detach()) for k, v in terms.items()}
 
     def predict(self, parts: ModelParts, features: Tensor) -> Tensor:
         """``C(T(f, s_target, s_reference))``."""
@@ -456,7 +463,7 @@ def adapt_translator(
     parts: ModelParts,
     neutral_features: Tensor,
     config: AdaptConfig,
-    method: PFTAdaptation | None = None,
+    method: PFTAdaptation,
     video_ids: Tensor | None = None,
     time_index: Tensor | None = None,
     progress: Progress | None = None,
@@ -469,5 +476,5 @@ def adapt_translator(
     personal = copy.deepcopy(translator)
     run_parts = parts.with_translator(personal)
     data = AdaptationData(features=neutral_features, video_ids=video_ids, time_index=time_index)
-    result = AdaptationTrainer(config).fit(method or PFTAdaptation(), run_parts, data, progress)
+    result = AdaptationTrainer(config).fit(method, run_parts, data, progress)
     return personal, result

@@ -8,10 +8,12 @@ MLP on F's pooled features, conditioned on two style codes (the person's and the
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -261,6 +263,10 @@ class Classifier(nn.Module):
         """Logits (N, K) of features (N, D)."""
         return self.fc(self.dropout(f))
 
+    def linear_map(self) -> tuple[Tensor, Tensor]:
+        """C in eval mode as ``(weight (K, D), bias (K,))``, detached: ``C(f) = f W^T + b``."""
+        return self.fc.weight.detach(), self.fc.bias.detach()
+
 
 # --- style codes ---------------------------------------------------------------------------------
 def raw_style_code(features: Tensor, frame_stats: Tensor) -> Tensor:
@@ -316,13 +322,84 @@ def style_code(features: Tensor, frame_stats: Tensor, normalizer: StyleNormalize
 
 
 # --- T -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TranslatorLayout:
+    """T's shape, for code that runs T's forward on tensors of its own (:meth:`Translator.stacked_forward`).
+
+    ``hidden[i]`` and ``dropout[i]`` are hidden block i's width and dropout probability (the
+    dropout follows the block's GELU).
+    """
+
+    feature_dim: int
+    style_dim: int
+    style_embed_dim: int
+    hidden: tuple[int, ...]
+    dropout: tuple[float, ...]
+    norm_eps: float
+
+
+@dataclass(frozen=True)
+class FrozenPrefix:
+    """T split at its output bias: ``T(f) = prefix(f) + out.bias`` with everything before the
+    bias frozen (bias-only stage 3). Plain detached tensors, in forward order:
+
+    ``prefix(f) = f + out_weight @ drop(GELU(... drop(GELU(first_frame @ LN(f) + style_rows)) ...))``
+    where block i >= 1 is ``hidden[i - 1]`` = (weight, bias), and ``style_rows`` (:meth:`style_rows`)
+    is the first layer's part on the style embeddings (one row per person, with the layer's bias).
+    """
+
+    norm_weight: Tensor  # (D,)
+    norm_bias: Tensor  # (D,)
+    norm_eps: float
+    embed_weight: Tensor  # (E, S)
+    embed_bias: Tensor  # (E,)
+    first_frame: Tensor  # (H, D): the first layer's weight on LayerNorm(f)
+    first_from: Tensor  # (H, E): its weight on E(s_from)
+    first_to: Tensor  # (H, E): its weight on E(s_to)
+    first_bias: Tensor  # (H,)
+    hidden: tuple[tuple[Tensor, Tensor], ...]  # blocks 1..: (weight (H, H), bias (H,))
+    out_weight: Tensor  # (D, H)
+    dropout: tuple[float, ...]
+
+    def to(self, device: torch.device | str) -> FrozenPrefix:
+        """The same prefix with its tensors on ``device``."""
+        moved = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, Tensor)}
+        hidden = tuple((w.to(device), b.to(device)) for w, b in self.hidden)
+        return dataclasses.replace(self, **cast(dict[str, Any], moved), hidden=hidden)
+
+    def style_rows(self, style_from: Tensor, style_to: Tensor) -> Tensor:
+        """The first layer's per-person part for codes (..., S): ``W_from E(s_from) + W_to E(s_to) + b``
+        (..., H)."""
+        e_from = F_nn.linear(style_from, self.embed_weight, self.embed_bias)
+        e_to = F_nn.linear(style_to, self.embed_weight, self.embed_bias)
+        return F_nn.linear(e_from, self.first_from, self.first_bias) + F_nn.linear(e_to, self.first_to)
+
+
+def _stacked_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``x @ W^T + b`` for x (S, B, in); W (S, out, in) or shared (out, in); b (S, out) or (out,)."""
+    if weight.ndim == 3:
+        b = bias.unsqueeze(1) if bias.ndim == 2 else bias
+        return torch.baddbmm(b, x, weight.transpose(1, 2))
+    if bias.ndim == 2:
+        return F_nn.linear(x, weight) + bias.unsqueeze(1)
+    return F_nn.linear(x, weight, bias)
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.unsqueeze(1) if t.ndim == 2 else t
+
+
 class Translator(nn.Module):
     """T: ``f_hat = f + MLP([LayerNorm(f), E(s_from), E(s_to)])``.
 
     The last layer starts at zero, so an untrained T is the identity and ``C(T(f)) == C(f)``.
     ``layers()`` lists the parameter groups in order (input side first) so stage 3 can update only
-    the last few.
+    the last few. For engines that run many persons' T at once on tensors of their own, T gives
+    its :meth:`layout`, its :meth:`tensors`, a :meth:`stacked_forward` over them, and its
+    :meth:`frozen_prefix` (everything before the output bias, named :attr:`OUTPUT_BIAS`).
     """
+
+    OUTPUT_BIAS: ClassVar[str] = "out.bias"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -361,6 +438,110 @@ class Translator(nn.Module):
     def param_count(self) -> int:
         """Number of parameters of T."""
         return sum(p.numel() for p in self.parameters())
+
+    # --- the interface for engines that run T on their own tensors --------------------------------
+    def layout(self) -> TranslatorLayout:
+        """T's sizes, dropout probabilities and LayerNorm epsilon."""
+        hidden: list[int] = []
+        dropout: list[float] = []
+        for block in self.blocks:
+            assert isinstance(block, nn.Sequential)
+            linear, drop = block[0], block[2]
+            assert isinstance(linear, nn.Linear) and isinstance(drop, nn.Dropout)
+            hidden.append(linear.out_features)
+            dropout.append(float(drop.p))
+        return TranslatorLayout(
+            feature_dim=self.norm.normalized_shape[0],
+            style_dim=self.style_dim,
+            style_embed_dim=self.style_embed.out_features,
+            hidden=tuple(hidden),
+            dropout=tuple(dropout),
+            norm_eps=float(self.norm.eps),
+        )
+
+    def tensors(self) -> dict[str, Tensor]:
+        """T's parameters by name, detached (the names :meth:`stacked_forward` reads)."""
+        return {n: p.detach() for n, p in self.named_parameters()}
+
+    def stacked_embed(self, tensors: Mapping[str, Tensor], codes: Tensor) -> Tensor:
+        """``E(s)`` per person: codes (S, style_dim) -> (S, 1, E), with shared or stacked tensors."""
+        return _stacked_linear(codes.unsqueeze(1), tensors["style_embed.weight"], tensors["style_embed.bias"])
+
+    def stacked_forward(
+        self,
+        tensors: Mapping[str, Tensor],
+        f: Tensor,
+        e_from: Tensor,
+        e_to: Tensor,
+        masks: Sequence[Tensor | None] | None = None,
+    ) -> Tensor:
+        """T's forward for S persons at once on given tensors: features (S, B, D) -> (S, B, D).
+
+        Parameters
+        ----------
+        tensors:
+            T's tensors by name (:meth:`tensors`); each either shared, or stacked with a leading
+            person axis S (a person's own trainable copy).
+        f:
+            Features (S, B, D).
+        e_from, e_to:
+            Style embeddings (S, 1, E) (:meth:`stacked_embed`).
+        masks:
+            Per hidden block, the dropout multiplier (S, B, H) - the keep mask already divided by
+            ``1 - p`` - or None for no dropout (eval mode).
+        """
+        d = f.shape[-1]
+        w, b = tensors["norm.weight"], tensors["norm.bias"]
+        eps = float(self.norm.eps)
+        if w.ndim == 1 and b.ndim == 1:
+            normed = F_nn.layer_norm(f, (d,), w, b, eps)
+        else:
+            normed = F_nn.layer_norm(f, (d,), None, None, eps) * _rows(w) + _rows(b)
+        w0, b0 = tensors["blocks.0.0.weight"], tensors["blocks.0.0.bias"]
+        if w0.ndim == 2:
+            # Shared first layer: it sees [normed, e_from, e_to], and the style part is one row per
+            # person, so it is computed once per person, not per frame (a third fewer FLOPs, no
+            # concatenation; float re-association only).
+            e = e_from.shape[-1]
+            style = F_nn.linear(e_from, w0[:, d : d + e], b0) + F_nn.linear(e_to, w0[:, d + e :])
+            h = F_nn.linear(normed, w0[:, :d]) + style  # + (S, 1, H)
+        else:
+            # Stacked first layer (full T): the module's concatenation. Full-T adaptation amplifies
+            # 1-ulp differences, so the arithmetic stays as close to forward() as it can.
+            s, n = f.shape[0], f.shape[1]
+            x = torch.cat([normed, e_from.expand(s, n, -1), e_to.expand(s, n, -1)], dim=2)
+            h = _stacked_linear(x, w0, b0)
+        for i in range(len(self.blocks)):
+            if i > 0:
+                h = _stacked_linear(h, tensors[f"blocks.{i}.0.weight"], tensors[f"blocks.{i}.0.bias"])
+            h = F_nn.gelu(h)
+            mask = masks[i] if masks is not None else None
+            if mask is not None:
+                h = h.mul_(mask)  # in place is safe: GELU's backward keeps its input, not its output
+        return f + _stacked_linear(h, tensors["out.weight"], tensors["out.bias"])
+
+    def frozen_prefix(self) -> FrozenPrefix:
+        """Everything of T before its output bias, as plain tensors (:class:`FrozenPrefix`)."""
+        t = self.tensors()
+        layout = self.layout()
+        d, e = layout.feature_dim, layout.style_embed_dim
+        w0 = t["blocks.0.0.weight"]
+        return FrozenPrefix(
+            norm_weight=t["norm.weight"],
+            norm_bias=t["norm.bias"],
+            norm_eps=layout.norm_eps,
+            embed_weight=t["style_embed.weight"],
+            embed_bias=t["style_embed.bias"],
+            first_frame=w0[:, :d].contiguous(),
+            first_from=w0[:, d : d + e],
+            first_to=w0[:, d + e :],
+            first_bias=t["blocks.0.0.bias"],
+            hidden=tuple(
+                (t[f"blocks.{i}.0.weight"], t[f"blocks.{i}.0.bias"]) for i in range(1, len(self.blocks))
+            ),
+            out_weight=t["out.weight"],
+            dropout=layout.dropout,
+        )
 
 
 def param_count(module: nn.Module) -> int:

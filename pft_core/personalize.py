@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -22,33 +21,29 @@ from pft.core.adaptation import AdaptConfig, AdaptResult, ModelParts, PFTAdaptat
 from pft.core.config import FrozenConfig
 from pft.core.errors import TooFewFacesError
 from pft.core.models import Classifier, StyleNormalizer, Translator, style_code
+from pft.core.objective import PFTObjective, ReferenceTargets
 from pft.core.pairing import Strategy, match_references
 from pft.core.privacy import DPConfig, DPRelease, adapt_translator_private
 from pft.core.training import SourceStyles
 
 
 class PersonalizeConfig(FrozenConfig):
-    """Stage 3 settings: the trainer's (``adapt``) and the PFT loss weights.
+    """Stage 3 as it ships: the objective, what of T adapts, the trainer's settings, the reference.
 
-    Defaults (chosen by the mean F1 over biovid seeds 0-2; the sweep is in docs/results.md): only
-    T's output bias adapts (``bias_only``), for at most 60 Adam steps at lr 0.01, with the
-    known-neutral calibration term (label smoothing 0.5, i.e. a target p(neutral) of 0.75 for two
-    classes) and the partner-frame consistency term; T translates towards the mean style code of
-    the ``reference_k`` = 5 source subjects closest by the pairing strategy. The style term
-    (``lambda_style``) is off by default: pulling the translated neutral statistics onto the
-    references' lowered the mean F1 on every seed (the ablation table shows it). ``min_frames`` is
-    the fewest usable neutral face frames adaptation accepts (RELIABILITY row 13: refuse rather
-    than learn from noise).
+    The ONE place of the shipped stage-3 defaults (the SDK, the Flower client, the simulations and
+    the batched engine all take this config; ``method()`` builds the trainer's method from it).
+    Chosen by the mean F1 over biovid seeds 0-2 (the sweep is in docs/results.md): the objective's
+    defaults (:class:`pft.core.objective.PFTObjective`: consistency 0.5, known-neutral calibration
+    1 with smoothing 0.5, style term off); only T's output bias adapts (``bias_only``), for at
+    most 60 Adam steps at lr 0.01; T translates towards the mean style code of the
+    ``reference_k`` = 5 source subjects closest by the pairing strategy. ``min_frames`` is the
+    fewest usable neutral face frames adaptation accepts (docs/reliability.md: refuse rather than
+    learn from noise, case 13).
     """
 
     adapt: AdaptConfig = AdaptConfig(lr=0.01)
-    lambda_consistency: float = Field(0.5, ge=0)
-    lambda_style: float = Field(0.0, ge=0)
-    lambda_neutral: float = Field(1.0, ge=0)
-    noise_std: float = Field(0.05, ge=0)
+    objective: PFTObjective = PFTObjective()
     last_layers: int | None = Field(None, ge=1)
-    consistency_target: Literal["translated", "frozen"] = "translated"
-    neutral_smoothing: float = Field(0.5, ge=0, lt=1)
     bias_only: bool = True
     reference_k: int = Field(5, ge=1)
     min_frames: int = Field(8, ge=1)
@@ -56,17 +51,8 @@ class PersonalizeConfig(FrozenConfig):
     dp: DPConfig | None = None  # DP-SGD on T (pft.core.privacy); None = no DP
 
     def method(self) -> PFTAdaptation:
-        """The stage-3 method with these weights."""
-        return PFTAdaptation(
-            lambda_consistency=self.lambda_consistency,
-            lambda_style=self.lambda_style,
-            lambda_neutral=self.lambda_neutral,
-            noise_std=self.noise_std,
-            last_layers=self.last_layers,
-            consistency_target=self.consistency_target,
-            neutral_smoothing=self.neutral_smoothing,
-            bias_only=self.bias_only,
-        )
+        """The stage-3 method with these settings."""
+        return PFTAdaptation(self.objective, bias_only=self.bias_only, last_layers=self.last_layers)
 
 
 @dataclass
@@ -120,7 +106,7 @@ class TranslationGoal:
 
     style_target: Tensor
     style_reference: Tensor
-    reference_stats: tuple[Tensor, Tensor]
+    targets: ReferenceTargets
     references: list[str]
 
 
@@ -149,9 +135,9 @@ def translation_goal(
     return TranslationGoal(
         s_target,
         torch.stack([styles.codes[r] for r in references]).mean(0),
-        (
-            torch.stack([styles.neutral_mean[r] for r in references]).mean(0),
-            torch.stack([styles.neutral_std[r] for r in references]).mean(0),
+        ReferenceTargets(
+            mean=torch.stack([styles.neutral_mean[r] for r in references]).mean(0),
+            std=torch.stack([styles.neutral_std[r] for r in references]).mean(0),
         ),
         references,
     )
@@ -193,7 +179,7 @@ def personalize(
         translator=model.translator,
         style_target=goal.style_target,
         style_reference=goal.style_reference,
-        reference_stats=goal.reference_stats,
+        targets=goal.targets,
     )
     adapt_config = config.adapt.model_copy(update={"seed": config.seed})
     if config.dp is not None:  # DP-SGD (Opacus) on the same trainer; see pft.core.privacy

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import torch
-import torch.nn.functional as F_nn
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -51,6 +50,7 @@ from pft.core.adaptation import (
 )
 from pft.core.config import FrozenConfig
 from pft.core.models import Translator
+from pft.core.objective import PFTObjective
 from pft.core.training import Progress
 
 PrivacyUnit = Literal["frame", "video", "person"]
@@ -262,14 +262,16 @@ class RecordSampledData(AdaptationData):
 # --- the per-sample PFT loss -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class DPPFTAdaptation:
-    """PFT stage 3 with a per-sample decomposable loss (for DP-SGD).
+    """PFT stage 3 with a per-sample decomposable loss (for DP-SGD): the same objective, one value
+    per frame (``PFTObjective.evaluate(..., reduction="none")``); the batch loss is their mean.
 
     Per frame a: ``l_a = lambda_c KL(stopgrad p_b || p_a) + lambda_s ||T(f_a) - mu_ref||^2 +
-    lambda_n CE_smooth(C(T(f_a)), neutral)``; the batch loss is the mean of ``l_a``. The batch
-    style term of :class:`PFTAdaptation` matches the batch's mean AND std to the reference, which
-    couples frames; here only the mean-matching part survives (for T's output bias its gradient
-    equals the batch term's, since a shift does not change a std) and, for a full T, the frame's
-    spread around ``mu_ref`` is also penalised. ``style_term="drop"`` removes it.
+    lambda_n CE_smooth(C(T(f_a)), neutral)``. The batch style term of :class:`PFTAdaptation`
+    matches the batch's mean AND std to the reference, which couples frames; here it takes its
+    per-frame form (``PFTObjective.per_sample``): only the mean-matching part survives (for T's
+    output bias its gradient equals the batch term's, since a shift does not change a std) and,
+    for a full T, the frame's spread around ``mu_ref`` is also penalised. ``style_term="drop"``
+    removes it.
     """
 
     base: PFTAdaptation
@@ -280,30 +282,19 @@ class DPPFTAdaptation:
         """The base method's name (results compare it with the non-private run)."""
         return self.base.name
 
+    @property
+    def objective(self) -> PFTObjective:
+        """The base objective with every term per frame."""
+        return self.base.objective.per_sample(self.style_term)
+
     def trainable_parameters(self, parts: ModelParts) -> list[nn.Parameter]:
         """Those of the base method."""
         return self.base.trainable_parameters(parts)
 
     def per_sample_losses(self, parts: ModelParts, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-frame losses ``l_a`` (B,) and their per-frame terms."""
-        b = self.base
-        f_a_hat, logits_a, logits_b = b.pair_forward(parts, batch)
-        log_p_a = F_nn.log_softmax(logits_a, dim=1)
-        log_p_b = F_nn.log_softmax(logits_b, dim=1)
-        cons = (log_p_b.exp() * (log_p_b - log_p_a)).sum(1)
-        terms = {"consistency": cons}
-        total = b.lambda_consistency * cons
-        if b.lambda_style > 0 and self.style_term == "reference_mean":
-            if parts.reference_stats is None:
-                raise ValueError("DPPFTAdaptation's style term needs ModelParts.reference_stats")
-            sty = ((f_a_hat - parts.reference_stats[0].reshape(1, -1)) ** 2).sum(1)
-            terms["style"] = sty
-            total = total + b.lambda_style * sty
-        if b.lambda_neutral > 0:
-            target = torch.full((len(logits_a),), b.neutral_class, dtype=torch.long, device=logits_a.device)
-            neu = F_nn.cross_entropy(logits_a, target, label_smoothing=b.neutral_smoothing, reduction="none")
-            terms["neutral"] = neu
-            total = total + b.lambda_neutral * neu
+        outputs = self.base.pair_outputs(parts, batch)
+        total, terms = self.objective.evaluate(outputs, parts.targets, reduction="none")
         return total, terms
 
     def loss(self, parts: ModelParts, batch: Batch) -> tuple[Tensor, dict[str, float]]:
@@ -366,7 +357,7 @@ class OpacusPrivacyHook:
             extractor=parts.extractor,
             style_target=parts.style_target,
             style_reference=parts.style_reference,
-            reference_stats=parts.reference_stats,
+            targets=parts.targets,
         )
         return wrapped, self.optimizer
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F_nn
 
 from pft.core.atomic import atomic_write_text
 from pft.core.metrics import macro_f1
+from pft.core.seeding import subject_seed
 from pft.simulations.experiment import ExperimentConfig, PreparedExperiment, prepare_experiment
 from pft.simulations.methods import METHODS, MethodSettings
 from pft.simulations.workspace import FrameSet
@@ -37,7 +38,7 @@ ABLATIONS: tuple[AblationKind, ...] = ("losses", "pairing", "dims", "weights", "
 
 
 def _with(config: ExperimentConfig, **paths: Any) -> ExperimentConfig:
-    """A copy of ``config`` with dotted-path overrides, e.g. ``{"settings.pft.lambda_style": 0}``."""
+    """A copy of ``config`` with dotted-path overrides (``{"settings.pft.objective.lambda_style": 0}``)."""
     data = config.model_dump()
     for dotted, value in paths.items():
         node = data
@@ -53,9 +54,11 @@ def _variants(kind: AblationKind, base: ExperimentConfig) -> dict[str, Experimen
         none = {"settings.pft.adapt.max_iterations": 0, "settings.pft.adapt.min_iterations": 0}
         return {
             "full": base,
-            "stage 3 - consistency": _with(base, **{"settings.pft.lambda_consistency": 0.0}),
-            "stage 3 + style term (0.1; off by default)": _with(base, **{"settings.pft.lambda_style": 0.1}),
-            "stage 3 - neutral calibration": _with(base, **{"settings.pft.lambda_neutral": 0.0}),
+            "stage 3 - consistency": _with(base, **{"settings.pft.objective.lambda_consistency": 0.0}),
+            "stage 3 + style term (0.1; off by default)": _with(
+                base, **{"settings.pft.objective.lambda_style": 0.1}
+            ),
+            "stage 3 - neutral calibration": _with(base, **{"settings.pft.objective.lambda_neutral": 0.0}),
             "no stage 3 (T0)": _with(base, **none),
             "stage 2 - style": _with(base, **{"pretrain.lambda_style": 0.0}),
             "stage 2 - expression (KL)": _with(base, **{"pretrain.lambda_expr": 0.0}),
@@ -85,7 +88,7 @@ def _evaluate(
             continue
         y = target.eval.labels.numpy()
         for method in scores:
-            outcome = METHODS[method](prepared.model, target, settings, seed * 1000 + k)
+            outcome = METHODS[method](prepared.model, target, settings, subject_seed(seed, k))
             scores[method].append(macro_f1(y, outcome.logits.argmax(1).numpy(), len(prepared.classes)))
     return {
         m: {
@@ -116,7 +119,7 @@ def branch_similarity(prepared: PreparedExperiment, settings: MethodSettings, se
         target = prepared.target(subject)
         if target is None:
             continue
-        outcome = METHODS["pft"](prepared.model, target, settings, seed * 1000 + k)
+        outcome = METHODS["pft"](prepared.model, target, settings, subject_seed(seed, k))
         assert outcome.translated is not None
         ev: FrameSet = target.eval
         for c in range(len(prepared.classes)):

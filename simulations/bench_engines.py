@@ -42,6 +42,7 @@ import torch
 
 from pft.core.adaptation import AdaptConfig, ModelParts, adapt_translator
 from pft.core.personalize import PersonalizeConfig
+from pft.core.seeding import subject_seed
 from pft.simulations.batched import BatchedConfig, SubjectTask, adapt_subjects, subject_task
 from pft.simulations.machine import describe_machine
 from pft.simulations.synthetic_world import synthetic_model, synthetic_subject
@@ -67,7 +68,7 @@ def iter_tasks(spec: dict[str, Any], indices: Iterable[int]) -> Iterator[Subject
             s.features,
             s.frame_stats,
             config,
-            spec["seed"] * 1000 + k,
+            subject_seed(spec["seed"], k),
             subject=s.name,
             video_ids=s.video_ids,
             time_index=s.time_index,
@@ -87,7 +88,7 @@ def adapt_one(spec: dict[str, Any], task: SubjectTask, model_parts: ModelParts) 
         translator=model_parts.translator,
         style_target=task.style_target,
         style_reference=task.style_reference,
-        reference_stats=task.reference_stats,
+        targets=task.targets,
     )
     _, result = adapt_translator(
         parts,

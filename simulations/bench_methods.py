@@ -11,7 +11,7 @@ torch's tensor storage is not in it).
 
 The cohort, crops, features, F, C and T0 come from ``run_experiment`` (cached, so a second bench is
 fast); methods then run here one subject at a time with the same seeds as the experiment
-(``seed * 1000 + k`` for the k-th target), with the face crops attached for AdaBN.
+(``pft.core.seeding.subject_seed(seed, k)`` for the k-th target), with the face crops attached for AdaBN.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from pft.core.data.cache import state_dict_sha256
 from pft.core.metrics import accuracy, macro_f1
 from pft.core.pairing import Strategy
 from pft.core.personalize import SourceModel
+from pft.core.seeding import subject_seed
 from pft.core.training import SourceStyles
 from pft.simulations.experiment import ExperimentConfig, run_experiment
 from pft.simulations.machine import describe_machine
@@ -155,7 +156,7 @@ def bench_methods(
         k0, first = targets[0]
         for method in names:
             if method != "oracle" or (first.oracle is not None and len(first.oracle) > 0):
-                METHODS[method](model, first, resolved.settings, resolved.seed * 1000 + k0)
+                METHODS[method](model, first, resolved.settings, subject_seed(resolved.seed, k0))
     for method in names:
         for k, target in targets:
             if method == "oracle" and (target.oracle is None or len(target.oracle) == 0):
@@ -163,7 +164,7 @@ def bench_methods(
             with measure_memory() as memory:
                 start = time.perf_counter()
                 outcome: MethodOutcome = METHODS[method](
-                    model, target, resolved.settings, resolved.seed * 1000 + k
+                    model, target, resolved.settings, subject_seed(resolved.seed, k)
                 )
                 wall = time.perf_counter() - start
             y, pred = target.eval.labels.numpy(), outcome.logits.argmax(1).numpy()

@@ -35,6 +35,7 @@ from pft.core.pairing import Strategy
 from pft.core.personalize import SourceModel
 from pft.core.privacy import summarise_releases
 from pft.core.safe_weights import load_safetensors, save_safetensors
+from pft.core.seeding import subject_seed
 from pft.core.training import (
     SourceStyles,
     SourceTrainConfig,
@@ -72,7 +73,7 @@ class ExperimentConfig(FrozenConfig):
     """Everything that defines one run of ``pft simulate``; the top-level ``seed`` seeds every stage.
 
     Nested seeds are derived from ``seed`` by :meth:`resolved` (cohort = seed, stage 1 = seed,
-    stage 2 = seed, adaptation of target k = seed * 1000 + k), and the resolved config is written
+    stage 2 = seed, adaptation of target k = ``subject_seed(seed, k)``), and the resolved config is written
     beside the results.
     """
 
@@ -418,7 +419,7 @@ def run_experiment(
                 outcome: MethodOutcome = (
                     batched_pft[subject]
                     if method == "pft" and subject in batched_pft
-                    else METHODS[method](model, target, config.settings, config.seed * 1000 + k)
+                    else METHODS[method](model, target, config.settings, subject_seed(config.seed, k))
                 )
                 pred = outcome.logits.argmax(1).numpy()
                 y = target.eval.labels.numpy()

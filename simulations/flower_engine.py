@@ -1,7 +1,7 @@
 """``pft simulate --engine flower``: the SFDA-PFT experiment as a Flower simulation.
 
 One virtual node per target subject (node ``partition-id`` k = the k-th target in sorted order,
-adapting with seed ``seed * 1000 + k``), the same cohort, cached features and stage-2 bundle as
+adapting with seed ``subject_seed(seed, k)``), the same cohort, cached features and stage-2 bundle as
 the in-process engine - so the per-subject numbers are the same. The bundle is published as a
 signed release; every virtual node verifies it, installs it in its own cache, adapts T on its
 neutral videos, keeps T encrypted on its own disk, and sends back only allow-listed metrics.

@@ -38,6 +38,7 @@ from pft.core.errors import SecureAggregationHaltedError
 from pft.core.metrics import macro_f1
 from pft.core.models import Translator
 from pft.core.prior import PriorUpdateConfig, update_release
+from pft.core.seeding import subject_seed
 from pft.core.signing import TrustedBundleCache, load_public_key, load_signing_key
 from pft.server.prior_app import PRIOR_SERVER_SECTION, REPORT_FILE, PriorServerSpec
 from pft.server.publish import publish_bundle
@@ -218,7 +219,7 @@ def _held_out_scores(
         if target is None:
             continue
         for method in ("source_only", "pft"):
-            outcome = METHODS[method](model, target, config.settings, config.seed * 1000 + k)
+            outcome = METHODS[method](model, target, config.settings, subject_seed(config.seed, k))
             pred = outcome.logits.argmax(1).numpy()
             out[method][subject] = macro_f1(target.eval.labels.numpy(), pred, len(prepared.classes))
             if method == "pft":

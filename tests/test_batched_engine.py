@@ -2,29 +2,40 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from pft.core.adaptation import AdaptationData, AdaptConfig
 from pft.core.errors import TooFewFacesError
 from pft.core.models import ModelConfig
+from pft.core.objective import PFTObjective
 from pft.core.personalize import PersonalizeConfig, personalize
-from pft.simulations import batched
+from pft.core.seeding import subject_seed
 from pft.simulations.batched import (
     BatchedConfig,
+    FastPathUnavailable,
     SubjectAdaptation,
-    _bernoulli_mask,
-    _Partners,
     adapt_subjects,
+    forward,
     run_pft_batched,
     subject_task,
+    trainable_names,
 )
+from pft.simulations.batched.optimiser import StackedOptimizer
+from pft.simulations.batched.streams import Partners, bernoulli_mask
 from pft.simulations.methods import MethodSettings, TargetData, run_pft
 from pft.simulations.synthetic_world import synthetic_model, synthetic_subject
 from pft.simulations.workspace import FrameSet
 
 # a loose tolerance makes subjects stop at different steps (per-subject early stopping)
 FAST = AdaptConfig(lr=0.01, max_iterations=36, min_iterations=8, tol=0.06, window=3)
+
+
+def _config(adapt: AdaptConfig = FAST, **objective: object) -> PersonalizeConfig:
+    """The shipped stage 3 with ``adapt`` and some objective settings changed."""
+    return PersonalizeConfig(adapt=adapt, objective=PFTObjective.model_validate(objective))
 
 
 def _run_both(
@@ -72,7 +83,7 @@ def _run_both(
 
 def test_bias_only_matches_per_client_engine() -> None:
     # with the style term on, these synthetic subjects converge at different steps (tested below)
-    ref, out = _run_both(PersonalizeConfig(adapt=FAST, lambda_style=0.1, neutral_smoothing=0.4), 4, chunk=3)
+    ref, out = _run_both(_config(lambda_style=0.1, neutral_smoothing=0.4), 4, chunk=3)
     assert [a.position for a in out] == [0, 1, 2, 3]
     assert len({a.iterations for a in out}) > 1  # subjects really stopped at their own steps
     for r, a in zip(ref, out, strict=True):
@@ -89,14 +100,16 @@ def test_bias_only_matches_per_client_engine() -> None:
         # 2 threads split the subjects' draws; subject 1 has a frame without a partner, so its
         # partner draws take the per-subject path while the others' are converted chunk-wide
         ({}, 2, (1,), None),
-        ({"adapt": FAST.model_copy(update={"batch_size": 7})}, 1, (), None),  # odd batch: per subject
+        ({"batch_size": 7}, 1, (), None),  # odd batch: partners drawn per subject
         ({}, 1, (), ModelConfig(dropout=0.0)),  # no dropout: no masks, unscaled weights
     ],
 )
 def test_bias_only_variants_match_per_client_engine(
     update: dict, threads: int, lonely: tuple[int, ...], model_config: ModelConfig | None
 ) -> None:
-    config = PersonalizeConfig(adapt=FAST, lambda_style=0.1).model_copy(update=update)
+    adapt = FAST.model_copy(update={k: v for k, v in update.items() if k == "batch_size"})
+    objective = {k: v for k, v in update.items() if k != "batch_size"}
+    config = _config(adapt, lambda_style=0.1, **objective)
     ref, out = _run_both(config, 3, chunk=3, threads=threads, lonely=lonely, model_config=model_config)
     for r, a in zip(ref, out, strict=True):
         assert a.iterations == r.result.iterations and a.converged == r.result.converged
@@ -106,10 +119,44 @@ def test_bias_only_variants_match_per_client_engine(
 
 def test_bias_only_without_the_first_block_cache_matches(monkeypatch: pytest.MonkeyPatch) -> None:
     # a chunk whose cache would be too large computes T(f_a)'s first block every step instead
-    monkeypatch.setattr(batched, "_FIRST_BLOCK_BYTES", 0)
-    ref, out = _run_both(PersonalizeConfig(adapt=FAST, lambda_style=0.1), 2, chunk=2)
+    monkeypatch.setattr(forward, "FIRST_BLOCK_BYTES", 0)
+    ref, out = _run_both(_config(lambda_style=0.1), 2, chunk=2)
     for r, a in zip(ref, out, strict=True):
         assert a.iterations == r.result.iterations
+        assert a.final_loss == pytest.approx(r.result.final_loss, rel=1e-5)
+        torch.testing.assert_close(a.state["out.bias"], r.translator.out.bias.detach(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("config", "road"),
+    [
+        (PersonalizeConfig(), "bias_only"),  # the shipped stage 3 takes the fast road
+        (_config(lambda_style=0.1), "bias_only"),  # batch statistics: the fast road gives them
+        (PersonalizeConfig(bias_only=False, last_layers=1), "autograd"),
+        (PersonalizeConfig(bias_only=False), "autograd"),
+    ],
+)
+def test_the_fast_road_is_taken_where_it_gives_what_the_objective_needs(
+    config: PersonalizeConfig, road: str
+) -> None:
+    model = synthetic_model(0)
+    names = trainable_names(model.translator, model.classifier, config.method())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastPathUnavailable)
+        chosen = forward.choose_forward(
+            model.translator, model.classifier, names, config.objective, torch.device("cpu")
+        )
+    assert chosen.name == road
+
+
+def test_bias_only_falls_back_to_the_general_road_when_the_objective_needs_more() -> None:
+    # the per-frame style term needs T(f_a) per frame, which the bias-only fast road never forms:
+    # the engine says so and runs the autograd road, with the per-client engine's numbers
+    config = _config(lambda_style=0.1, style_form="reference_mean")
+    with pytest.warns(FastPathUnavailable, match="translated_a"):
+        ref, out = _run_both(config, 2, chunk=2)
+    for r, a in zip(ref, out, strict=True):
+        assert a.iterations == r.result.iterations and a.converged == r.result.converged
         assert a.final_loss == pytest.approx(r.result.final_loss, rel=1e-5)
         torch.testing.assert_close(a.state["out.bias"], r.translator.out.bias.detach(), atol=1e-6, rtol=0)
 
@@ -167,7 +214,7 @@ def test_partner_draws_equal_the_trainers() -> None:
     vids = torch.tensor([0, 1, 1, 2, 2, 2, 2, 2])
     times = torch.tensor([0, 0, 3, 0, 0, 2, 4, 6])
     data = AdaptationData(torch.zeros(8, 2), video_ids=vids, time_index=times)
-    table = _Partners(8, vids, times)
+    table = Partners(8, vids, times)
     for seed in range(5):
         g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         for size in (7, 8):
@@ -181,7 +228,44 @@ def test_dropout_masks_equal_torch_bernoulli() -> None:
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     for shape in ((4, 5), (64, 256)):
         expected = torch.empty(shape).bernoulli_(0.9, generator=g1)
-        assert torch.equal(_bernoulli_mask(g2, shape, 0.9).float(), expected)
+        assert torch.equal(bernoulli_mask(g2, shape, 0.9).float(), expected)
+
+
+@pytest.mark.parametrize(
+    "update",
+    [
+        {},
+        {"weight_decay": 0.01},
+        {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.01},
+        {"optimizer": "sgd", "momentum": 0.0},
+    ],
+)
+def test_stacked_optimizer_is_torch_optim_bit_for_bit(update: dict) -> None:
+    # the oracle: each subject's own torch optimiser (what the trainer runs), also after compaction
+    cfg = AdaptConfig(lr=0.01).model_copy(update=update)
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(4, 3, 5, generator=g)
+    grads = [torch.randn(4, 3, 5, generator=g) for _ in range(6)]
+    stack = start.clone().requires_grad_(True)
+    stacked = StackedOptimizer({"w": stack}, cfg)
+    own = [start[r].clone().requires_grad_(True) for r in range(4)]
+    opts = [
+        torch.optim.Adam([p], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adam"
+        else torch.optim.SGD([p], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        for p in own
+    ]
+    live = [0, 1, 2, 3]
+    for k, grad in enumerate(grads):
+        if k == 3:  # subjects 1 and 3 stop: the others' state carries over
+            live = [0, 2]
+            stack = stacked.keep(torch.tensor(live))["w"]
+        stacked.step([grad[live]])
+        for r in live:
+            own[r].grad = grad[r].clone()
+            opts[r].step()
+        for row, r in enumerate(live):
+            assert torch.equal(stack[row].detach(), own[r].detach()), (k, r)
 
 
 def test_run_pft_batched_equals_run_pft_predictions() -> None:
@@ -196,10 +280,12 @@ def test_run_pft_batched_equals_run_pft_predictions() -> None:
         targets.append((k, TargetData(f"t{k}", adapt, None, held)))
     batched = run_pft_batched(model, targets, settings, seed=4, engine=BatchedConfig(chunk_size=2))
     for k, target in targets:
-        ref = run_pft(model, target, settings, 4 * 1000 + k)
+        ref = run_pft(model, target, settings, subject_seed(4, k))
         got = batched[target.subject]
         assert got.iterations == ref.iterations
         torch.testing.assert_close(got.logits, ref.logits, atol=1e-5, rtol=0)
+        # the adapted parameters are counted as the per-client engine counts them (bias-only: D)
+        assert got.trainable_parameters == ref.trainable_parameters == model.translator.out.bias.numel()
 
 
 def test_refuses_too_few_frames() -> None:

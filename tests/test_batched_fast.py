@@ -13,11 +13,11 @@ from pft.simulations.batched import (
     BatchedConfig,
     SubjectAdaptation,
     SubjectTask,
-    _draw_fast,
-    _new_chunk,
     adapt_subjects,
     subject_task,
 )
+from pft.simulations.batched.buffers import Buffers
+from pft.simulations.batched.streams import ChunkStreams, Partners, StepShape
 from pft.simulations.synthetic_world import synthetic_model, synthetic_subject
 
 FIXED = AdaptConfig(lr=0.01, max_iterations=30, min_iterations=30)  # no early stop: same work
@@ -54,19 +54,19 @@ def test_fast_streams_do_not_depend_on_chunking() -> None:
 def test_fast_draws_are_valid_partners_and_have_the_dropout_rate() -> None:
     config = PersonalizeConfig()
     tasks = _tasks(config, 4)
-    model = synthetic_model(0)
-    base = {n: p.detach() for n, p in model.translator.named_parameters()}
-    chunk = _new_chunk(tasks, 0, base, ["out.bias"], torch.device("cpu"))
-    method = config.method()
-    hidden, drop_p, bsz = [256, 256], [0.1, 0.1], 64
+    partners = [Partners(len(t.features), t.video_ids, t.time_index) for t in tasks]
+    streams = ChunkStreams("fast", [t.seed for t in tasks], partners)
+    buffers = Buffers(torch.device("cpu"))
+    bsz = 64
+    shape = StepShape(bsz, tasks[0].features.shape[1], passes=2, hidden=(256, 256), dropout=(0.1, 0.1))
     kept, total = 0, 0
     seen = torch.empty(0, dtype=torch.long)
     for _ in range(20):
-        d = _draw_fast(chunk, bsz, hidden, drop_p, method, chunk.features.shape[1])
+        d = streams.draw(shape, buffers)
         a, b = d.a_rows.view(4, bsz), d.b_rows.view(4, bsz)
         seen = torch.cat([seen, d.a_rows]).unique()
         for r, task in enumerate(tasks):
-            off, n = int(chunk.offsets[r]), len(task.features)
+            off, n = int(streams.offsets[r]), len(task.features)
             la, lb = a[r] - off, b[r] - off
             assert bool(((la >= 0) & (la < n)).all())
             # a partner is another frame of the same video at another time (the trainer's rule)
@@ -81,7 +81,7 @@ def test_fast_draws_are_valid_partners_and_have_the_dropout_rate() -> None:
     sd = (p_keep * (1 - p_keep) / total) ** 0.5
     assert abs(kept / total - p_keep) < 5 * sd
     # uniform frame indices: 20 x 64 draws over 30-51 frames reach every frame (expected >= 25 each)
-    assert set(seen.tolist()) == set(range(len(chunk.features)))
+    assert set(seen.tolist()) == set(range(sum(len(t.features) for t in tasks)))
 
 
 def test_fast_adaptation_agrees_with_the_exact_replay() -> None:

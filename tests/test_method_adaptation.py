@@ -21,9 +21,13 @@ from pft.core.adaptation import (
 )
 from pft.core.errors import TooFewFacesError
 from pft.core.models import Classifier, FeatureExtractor, ModelConfig, Translator
+from pft.core.objective import PFTObjective, ReferenceTargets
 
 CFG = ModelConfig(width=8, translator_hidden=64, style_embed_dim=8)
 FAST = AdaptConfig(max_iterations=12, min_iterations=12, batch_size=16, lr=1e-2, seed=0)
+#: every term of the stage-3 objective on, all of T trained
+EVERY_TERM = PFTObjective(lambda_consistency=1.0, lambda_style=0.1, lambda_neutral=0.1, neutral_smoothing=0.0)
+FULL_T = PFTAdaptation(EVERY_TERM, bias_only=False, last_layers=None)
 
 
 def _parts(with_extractor: bool = True) -> ModelParts:
@@ -37,7 +41,7 @@ def _parts(with_extractor: bool = True) -> ModelParts:
         extractor=FeatureExtractor(CFG) if with_extractor else None,
         style_target=torch.randn(CFG.style_dim),
         style_reference=torch.randn(CFG.style_dim),
-        reference_stats=(torch.randn(d), torch.rand(d) + 0.5),
+        targets=ReferenceTargets(torch.randn(d), torch.rand(d) + 0.5),
     )
 
 
@@ -62,7 +66,7 @@ def test_pft_adaptation_changes_t_only_and_restores_state() -> None:
     parts = _parts()
     assert parts.extractor is not None and parts.translator is not None
     f0, c0, t0 = _snapshot(parts.extractor), _snapshot(parts.classifier), _snapshot(parts.translator)
-    result = AdaptationTrainer(FAST).fit(PFTAdaptation(), parts, _data())
+    result = AdaptationTrainer(FAST).fit(FULL_T, parts, _data())
     assert _same(_snapshot(parts.extractor), f0)
     assert _same(_snapshot(parts.classifier), c0)
     assert not _same(_snapshot(parts.translator), t0)
@@ -74,8 +78,9 @@ def test_pft_adaptation_changes_t_only_and_restores_state() -> None:
 @pytest.mark.parametrize(
     ("method", "expected"),
     [
-        (PFTAdaptation(), {"translator"}),
-        (PFTAdaptation(last_layers=1), {"translator.out"}),
+        (FULL_T, {"translator"}),
+        (PFTAdaptation(EVERY_TERM, bias_only=False, last_layers=1), {"translator.out"}),
+        (PFTAdaptation(EVERY_TERM, bias_only=True, last_layers=None), {"translator.out.bias"}),
         (Oracle(), {"translator", "classifier"}),
     ],
 )
@@ -99,7 +104,7 @@ def test_only_intended_parameters_receive_gradients(method: object, expected: se
     cfg = FAST.model_copy(update={"max_iterations": 2, "min_iterations": 2})
     AdaptationTrainer(cfg, grad_hook=hook).fit(method, parts, _data(labels=True))  # type: ignore[arg-type]
     for name, has_grad in seen[-1].items():
-        intended = any(name.startswith(e + ".") for e in expected)
+        intended = any(name == e or name.startswith(e + ".") for e in expected)
         assert has_grad == intended, name
 
 
@@ -108,7 +113,7 @@ def test_same_seed_same_result_other_seed_differs() -> None:
     for seed in (0, 0, 1):
         parts = _parts(with_extractor=False)
         cfg = FAST.model_copy(update={"seed": seed})
-        res = AdaptationTrainer(cfg).fit(PFTAdaptation(), parts, _data())
+        res = AdaptationTrainer(cfg).fit(FULL_T, parts, _data())
         assert parts.translator is not None
         runs.append((_snapshot(parts.translator), res.history["loss"]))
     assert _same(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
@@ -139,10 +144,10 @@ def test_oracle_fits_labels_and_updates_c() -> None:
 def test_convergence_stops_early_when_the_smoothed_loss_is_flat() -> None:
     parts = _parts(with_extractor=False)
     cfg = AdaptConfig(max_iterations=200, min_iterations=15, window=5, tol=10.0, batch_size=8)
-    res = AdaptationTrainer(cfg).fit(PFTAdaptation(), parts, _data())
+    res = AdaptationTrainer(cfg).fit(FULL_T, parts, _data())
     assert res.converged and res.iterations == 15
     strict = cfg.model_copy(update={"tol": 0.0, "max_iterations": 20})
-    res2 = AdaptationTrainer(strict).fit(PFTAdaptation(), _parts(False), _data())
+    res2 = AdaptationTrainer(strict).fit(FULL_T, _parts(False), _data())
     assert not res2.converged and res2.iterations == 20
 
 
@@ -150,7 +155,7 @@ def test_adapt_translator_returns_a_copy_and_leaves_base_t() -> None:
     parts = _parts(with_extractor=False)
     assert parts.translator is not None
     base = _snapshot(parts.translator)
-    personal, res = adapt_translator(parts, _data().features, FAST)
+    personal, res = adapt_translator(parts, _data().features, FAST, FULL_T)
     assert _same(_snapshot(parts.translator), base)
     assert not _same(_snapshot(personal), base) and res.method == "pft"
 
@@ -158,10 +163,10 @@ def test_adapt_translator_returns_a_copy_and_leaves_base_t() -> None:
 def test_too_few_frames_and_missing_styles_are_clear_errors() -> None:
     parts = _parts(with_extractor=False)
     with pytest.raises(TooFewFacesError):
-        AdaptationTrainer(FAST).fit(PFTAdaptation(), parts, AdaptationData(torch.randn(1, CFG.pooled_dim)))
+        AdaptationTrainer(FAST).fit(FULL_T, parts, AdaptationData(torch.randn(1, CFG.pooled_dim)))
     bare = ModelParts(classifier=parts.classifier, translator=parts.translator)
     with pytest.raises(ValueError, match="style"):
-        AdaptationTrainer(FAST).fit(PFTAdaptation(), bare, _data())
+        AdaptationTrainer(FAST).fit(FULL_T, bare, _data())
 
 
 def test_partners_come_from_the_same_video_at_another_time() -> None:
@@ -189,8 +194,6 @@ def test_privacy_seam_wraps_the_optimizer_and_grad_hook_acts_before_the_step() -
     parts = _parts(with_extractor=False)
     assert parts.translator is not None
     t0 = copy.deepcopy(_snapshot(parts.translator))
-    AdaptationTrainer(FAST, privacy=RecordingPrivacy(), grad_hook=zero_grads).fit(
-        PFTAdaptation(), parts, _data()
-    )
+    AdaptationTrainer(FAST, privacy=RecordingPrivacy(), grad_hook=zero_grads).fit(FULL_T, parts, _data())
     assert calls == ["make_private"]
     assert _same(_snapshot(parts.translator), t0)  # Adam with zero gradients does not move

@@ -247,6 +247,73 @@ def test_last_layers_parameters_select_the_output_side() -> None:
     assert len(t.last_layers_parameters(None)) == len(list(t.parameters()))
 
 
+def _perturbed_translator(seed: int, cfg: ModelConfig) -> Translator:
+    torch.manual_seed(seed)
+    t = Translator(cfg).eval()
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # past the identity start, LayerNorm not the identity
+    return t
+
+
+def test_translator_layout_is_what_it_is_built_with() -> None:
+    cfg = ModelConfig(width=8, translator_hidden=32, translator_blocks=3, style_embed_dim=4, dropout=0.2)
+    layout = Translator(cfg).layout()
+    assert (layout.feature_dim, layout.style_dim, layout.style_embed_dim) == (64, cfg.style_dim, 4)
+    assert layout.hidden == (32, 32, 32) and layout.dropout == (0.2, 0.2, 0.2)
+    assert layout.norm_eps == 1e-5
+
+
+@pytest.mark.parametrize("stacked", [[], ["out.bias"], ["out.weight", "out.bias"], None])
+def test_stacked_forward_equals_each_persons_own_forward(stacked: list[str] | None) -> None:
+    # S persons, each with its own copy of the tensors named in ``stacked`` (None: all of T)
+    cfg = ModelConfig(width=8, translator_hidden=32, style_embed_dim=8)
+    persons = [_perturbed_translator(k, cfg) for k in range(3)]
+    shared = persons[0].tensors()
+    names = list(shared) if stacked is None else stacked
+    for t in persons[1:]:  # persons share every tensor not named
+        own = dict(t.named_parameters())
+        with torch.no_grad():
+            for n, v in shared.items():
+                if n not in names:
+                    own[n].copy_(v)
+    tensors = {**shared, **{n: torch.stack([t.tensors()[n] for t in persons]) for n in names}}
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(3, 5, cfg.pooled_dim, generator=g)
+    s_from, s_to = torch.randn(3, cfg.style_dim, generator=g), torch.randn(3, cfg.style_dim, generator=g)
+    base = persons[0]
+    out = base.stacked_forward(
+        tensors, f, base.stacked_embed(tensors, s_from), base.stacked_embed(tensors, s_to)
+    )
+    for k, t in enumerate(persons):
+        torch.testing.assert_close(out[k], t(f[k], s_from[k], s_to[k]), atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_prefix_plus_the_output_bias_is_t() -> None:
+    cfg = ModelConfig(width=8, translator_hidden=32, translator_blocks=3, style_embed_dim=8)
+    t = _perturbed_translator(0, cfg)
+    prefix = t.frozen_prefix()
+    g = torch.Generator().manual_seed(2)
+    f = torch.randn(7, cfg.pooled_dim, generator=g)
+    s_from, s_to = torch.randn(cfg.style_dim, generator=g), torch.randn(cfg.style_dim, generator=g)
+    normed = torch.nn.functional.layer_norm(
+        f, (cfg.pooled_dim,), prefix.norm_weight, prefix.norm_bias, prefix.norm_eps
+    )
+    h = torch.nn.functional.gelu(normed @ prefix.first_frame.T + prefix.style_rows(s_from, s_to))
+    for w, b in prefix.hidden:
+        h = torch.nn.functional.gelu(h @ w.T + b)
+    rebuilt = f + h @ prefix.out_weight.T + t.tensors()[Translator.OUTPUT_BIAS]
+    torch.testing.assert_close(rebuilt, t(f, s_from, s_to).detach(), atol=1e-5, rtol=1e-5)
+    assert len(prefix.hidden) == 2 and prefix.dropout == t.layout().dropout
+
+
+def test_classifier_linear_map_is_c_in_eval_mode() -> None:
+    c = Classifier(ModelConfig(width=8, num_classes=3)).eval()
+    w, b = c.linear_map()
+    f = torch.randn(4, 64)
+    torch.testing.assert_close(f @ w.T + b, c(f).detach())
+
+
 def test_classifier_shape_and_param_count() -> None:
     c = Classifier(ModelConfig(width=16, num_classes=3)).eval()
     assert c(torch.randn(2, 128)).shape == (2, 3)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pft.core.adaptation import ModelParts, PFTAdaptation
+from pft.core.adaptation import ModelParts
 from pft.core.errors import TooFewFacesError
 from pft.core.models import Classifier, ModelConfig, StyleNormalizer, Translator
 from pft.core.pairing import match_references
@@ -59,7 +59,7 @@ def test_bias_only_trains_exactly_the_output_bias() -> None:
     parts = ModelParts(
         model.classifier, model.translator, None, torch.zeros(CFG.style_dim), torch.zeros(CFG.style_dim)
     )
-    assert PFTAdaptation(bias_only=True).trainable_parameters(parts) == [model.translator.out.bias]
+    assert PersonalizeConfig().method().trainable_parameters(parts) == [model.translator.out.bias]
 
 
 def test_personalize_changes_only_the_bias_of_a_copy_and_averages_k_references() -> None:

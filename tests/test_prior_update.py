@@ -8,9 +8,10 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from pft.core.adaptation import ModelParts, PFTAdaptation
+from pft.core.adaptation import ModelParts
 from pft.core.errors import InvalidPriorUpdateError
 from pft.core.models import ModelConfig, Translator
+from pft.core.personalize import PersonalizeConfig
 from pft.core.prior import (
     PriorUpdateConfig,
     apply_prior,
@@ -45,7 +46,7 @@ def test_trainable_names_of_bias_only_pft() -> None:
     c = torch.nn.Linear(1, 1)
     z = torch.zeros(1)
     parts = ModelParts(classifier=c, translator=t, style_target=z, style_reference=z)  # type: ignore[arg-type]
-    method = PFTAdaptation(bias_only=True)
+    method = PersonalizeConfig(bias_only=True).method()
     assert trainable_names(t, method.trainable_parameters(parts)) == ("out.bias",)
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from pft.core.adaptation import AdaptConfig, Batch, ModelParts, PFTAdaptation
 from pft.core.losses import consistency_loss, style_loss
 from pft.core.models import Classifier, ModelConfig, Translator
+from pft.core.objective import PFTObjective, ReferenceTargets
 from pft.core.privacy import (
     AccountantName,
     DPConfig,
@@ -38,6 +39,13 @@ from pft.core.privacy import (
 
 MC = ModelConfig(width=8, num_classes=3, translator_hidden=16, style_embed_dim=4, dropout=0.0)
 D, S = MC.pooled_dim, MC.style_dim
+#: every term of the stage-3 objective on
+EVERY_TERM = PFTObjective(lambda_consistency=1.0, lambda_style=0.1, lambda_neutral=0.1, neutral_smoothing=0.0)
+
+
+def _pft(bias_only: bool = False, **objective: object) -> PFTAdaptation:
+    """Stage 3 on all of T (or its output bias) with every term on, some settings changed."""
+    return PFTAdaptation(EVERY_TERM.model_copy(update=objective), bias_only=bias_only, last_layers=None)
 
 
 def _parts(seed: int = 0) -> ModelParts:
@@ -54,7 +62,7 @@ def _parts(seed: int = 0) -> ModelParts:
         None,
         torch.randn(S, generator=g),
         torch.randn(S, generator=g),
-        (torch.randn(D, generator=g), torch.rand(D, generator=g) + 0.5),
+        ReferenceTargets(torch.randn(D, generator=g), torch.rand(D, generator=g) + 0.5),
     )
 
 
@@ -120,7 +128,7 @@ def _record_gradient(
     clean = Translator(MC)  # a plain copy of T (no Opacus hooks), same weights
     clean.load_state_dict(parts.translator.state_dict())
     local = ModelParts(
-        parts.classifier, clean, None, parts.style_target, parts.style_reference, parts.reference_stats
+        parts.classifier, clean, None, parts.style_target, parts.style_reference, parts.targets
     )
     params = method.trainable_parameters(local)
     for p in clean.parameters():
@@ -135,7 +143,7 @@ def _record_gradient(
 def test_per_record_gradients_equal_microbatch_gradients(unit: PrivacyUnit, bias_only: bool) -> None:
     features, vids, tidx = _data()
     parts = _parts()
-    method = DPPFTAdaptation(PFTAdaptation(noise_std=0.0, neutral_smoothing=0.1, bias_only=bias_only))
+    method = DPPFTAdaptation(_pft(bias_only, noise_std=0.0, neutral_smoothing=0.1))
     data = RecordSampledData(features, unit, 0.7, 4, vids, tidx)
     release = plan_release(
         DPConfig(noise_multiplier=1.0, privacy_unit=unit), AdaptConfig(), len(features), vids
@@ -168,7 +176,7 @@ def test_per_record_gradients_equal_microbatch_gradients(unit: PrivacyUnit, bias
 def test_dp_loss_is_the_mean_of_per_sample_losses_and_matches_pft_terms() -> None:
     features, _, _ = _data()
     parts = _parts()
-    base = PFTAdaptation(noise_std=0.0, lambda_style=0.0, neutral_smoothing=0.2)
+    base = _pft(noise_std=0.0, lambda_style=0.0, neutral_smoothing=0.2)
     method = DPPFTAdaptation(base)
     batch = Batch(features, features.flip(0), None, torch.arange(len(features)), torch.Generator())
     per, terms = method.per_sample_losses(parts, batch)
@@ -190,16 +198,17 @@ def test_per_sample_style_term_gives_the_batch_style_gradient_for_the_output_bia
     features, _, _ = _data()
     parts = _parts()
     translator = parts.translator
-    assert translator is not None and parts.reference_stats is not None
+    assert translator is not None and parts.targets is not None
     s_t, s_r = parts.style_target, parts.style_reference
     assert s_t is not None and s_r is not None
-    method = DPPFTAdaptation(PFTAdaptation(noise_std=0.0, lambda_consistency=0.0, lambda_neutral=0.0))
+    method = DPPFTAdaptation(_pft(noise_std=0.0, lambda_consistency=0.0, lambda_neutral=0.0))
     batch = Batch(features, features, None, torch.arange(len(features)), torch.Generator())
     per, _ = method.per_sample_losses(parts, batch)
     (g_dp,) = torch.autograd.grad(per.mean(), [translator.out.bias])
-    batch_style = style_loss([translator(features, s_t, s_r)], [parts.reference_stats])
+    reference = (parts.targets.mean, parts.targets.std)
+    batch_style = style_loss([translator(features, s_t, s_r)], [reference])
     (g_batch,) = torch.autograd.grad(batch_style, [translator.out.bias])
-    assert torch.allclose(g_dp, method.base.lambda_style * g_batch, atol=1e-5)
+    assert torch.allclose(g_dp, method.base.objective.lambda_style * g_batch, atol=1e-5)
     dropped = DPPFTAdaptation(method.base, style_term="drop")
     per_drop, terms = dropped.per_sample_losses(parts, batch)
     assert "style" not in terms and torch.all(per_drop == 0)
@@ -309,8 +318,8 @@ def test_dp_adaptation_runs_fixed_steps_keeps_c_frozen_and_is_deterministic() ->
     before_t = {k: v.clone() for k, v in parts.translator.state_dict().items()}
     cfg = AdaptConfig(max_iterations=12, min_iterations=2, batch_size=8, seed=5)
     dp = DPConfig(epsilon=3.0, privacy_unit="video", sample_rate=0.5)
-    t1, r1, rel = adapt_translator_private(parts, features, cfg, PFTAdaptation(), dp, vids, tidx)
-    t2, _, _ = adapt_translator_private(parts, features, cfg, PFTAdaptation(), dp, vids, tidx)
+    t1, r1, rel = adapt_translator_private(parts, features, cfg, _pft(), dp, vids, tidx)
+    t2, _, _ = adapt_translator_private(parts, features, cfg, _pft(), dp, vids, tidx)
     assert r1.iterations == rel.steps == 12  # no data-dependent early stop under DP
     assert not parts.classifier.training and not t1.training
     assert all(torch.equal(v, parts.classifier.state_dict()[k]) for k, v in before_c.items())
@@ -328,7 +337,7 @@ def test_empty_poisson_batches_still_take_noisy_steps() -> None:
     parts = _parts()
     dp = DPConfig(noise_multiplier=1.0, sample_rate=0.01)  # most steps draw no frame at all
     t, r, _ = adapt_translator_private(
-        parts, features, AdaptConfig(max_iterations=10, min_iterations=10), PFTAdaptation(), dp, vids, tidx
+        parts, features, AdaptConfig(max_iterations=10, min_iterations=10), _pft(), dp, vids, tidx
     )
     assert r.iterations == 10
     assert all(torch.isfinite(v).all() for v in t.state_dict().values())
