@@ -50,7 +50,6 @@ from pft.core.data import (
     AnnotatedLandmarkDetector,
     FaceCropConfig,
     FaceDetector,
-    HaarFaceDetector,
     LandmarkDetector,
     Rejection,
     VideoConfig,
@@ -61,6 +60,7 @@ from pft.core.data import (
     geometry_descriptor,
     process_videos,
 )
+from pft.core.data.detectors import DetectorName, make_detector
 from pft.core.data.faces import sidecar_path
 from pft.core.data.pipeline import BatchReport, FaceClip
 from pft.core.errors import (
@@ -113,7 +113,10 @@ class ClientConfig(FrozenConfig):
         Stage-3 settings (``min_frames``: fewest usable face frames enrollment accepts).
     detector:
         ``auto``: a video with a ``<stem>.faces.json`` sidecar uses the annotated detectors (the
-        synthetic cohort), any other video the Haar cascade; ``haar`` / ``annotated`` force one.
+        synthetic cohort), any other video the default real-face detector (dlib's HOG detector
+        with 68-point landmarks when the ``landmarks`` extra is installed, else the Haar
+        cascade; see ``pft.core.data.detectors``); ``dlib-hog``, ``dlib-cnn``, ``mtcnn``,
+        ``haar`` / ``annotated`` force one.
     smoothing:
         How per-frame probabilities become one per-video label: ``mean`` (average of the frames'
         probabilities) or ``ema`` (exponential moving average in frame order,
@@ -129,7 +132,7 @@ class ClientConfig(FrozenConfig):
     video: VideoConfig = VideoConfig(max_frames=64)
     crop: FaceCropConfig | None = None
     personalize: PersonalizeConfig = PersonalizeConfig()
-    detector: Literal["auto", "haar", "annotated"] = "auto"
+    detector: DetectorName = "auto"
     smoothing: Literal["mean", "ema"] = "mean"
     ema_alpha: float = Field(0.3, gt=0.0, le=1.0)
     privacy_budget: PrivacyBudget = PrivacyBudget()  # DP budget of the ledger (personalize.dp set)
@@ -343,7 +346,7 @@ class Personalizer:
         self._owner = owner
         self._detector = detector
         self._landmarker = landmarker
-        self._haar: HaarFaceDetector | None = None
+        self._real: tuple[FaceDetector, LandmarkDetector | None] | None = None
         # owned: close() stops it
         self._decoder: VideoDecoder | None = decoder if decoder is not None else _started_decoder(self.config)
         styles = SourceStyles.from_tensors(bundle.source_styles)
@@ -546,10 +549,12 @@ class Personalizer:
             self._decoder = VideoDecoder()
         return self._decoder
 
-    def _haar_detector(self) -> HaarFaceDetector:
-        if self._haar is None:
-            self._haar = HaarFaceDetector()
-        return self._haar
+    def _real_detectors(self) -> tuple[FaceDetector, LandmarkDetector | None]:
+        """The detector (and landmarks) for real video: ``config.detector``, made once."""
+        if self._real is None:
+            name = "auto" if self.config.detector == "annotated" else self.config.detector
+            self._real = make_detector(name)
+        return self._real
 
     def _detectors_for(self, video: Path) -> tuple[FaceDetector, LandmarkDetector | None]:
         if self._detector is not None:
@@ -559,7 +564,8 @@ class Personalizer:
         )
         if annotated:
             return AnnotatedFaceDetector(), self._landmarker or AnnotatedLandmarkDetector()
-        return self._haar_detector(), self._landmarker
+        detector, landmarker = self._real_detectors()
+        return detector, self._landmarker or landmarker
 
     def _face_clips(self, videos: Sequence[Path], progress: ProgressCallback | None) -> BatchReport:
         """Decode and crop every video with its detector; a bad video is a rejection, never fatal."""
@@ -810,7 +816,7 @@ class Personalizer:
         source:
             A video path (decoded and sampled with ``config.video``, faces found with the
             configured detector), or RGB uint8 camera frames ``(H, W, 3)`` / ``(N, H, W, 3)``
-            (faces found with the Haar cascade or the custom detector). Frames without a face
+            (faces found with the default real-face detector or the custom one). Frames without a face
             get no row; ``frame_indices`` says which frames the rows are.
 
         Raises
@@ -838,7 +844,7 @@ class Personalizer:
             raise ValueError(
                 f"expected RGB uint8 frames (H, W, 3) or (N, H, W, 3), got {frames.dtype} {frames.shape}"
             )
-        detector = self._detector or self._haar_detector()
+        detector = self._detector or self._real_detectors()[0]
         crops, indices = [], []
         for i, frame in enumerate(frames):
             boxes = detector.detect(frame)
