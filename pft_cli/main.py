@@ -11,6 +11,7 @@ from pft.cli.client import client_app
 from pft.cli.cohort import cohort_app
 from pft.cli.data import data_app
 from pft.cli.keys import certs_app, keys_app
+from pft.cli.models import models_app
 from pft.cli.prior import prior_app
 from pft.cli.server import server_app
 from pft.cli.simulate import ablate, simulate
@@ -64,6 +65,7 @@ app.add_typer(
     name="bench",
     help="Benchmarks: engines, adaptation latency, features, pipeline, methods, SDK (JSON out).",
 )
+app.add_typer(models_app, name="models", help="Import pretrained models (fer's mini-Xception) as F and C.")
 app.add_typer(keys_app, name="keys", help="Bundle-signing keys and SuperNode authentication keys.")
 app.add_typer(
     certs_app, name="certs", help="TLS certificates for a SuperLink: CA, server certificate, rotation."

