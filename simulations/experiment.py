@@ -29,6 +29,8 @@ from pft.core.cohort import CohortConfig, load_manifest
 from pft.core.config import FrozenConfig
 from pft.core.data import DatasetIndex, FaceCropConfig, VideoConfig, VideoRecord
 from pft.core.data.cache import state_dict_sha256
+from pft.core.data.split import DataSource
+from pft.core.domain import TrainingDomain
 from pft.core.metrics import accuracy, macro_f1
 from pft.core.models import Classifier, FeatureExtractor, ModelConfig
 from pft.core.pairing import Strategy
@@ -61,7 +63,7 @@ from pft.simulations.report import (
     summarise_method,
     write_results,
 )
-from pft.simulations.workspace import FrameSet, FrameStore, default_cache_root, ensure_cohort, open_cohort
+from pft.simulations.workspace import FrameSet, FrameStore, default_cache_root, experiment_index
 
 Profile = Literal["biovid", "stressid", "bah", "affwild2"]
 PROFILES: tuple[Profile, ...] = ("biovid", "stressid", "bah", "affwild2")
@@ -91,6 +93,8 @@ class ExperimentConfig(FrozenConfig):
     pretrain: TranslatorPretrainConfig = TranslatorPretrainConfig()
     settings: MethodSettings = MethodSettings()
     embedding_plot: bool = True
+    data: DataSource | None = None
+    """A real dataset folder instead of the synthetic cohort (``pft simulate --data``)."""
 
     @field_validator("methods")
     @classmethod
@@ -118,6 +122,7 @@ class ExperimentConfig(FrozenConfig):
                 "source_train": self.source_train.model_copy(update={"seed": self.seed}),
                 "pretrain": self.pretrain.model_copy(update={"seed": self.seed}),
                 "settings": self.settings.model_copy(update={"seed": self.seed}),
+                "data": None if self.data is None else self.data.with_seed(self.seed),
             }
         )
 
@@ -179,6 +184,7 @@ def _load_or_train_source(
             config.crop.model_dump(mode="json"),
             model_config.model_dump(mode="json"),
             config.source_train.model_dump(mode="json"),
+            *([config.data.model_dump(mode="json")] if config.data is not None else []),
         ],
         sort_keys=True,
     )
@@ -201,6 +207,13 @@ def _load_or_train_source(
     save_safetensors(extractor.state_dict(), folder / "F.safetensors")
     (folder / "history.json").write_text(json.dumps(_jsonable(history), indent=1))
     return extractor, classifier, folder
+
+
+def experiment_domain(config: ExperimentConfig, classes: list[str], model: ModelConfig) -> TrainingDomain:
+    """What the experiment's bundle was trained on: the synthetic profile or the dataset folder."""
+    if config.data is None:
+        return TrainingDomain.for_model("synthetic", f"synthetic:{config.profile}", classes, model)
+    return TrainingDomain.for_model("real", f"{config.data.layout}:{config.data.root.name}", classes, model)
 
 
 def _jsonable(value: Any) -> Any:
@@ -274,7 +287,11 @@ def _load_or_pretrain_translator(
         class_names=classes,
         source_styles=styles.as_tensors(),
         descriptors=descriptors,
-        extra={"pairing": strategy, "pretrain": config.pretrain.model_dump(mode="json")},
+        extra={
+            "pairing": strategy,
+            "pretrain": config.pretrain.model_dump(mode="json"),
+            "domain": experiment_domain(config, classes, model_config).as_json(),
+        },
     )
     return SourceModel(classifier, translator, normalizer, styles, descriptors, strategy), bundle_dir
 
@@ -316,12 +333,14 @@ def prepare_experiment(
     cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
     timings: dict[str, float] = {}
     with _timed(timings, "cohort"):
-        cohort_dir = ensure_cohort(config.cohort, cache_root, progress("cohort: rendering videos", 1))
-        index = open_cohort(cohort_dir)
+        index = experiment_index(
+            config.cohort, config.data, cache_root, progress("cohort: rendering videos", 1)
+        )
     classes = list(index.classes)
     model_config = config.model.model_copy(update={"num_classes": len(classes)})
     model_config = ModelConfig.model_validate(model_config.model_dump())
-    store = FrameStore(index, cache_root, config.video, config.crop)
+    detector = config.data.detector if config.data is not None else None
+    store = FrameStore(index, cache_root, config.video, config.crop, detector)
     with _timed(timings, "faces"):
         records = list(index.records)
         store.load_frames(records, progress("faces: decode + crop", len(records)))

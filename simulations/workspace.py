@@ -21,8 +21,6 @@ from torch import Tensor
 from pft.core.cohort import CohortConfig, make_cohort
 from pft.core.cohort.profiles import AU_NAMES
 from pft.core.data import (
-    AnnotatedFaceDetector,
-    AnnotatedLandmarkDetector,
     DatasetIndex,
     FaceCropConfig,
     VideoConfig,
@@ -32,7 +30,9 @@ from pft.core.data import (
     process_videos,
 )
 from pft.core.data.cache import FeatureCache, file_sha256, state_dict_sha256
+from pft.core.data.detectors import make_detector
 from pft.core.data.faces import sidecar_frame
+from pft.core.data.split import DataSource, open_data_source
 from pft.core.errors import PFTError
 from pft.core.models import FeatureExtractor
 from pft.core.training import extract_features
@@ -110,13 +110,18 @@ class FrameStore:
         cache_root: Path,
         video_config: VideoConfig,
         crop_config: FaceCropConfig,
+        detector: str | None = None,
     ) -> None:
         self.index = index
         self.video_config = video_config
         self.crop_config = crop_config
         self.frame_cache = FeatureCache(cache_root / "frames")
         self.feature_cache = FeatureCache(cache_root / "features")
+        # the cohort's sidecars for the synthetic layout, a real detector (default dlib HOG) otherwise
+        self.detector = detector or ("annotated" if index.layout == "synthetic" else "auto")
         self._settings = video_config.config_hash() + crop_config.config_hash()
+        if self.detector != "annotated":
+            self._settings += self.detector
         self.videos: dict[Path, VideoFrames] = {}
         self.rejected: list[tuple[Path, str]] = []
 
@@ -145,12 +150,13 @@ class FrameStore:
             return
         base = len(records) - len(todo)
         shas = {r.path: s for r, s in todo}
+        face, marks = make_detector(self.detector)
         report = process_videos(
             [r for r, _ in todo],
             self.video_config,
             self.crop_config,
-            AnnotatedFaceDetector(),
-            AnnotatedLandmarkDetector(),
+            face,
+            marks,
             progress=None if progress is None else lambda d, n, _p: progress(base + d, len(records)),
         )
         for clip in report.clips:
@@ -265,3 +271,13 @@ def _descriptors(landmarks: np.ndarray, poses: np.ndarray | None) -> np.ndarray:
 def open_cohort(folder: Path) -> DatasetIndex:
     """The dataset index of a synthetic cohort folder."""
     return load_dataset(folder, "synthetic")
+
+
+def experiment_index(
+    cohort: CohortConfig, data: DataSource | None, cache_root: Path, progress: Step | None = None
+) -> DatasetIndex:
+    """What an experiment runs on: the synthetic cohort, or a dataset folder split by
+    :func:`pft.core.data.split.split_dataset` (``pft simulate --data``)."""
+    if data is None:
+        return open_cohort(ensure_cohort(cohort, cache_root, progress))
+    return open_data_source(data)
