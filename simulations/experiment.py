@@ -63,7 +63,13 @@ from pft.simulations.report import (
     summarise_method,
     write_results,
 )
-from pft.simulations.workspace import FrameSet, FrameStore, default_cache_root, experiment_index
+from pft.simulations.workspace import (
+    FrameSet,
+    FrameStore,
+    default_cache_root,
+    ensure_cohort,
+    experiment_index,
+)
 
 Profile = Literal["biovid", "stressid", "bah", "affwild2"]
 PROFILES: tuple[Profile, ...] = ("biovid", "stressid", "bah", "affwild2")
@@ -314,6 +320,7 @@ class PreparedExperiment:
     targets: list[str]
     timings: dict[str, float]
     cohort_dir: Path | None = None  # the synthetic cohort's folder (its manifest has the ground truth)
+    pairing_fallback: str | None = None
 
     def target(self, subject: str) -> TargetData | None:
         """One target's data (None when it has no usable adapt or eval frames)."""
@@ -336,6 +343,8 @@ def prepare_experiment(
         index = experiment_index(
             config.cohort, config.data, cache_root, progress("cohort: rendering videos", 1)
         )
+        # the cohort's folder (made just above; its manifest has the ground truth), none for --data
+        cohort_dir = ensure_cohort(config.cohort, cache_root) if config.data is None else None
     classes = list(index.classes)
     model_config = config.model.model_copy(update={"num_classes": len(classes)})
     model_config = ModelConfig.model_validate(model_config.model_dump())
@@ -372,6 +381,15 @@ def prepare_experiment(
     sources = sorted(s for s in by_subject if roles.get(s) == "source" and "train" in frames[s])
     targets = sorted(s for s in by_subject if roles.get(s) == "target")
     source_feats = {s: _subject_features(frames[s]["train"]) for s in sources}
+    fallback = None
+    if config.pretrain.pairing == "landmark" and any(f.descriptor is None for f in source_feats.values()):
+        fallback = (
+            "landmark pairing needs facial landmarks of every source subject and the face detector "
+            "gave none for some; cosine pairing was used"
+        )
+        log(fallback)
+        cosine = config.pretrain.model_copy(update={"pairing": "cosine"})
+        config = config.model_copy(update={"pretrain": cosine})
 
     with _timed(timings, "stage2"):
         model, bundle_dir = _load_or_pretrain_translator(
@@ -392,6 +410,7 @@ def prepare_experiment(
         targets,
         timings,
         cohort_dir,
+        fallback,
     )
 
 
@@ -478,6 +497,11 @@ def run_experiment(
         "bundle": str(bundle_dir),
         "translator_params": sum(p.numel() for p in model.translator.parameters()),
         "extractor_params": sum(p.numel() for p in extractor.parameters()),
+        "pairing": model.pairing,
+        "pairing_fallback": prepared.pairing_fallback,
+        "data": None
+        if config.data is None
+        else {"root": str(config.data.root), "layout": config.data.layout},
     }
     for m, rel in releases.items():  # DP: epsilon, delta, privacy unit, accountant per method
         if rel and m in results["methods"]:
@@ -507,9 +531,16 @@ def _write_report(
     gaps: Sequence[SubjectGap] = (),
 ) -> Path:
     bars = plot_per_subject(results, out_dir / "per_subject_f1.png")
+    data = results.get("data")
+    where = f"`{data['layout']}` dataset {data['root']}" if data else f"`{results['profile']}` cohort"
     lines = [
-        f"# SFDA-PFT on the `{results['profile']}` cohort (seed {results['seed']})",
+        f"# SFDA-PFT on the {where} (seed {results['seed']})",
         "",
+        *(
+            [f"**Pairing fell back**: {results['pairing_fallback']}.", ""]
+            if results.get("pairing_fallback")
+            else []
+        ),
         f"{results['subjects']['source']} source subjects, {results['subjects']['target']} target subjects; "
         "macro-F1 (%) per target subject on its held-out `eval` videos (frame level). "
         "PFT adapts only the translator T on the subject's NEUTRAL `adapt` videos; the oracle "

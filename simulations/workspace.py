@@ -182,8 +182,10 @@ class FrameStore:
             video = self.videos.get(record.path)
             if video is None:
                 continue
-            crops.append(video.crops)
-            labels.append(np.full(len(video.crops), self._class(record), dtype=np.int64))
+            classes = self._frame_classes(record, video)
+            keep = classes >= 0 if record.frame_labels is not None else np.ones(len(classes), bool)
+            crops.append(video.crops[keep])
+            labels.append(classes[keep])
         if not crops:
             raise ValueError("no usable frames in these videos")
         return np.concatenate(crops), np.concatenate(labels)
@@ -211,6 +213,15 @@ class FrameStore:
     def _class(self, record: VideoRecord) -> int:
         return self.index.classes.index(record.label) if record.label in self.index.classes else -1
 
+    def _frame_classes(self, record: VideoRecord, video: VideoFrames) -> np.ndarray:
+        """Class index of each crop: the record's label, or its per-frame labels (-1 = none)."""
+        if record.frame_labels is None:
+            return np.full(len(video.crops), self._class(record), dtype=np.int64)
+        n = len(record.frame_labels)
+        names = [record.frame_labels[i] if i < n else None for i in video.frame_indices.tolist()]
+        index = {c: k for k, c in enumerate(self.index.classes)}
+        return np.array([index.get(x, -1) if x is not None else -1 for x in names], dtype=np.int64)
+
     def frame_set(
         self,
         records: Sequence[VideoRecord],
@@ -231,16 +242,23 @@ class FrameStore:
                 f, s = extract_features(extractor, video.crops)
                 cached = {"features": f.contiguous(), "frame_stats": s.contiguous()}
                 self.feature_cache.put(key, cached)
-            n = len(video.crops)
-            feats.append(cached["features"])
-            stats.append(cached["frame_stats"])
-            labels.append(torch.full((n,), self._class(record), dtype=torch.long))
+            classes = self._frame_classes(record, video)
+            # a per-frame labelled record (a segment of a video) keeps only its labelled frames
+            keep = classes >= 0 if record.frame_labels is not None else np.ones(len(classes), bool)
+            if not keep.any():
+                continue
+            mask = torch.from_numpy(keep)
+            n = int(keep.sum())
+            feats.append(cached["features"][mask])
+            stats.append(cached["frame_stats"][mask])
+            labels.append(torch.from_numpy(classes[keep]))
             vids.append(torch.full((n,), vid, dtype=torch.long))
-            times.append(torch.from_numpy(video.frame_indices.astype(np.int64)))
+            times.append(torch.from_numpy(video.frame_indices.astype(np.int64)[keep]))
             if video.landmarks is None:
                 has_landmarks = False
             else:
-                descs.append(_descriptors(video.landmarks, video.poses))
+                poses = video.poses[keep] if video.poses is not None else None
+                descs.append(_descriptors(video.landmarks[keep], poses))
         if not feats:
             raise ValueError("none of these videos has usable face frames")
         return FrameSet(

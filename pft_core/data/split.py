@@ -7,9 +7,11 @@ splits), so ``pft simulate --data ROOT --layout L`` runs the identical pipeline.
 ``rng = numpy.random.default_rng(seed)`` and every list sorted before it is shuffled (so the
 split depends only on the file names, the labels and the seed):
 
-1. Records without a class are dropped (for per-frame labelled layouts, ``affwild2``, a video's
-   class is its most frequent annotated frame class). The classes are reordered with
-   ``neutral_class`` first (the experiment's convention).
+1. Records without a class are dropped. A per-frame labelled video (``affwild2``) becomes one
+   record per run of at least ``min_segment_frames`` consecutive frames with the same class
+   (its ``frame_labels`` keep that run only, ``label`` is the run's class), so the segments of
+   one person's video are split like videos. The classes are reordered with ``neutral_class``
+   first (the experiment's convention).
 2. A subject can be a target when it has at least 2 neutral videos and 1 other video (one
    neutral video to enroll on, one to evaluate, and an expression). The eligible subjects are
    shuffled; the first ``target_subjects`` (default: ``round(target_fraction * subjects)``, at
@@ -65,6 +67,8 @@ class SplitConfig(FrozenConfig):
         Share of each class of a target's remaining videos given to ``oracle``.
     neutral_class:
         The class enrollment videos show.
+    min_segment_frames:
+        Shortest run of one class that becomes a segment of a per-frame labelled video.
     """
 
     seed: int = Field(0, ge=0)
@@ -73,6 +77,23 @@ class SplitConfig(FrozenConfig):
     adapt_share: float = Field(0.5, gt=0.0, le=1.0)
     oracle_share: float = Field(0.25, ge=0.0, lt=1.0)
     neutral_class: str = "neutral"
+    min_segment_frames: int = Field(8, ge=1)
+
+
+def segments(record: VideoRecord, min_frames: int) -> list[VideoRecord]:
+    """A per-frame labelled record as one record per run of >= ``min_frames`` frames of one class."""
+    labels = record.frame_labels or ()
+    out: list[VideoRecord] = []
+    start = 0
+    for end in range(1, len(labels) + 1):
+        if end < len(labels) and labels[end] == labels[start]:
+            continue
+        label = labels[start]
+        if label is not None and end - start >= min_frames:
+            masked = tuple(label if start <= i < end else None for i in range(len(labels)))
+            out.append(record.model_copy(update={"label": label, "frame_labels": masked}))
+        start = end
+    return out
 
 
 def _video_label(record: VideoRecord) -> str | None:
@@ -134,13 +155,19 @@ def split_dataset(
         )
     fixed_roles, fixed_videos = read_split_file(split_file) if split_file is not None else ({}, {})
     records: list[VideoRecord] = []
+    expanded: list[VideoRecord] = []
     for record in index.records:
+        if record.label is None and record.frame_labels is not None:
+            expanded += segments(record, config.min_segment_frames)
+        else:
+            expanded.append(record)
+    for record in expanded:
         label = _video_label(record)
         if label is None or label not in index.classes:
             continue
         premarked = record.split if record.split in SPLITS else None
         records.append(record.model_copy(update={"label": label, "split": premarked}))
-    by_path = {_relative(r.path, index.root): r for r in records}
+    by_path = {_relative(r.path, index.root): r for r in records}  # (segments share their path)
     unknown = sorted(set(fixed_videos) - set(by_path))
     subjects = sorted({r.subject for r in records})
     unknown += sorted(set(fixed_roles) - set(subjects))
