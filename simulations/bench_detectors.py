@@ -16,7 +16,8 @@
 Per detector it reports candidates (before the gate) and accepted faces (after), whether each
 video is usable with the default :class:`~pft.core.data.FaceCropConfig` (at least half of the
 sampled frames with an accepted face), and detection (+ landmark) frames/s on 640x480 frames
-(carphone upscaled), with the load average before and after.
+(carphone upscaled; and bigbuckbunny frames, where no face is found), with the load average
+before and after.
 """
 
 from __future__ import annotations
@@ -125,6 +126,9 @@ def bench_detectors(
         speed_frames = np.stack(
             [cv2.resize(f, (640, 480), interpolation=cv2.INTER_LINEAR) for f in read_frames(carphone, 30)]
         )
+        empty_frames = np.stack(
+            [cv2.resize(f, (640, 480), interpolation=cv2.INTER_AREA) for f in read_frames(bunny, 30)]
+        )
         result: dict[str, Any] = {
             "machine": describe_machine(),
             "load_before": os.getloadavg(),
@@ -168,6 +172,7 @@ def bench_detectors(
                 }
             speed = speed_frames[:5] if slow else speed_frames
             entry["fps_640x480"] = _fps(detector, None, speed)
+            entry["fps_640x480_no_face"] = _fps(detector, None, empty_frames[:5] if slow else empty_frames)
             if landmarker is not None:
                 entry["fps_640x480_with_landmarks"] = _fps(detector, landmarker, speed)
             entry["speed_frames"] = len(speed)

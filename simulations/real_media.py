@@ -21,6 +21,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import av
+import cv2
 import numpy as np
 
 from pft.core.errors import PFTError
@@ -80,8 +82,6 @@ def skvideo_available() -> bool:
 
 def read_frames(path: str | Path, max_frames: int | None = None) -> np.ndarray:
     """Every frame of a video (RGB uint8 ``(N, H, W, 3)``), in decode order, read in-process."""
-    import av
-
     frames: list[np.ndarray] = []
     with av.open(str(path)) as container:
         for frame in container.decode(video=0):
@@ -106,7 +106,7 @@ def as_rgb(image: Any) -> np.ndarray:
 
 def non_face_images() -> dict[str, np.ndarray]:
     """scikit-image's bundled pictures without a human face (:data:`NON_FACE_IMAGES`), RGB uint8."""
-    import skimage.data
+    import skimage.data  # the dev extra
 
     return {name: as_rgb(getattr(skimage.data, name)()) for name in NON_FACE_IMAGES}
 
@@ -117,8 +117,7 @@ def lfw_subset(scale: int = 4) -> tuple[np.ndarray, np.ndarray]:
     The faces are tight crops (forehead to chin); each is set in a border of a third of its side
     (replicated edge pixels) so a detector sees the whole face.
     """
-    import cv2
-    import skimage.data
+    import skimage.data  # the dev extra
 
     images = skimage.data.lfw_subset()  # (200, 25, 25) float in [0, 1]
     out = []
@@ -134,8 +133,7 @@ def lfw_subset(scale: int = 4) -> tuple[np.ndarray, np.ndarray]:
 
 def astronaut_pan(frames: int = 60, size: int = 240) -> np.ndarray:
     """The astronaut portrait panned and zoomed slowly (a still real face moving in the frame)."""
-    import cv2
-    from skimage.data import astronaut
+    from skimage.data import astronaut  # the dev extra
 
     image = astronaut()
     out = []
@@ -150,8 +148,6 @@ def astronaut_pan(frames: int = 60, size: int = 240) -> np.ndarray:
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int = 15, crf: int = 20) -> Path:
     """H.264 mp4 of RGB uint8 frames (even width and height)."""
-    import av
-
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = frames.shape[1:3]
     with av.open(str(path), mode="w") as container:

@@ -78,7 +78,11 @@ class DlibHogFaceDetector:
     shorter side at ``work_side`` (240: faces of a third of the frame's height or more, an
     enrollment video, at over 30 frames/s for 640x480); a frame where it finds no candidate gets a
     second pass at ``fallback_side`` (smaller faces, about 4 times slower; only frames without a
-    large face pay for it).
+    large face pay for it). Small faces are where HOG's false positives are (a cartoon rabbit
+    scores up to 0.55 at 480 px, a real cyclist's face 1.1, docs/benchmarks.md), so the second
+    pass is held to a stricter threshold: its boxes are reported with ``score - fallback_margin``
+    and the one ``min_confidence`` then applies to both passes. The margin (0.6) was chosen on
+    the benchmark's own small set of negatives: it is not a validated threshold.
 
     Parameters
     ----------
@@ -86,6 +90,8 @@ class DlibHogFaceDetector:
         Shorter side (pixels) of the first pass (``None``: the frame as it is).
     fallback_side:
         Shorter side of the second pass (``None``: no second pass).
+    fallback_margin:
+        How much more score the second pass needs (subtracted from its boxes' scores).
     upsample:
         dlib's upsampling steps (each doubles the resolution and quarters the speed).
     min_confidence:
@@ -98,6 +104,7 @@ class DlibHogFaceDetector:
         self,
         work_side: int | None = 240,
         fallback_side: int | None = 480,
+        fallback_margin: float = 0.6,
         upsample: int = 0,
         min_confidence: float = 0.0,
         candidate_threshold: float = -0.3,
@@ -106,11 +113,12 @@ class DlibHogFaceDetector:
         self._detector = dlib.get_frontal_face_detector()
         self.work_side = work_side
         self.fallback_side = fallback_side
+        self.fallback_margin = fallback_margin
         self.upsample = upsample
         self.min_confidence = min_confidence
         self.candidate_threshold = candidate_threshold
 
-    def _run(self, frame: np.ndarray, side: int | None) -> list[FaceBox]:
+    def _run(self, frame: np.ndarray, side: int | None, offset: float = 0.0) -> list[FaceBox]:
         scale = _work_scale(frame, side)
         image = _resized(_rgb(frame), scale)
         rects, scores, _kinds = self._detector.run(image, self.upsample, self.candidate_threshold)
@@ -120,7 +128,7 @@ class DlibHogFaceDetector:
                 r.top() / scale,
                 (r.right() + 1) / scale,
                 (r.bottom() + 1) / scale,
-                float(s),
+                float(s) - offset,
             )
             for r, s in zip(rects, scores, strict=True)
         ]
@@ -131,7 +139,7 @@ class DlibHogFaceDetector:
         """Faces in an RGB (or grey) uint8 frame, highest SVM score first, in frame pixels."""
         boxes = self._run(frame, self.work_side)
         if not boxes and self.fallback_side is not None and self.fallback_side != self.work_side:
-            boxes = self._run(frame, self.fallback_side)
+            boxes = self._run(frame, self.fallback_side, self.fallback_margin)
         return sorted(boxes, key=lambda b: b.score, reverse=True)
 
 
