@@ -121,3 +121,20 @@ def test_models_import_cli(fer_file: Path, tmp_path: Path) -> None:  # noqa: F81
     bad.write_bytes(b"not hdf5")
     result = CliRunner().invoke(app, ["models", "import", "fer", str(bad), "--out", str(tmp_path / "n")])
     assert result.exit_code == 1 and "error:" in result.output
+
+
+def test_stage1_starts_from_the_imported_backbone(fer_file: Path, tmp_path: Path) -> None:  # noqa: F811
+    from pft.core.training import SourceTrainConfig, train_source
+
+    import_fer(fer_file, tmp_path / "fer")
+    images = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    labels = np.array([0, 1] * 4)
+    config = fer_model_config().model_copy(update={"num_classes": 2})
+    start = SourceTrainConfig(epochs=0, pretrained=tmp_path / "fer" / "F.safetensors")
+    extractor, _, _ = train_source(images, labels, config, start)
+    reference, _ = load_fer(tmp_path / "fer")
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(extractor.state_dict()[key], value)
+    one_epoch = start.model_copy(update={"epochs": 1, "batch_size": 4})
+    tuned, _, _ = train_source(images, labels, config, one_epoch)  # fine-tuning moves it
+    assert not torch.equal(tuned.state_dict()["fer.conv1.weight"], reference.state_dict()["fer.conv1.weight"])

@@ -106,3 +106,21 @@ def test_fer_bundle_enrolls_and_predicts_a_real_face_video(fer_file: Path, tmp_p
     assert res.exit_code == 0, res.output
     record = json.loads(res.output.strip().splitlines()[-1])
     assert record["label"] in FER_CLASSES and record["personalized"] and record["warnings"] == []
+
+
+def test_pairing_fallback_is_reported(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    from pft.client.sdk import ClientConfig
+    from pft.simulations.bench_sdk import write_astronaut_video
+
+    world: SdkWorld = shared_world(tmp_path_factory)
+    bundle = load_bundle(world.bundle_v1)
+    bundle.extra["pairing"] = "landmark"  # a landmark-pairing bundle ...
+    video = write_astronaut_video(tmp_path / "astronaut.mp4", seconds=3.0)
+    with Personalizer(
+        bundle, config=ClientConfig(detector="haar")
+    ) as p:  # ... and a detector without landmarks
+        report = p.enroll([video])
+    assert report.pairing == "random" and report.pairing_fallback is not None
+    assert "random pairing was used" in report.pairing_fallback
+    assert report.pairing_fallback in report.warnings
+    assert p.enrollment["pairing_fallback"] == report.pairing_fallback
