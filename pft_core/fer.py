@@ -116,12 +116,29 @@ class FerBody(nn.Module):
         channels = (8, *FER_CHANNELS)
         self.modules_ = nn.ModuleList(XceptionModule(a, b) for a, b in itertools.pairwise(channels))
 
-    def forward_taps(self, x: Tensor, taps: tuple[str, ...]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Flattened 128x4x4 features (N, 2048) and the maps of the tapped modules ``layer1..4``."""
+    def stem(self, x: Tensor) -> Tensor:
+        """Grey conversion and the two plain convolutions (the maps entering ``layer1``)."""
         if x.shape[1] == 3:
             x = (x * self.grey).sum(dim=1, keepdim=True)
         h = F_nn.relu(self.bn1(self.conv1(x)))
-        h = F_nn.relu(self.bn2(self.conv2(h)))
+        return F_nn.relu(self.bn2(self.conv2(h)))
+
+    def forward_to(self, x: Tensor, last: int) -> Tensor:
+        """The maps after module ``last`` (0-based) of images (N, 3, 64, 64)."""
+        h = self.stem(x)
+        for module in self.modules_[: last + 1]:
+            h = module(h)
+        return h
+
+    def forward_from(self, h: Tensor, first: int) -> Tensor:
+        """Flattened features from the maps ``h`` entering module ``first`` (0-based)."""
+        for module in self.modules_[first:]:
+            h = module(h)
+        return torch.flatten(h, 1)
+
+    def forward_taps(self, x: Tensor, taps: tuple[str, ...]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Flattened 128x4x4 features (N, 2048) and the maps of the tapped modules ``layer1..4``."""
+        h = self.stem(x)
         out: dict[str, Tensor] = {}
         for k, module in enumerate(self.modules_):
             h = module(h)

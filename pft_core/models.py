@@ -187,6 +187,8 @@ class FeatureExtractor(nn.Module):
 
     def forward_to(self, x: Tensor, last: str) -> Tensor:
         """The feature maps after block ``last`` (one of ``LAYER_NAMES``) of images (N, 3, H, W)."""
+        if self.fer is not None:
+            return self.fer.forward_to(x, LAYER_NAMES.index(last))
         h = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for name in LAYER_NAMES[: LAYER_NAMES.index(last) + 1]:
             h = getattr(self, name)(h)
@@ -195,6 +197,8 @@ class FeatureExtractor(nn.Module):
     def forward_from(self, h: Tensor, first: str) -> Tensor:
         """Pooled features (N, D) from the maps ``h`` entering block ``first``:
         ``forward_from(forward_to(x, "layer3"), "layer4") == forward(x)``."""
+        if self.fer is not None:
+            return self.fer.forward_from(h, LAYER_NAMES.index(first))
         for name in LAYER_NAMES[LAYER_NAMES.index(first) :]:
             h = getattr(self, name)(h)
         f = torch.flatten(self.avgpool(h), 1)
@@ -202,6 +206,8 @@ class FeatureExtractor(nn.Module):
 
     def block_parameters(self, first: str) -> list[nn.Parameter]:
         """Parameters of block ``first`` and everything after it (the pooling embedding)."""
+        if self.fer is not None:
+            return [p for m in self.fer.modules_[LAYER_NAMES.index(first) :] for p in m.parameters()]
         blocks = [getattr(self, n) for n in LAYER_NAMES[LAYER_NAMES.index(first) :]]
         if self.embed is not None:
             blocks.append(self.embed)

@@ -138,3 +138,17 @@ def test_stage1_starts_from_the_imported_backbone(fer_file: Path, tmp_path: Path
     one_epoch = start.model_copy(update={"epochs": 1, "batch_size": 4})
     tuned, _, _ = train_source(images, labels, config, one_epoch)  # fine-tuning moves it
     assert not torch.equal(tuned.state_dict()["fer.conv1.weight"], reference.state_dict()["fer.conv1.weight"])
+
+
+def test_block_split_of_the_fer_backbone_equals_the_whole() -> None:
+    from pft.core.models import FeatureExtractor
+
+    extractor = FeatureExtractor(fer_model_config()).eval()
+    x = preprocess(np.random.default_rng(2).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8), 64)
+    with torch.no_grad():
+        whole = extractor(x)
+        for k, name in enumerate(("layer1", "layer2", "layer3")):
+            nxt = ("layer2", "layer3", "layer4")[k]
+            torch.testing.assert_close(extractor.forward_from(extractor.forward_to(x, name), nxt), whole)
+    last = extractor.block_parameters("layer4")
+    assert sum(p.numel() for p in last) == sum(p.numel() for p in extractor.fer.modules_[3].parameters())  # type: ignore[union-attr]
