@@ -50,7 +50,6 @@ from pft.core.data import (
     AnnotatedLandmarkDetector,
     FaceCropConfig,
     FaceDetector,
-    HaarFaceDetector,
     LandmarkDetector,
     Rejection,
     VideoConfig,
@@ -61,8 +60,10 @@ from pft.core.data import (
     geometry_descriptor,
     process_videos,
 )
+from pft.core.data.detectors import DetectorName, make_detector
 from pft.core.data.faces import sidecar_path
 from pft.core.data.pipeline import BatchReport, FaceClip
+from pft.core.domain import OOD_WARN, TrainingDomain, domain_warning, ood_score
 from pft.core.errors import (
     BundleTamperedError,
     NoFaceError,
@@ -113,7 +114,10 @@ class ClientConfig(FrozenConfig):
         Stage-3 settings (``min_frames``: fewest usable face frames enrollment accepts).
     detector:
         ``auto``: a video with a ``<stem>.faces.json`` sidecar uses the annotated detectors (the
-        synthetic cohort), any other video the Haar cascade; ``haar`` / ``annotated`` force one.
+        synthetic cohort), any other video the default real-face detector (dlib's HOG detector
+        with 68-point landmarks when the ``landmarks`` extra is installed, else the Haar
+        cascade; see ``pft.core.data.detectors``); ``dlib-hog``, ``dlib-cnn``, ``mtcnn``,
+        ``haar`` / ``annotated`` force one.
     smoothing:
         How per-frame probabilities become one per-video label: ``mean`` (average of the frames'
         probabilities) or ``ema`` (exponential moving average in frame order,
@@ -129,7 +133,7 @@ class ClientConfig(FrozenConfig):
     video: VideoConfig = VideoConfig(max_frames=64)
     crop: FaceCropConfig | None = None
     personalize: PersonalizeConfig = PersonalizeConfig()
-    detector: Literal["auto", "haar", "annotated"] = "auto"
+    detector: DetectorName = "auto"
     smoothing: Literal["mean", "ema"] = "mean"
     ema_alpha: float = Field(0.3, gt=0.0, le=1.0)
     privacy_budget: PrivacyBudget = PrivacyBudget()  # DP budget of the ledger (personalize.dp set)
@@ -158,6 +162,14 @@ class EnrollmentReport:
         The source subject whose style the person is translated to.
     pairing:
         The pairing strategy used (``landmark`` falls back to ``random`` without landmarks).
+    pairing_fallback:
+        Why the bundle's pairing was not used (``None`` when it was).
+    ood_score:
+        How far the person's neutral style lies from the source subjects'
+        (:func:`pft.core.domain.ood_score`: about 1 in distribution, above 3 out of it).
+    warnings:
+        What the user should know: a synthetic-domain bundle on real video, an out-of-distribution
+        person, a pairing fallback.
     """
 
     videos_given: int
@@ -171,6 +183,9 @@ class EnrollmentReport:
     reference_subject: str
     pairing: str
     privacy: dict[str, Any] | None = None  # the DP release (epsilon, delta, unit...) when DP was on
+    pairing_fallback: str | None = None
+    ood_score: float | None = None
+    warnings: tuple[str, ...] = ()
 
     def reconciles(self) -> bool:
         """Whether every given video is either used or rejected, exactly once."""
@@ -197,6 +212,8 @@ class Prediction:
         Whether the person's translator was used (after enrollment) or the source model.
     frames_given:
         How many frames were looked at (sampled from a video, or passed in).
+    warnings:
+        E.g. a synthetic-domain bundle applied to a real video (see ``pft.core.domain``).
     """
 
     class_names: tuple[str, ...]
@@ -206,6 +223,7 @@ class Prediction:
     smoothing: str
     personalized: bool
     frames_given: int
+    warnings: tuple[str, ...] = ()
 
     @property
     def label_index(self) -> int:
@@ -343,7 +361,7 @@ class Personalizer:
         self._owner = owner
         self._detector = detector
         self._landmarker = landmarker
-        self._haar: HaarFaceDetector | None = None
+        self._real: tuple[FaceDetector, LandmarkDetector | None] | None = None
         # owned: close() stops it
         self._decoder: VideoDecoder | None = decoder if decoder is not None else _started_decoder(self.config)
         styles = SourceStyles.from_tensors(bundle.source_styles)
@@ -508,6 +526,11 @@ class Personalizer:
         self.close()
 
     @property
+    def domain(self) -> TrainingDomain:
+        """What the bundle's model was trained on (``unknown`` for bundles that do not say)."""
+        return TrainingDomain.from_extra(self.bundle.extra)
+
+    @property
     def class_names(self) -> tuple[str, ...]:
         """The bundle's class names."""
         return tuple(self.bundle.class_names)
@@ -530,6 +553,7 @@ class Personalizer:
             "class_names": list(self.class_names),
             "image_size": self.bundle.model_config.image_size,
             "pairing": self.source_model.pairing,
+            "domain": self.domain.as_json(),
             "enrolled": self.enrolled,
             "privacy_releases": len(self.privacy_ledger),
         }
@@ -546,10 +570,16 @@ class Personalizer:
             self._decoder = VideoDecoder()
         return self._decoder
 
-    def _haar_detector(self) -> HaarFaceDetector:
-        if self._haar is None:
-            self._haar = HaarFaceDetector()
-        return self._haar
+    def _real_detectors(self) -> tuple[FaceDetector, LandmarkDetector | None]:
+        """The detector (and landmarks) for real video: ``config.detector``, made once."""
+        if self._real is None:
+            name = "auto" if self.config.detector == "annotated" else self.config.detector
+            self._real = make_detector(name)
+        return self._real
+
+    def _is_real(self, video: Path) -> bool:
+        """Whether ``video`` goes through a real-face detector (no renderer sidecar is used)."""
+        return not isinstance(self._detectors_for(video)[0], AnnotatedFaceDetector)
 
     def _detectors_for(self, video: Path) -> tuple[FaceDetector, LandmarkDetector | None]:
         if self._detector is not None:
@@ -559,7 +589,8 @@ class Personalizer:
         )
         if annotated:
             return AnnotatedFaceDetector(), self._landmarker or AnnotatedLandmarkDetector()
-        return self._haar_detector(), self._landmarker
+        detector, landmarker = self._real_detectors()
+        return detector, self._landmarker or landmarker
 
     def _face_clips(self, videos: Sequence[Path], progress: ProgressCallback | None) -> BatchReport:
         """Decode and crop every video with its detector; a bad video is a rejection, never fatal."""
@@ -642,6 +673,7 @@ class Personalizer:
                 f" ({len(batch.rejected)} rejected: {why})" if batch.rejected else ""
             )
             raise TooFewFacesError(frames, needed, what)
+        real = any(self._is_real(c.record.path) for c in clips)
         return self._adapt(
             np.concatenate([c.crops for c in clips]),
             video_ids=torch.cat([torch.full((len(c),), k, dtype=torch.long) for k, c in enumerate(clips)]),
@@ -652,6 +684,7 @@ class Personalizer:
             rejected=tuple(batch.rejected),
             started=t0,
             progress=progress,
+            real_video=real,
         )
 
     def enroll_crops(
@@ -703,6 +736,7 @@ class Personalizer:
         rejected: tuple[Rejection, ...],
         started: float,
         progress: ProgressCallback | None,
+        real_video: bool = False,
     ) -> EnrollmentReport:
         from pft.core.training import extract_features
 
@@ -719,8 +753,12 @@ class Personalizer:
             progress("features", len(crops), len(crops))
             progress("adapt", 0, 1)
         model = self.source_model
+        notes: list[str] = []
+        fallback = None
         if model.pairing == "landmark" and descriptor is None:
-            logger.warning("landmark pairing needs landmarks; none were found, using random pairing")
+            fallback = "landmark pairing needs facial landmarks and none were found; random pairing was used"
+            logger.warning(fallback)
+            notes.append(fallback)
             model = SourceModel(
                 model.classifier,
                 model.translator,
@@ -741,6 +779,17 @@ class Personalizer:
         result.translator.eval()
         if progress is not None:
             progress("adapt", 1, 1)
+        codes = [v for k, v in self.bundle.source_styles.items() if k.startswith("code/")]
+        ood = ood_score(result.style_target, codes)
+        warning = domain_warning(self.domain, real_video)
+        if warning is not None:
+            notes.insert(0, warning)
+            logger.warning(warning)
+        if ood == ood and ood > OOD_WARN:  # (nan-safe)
+            notes.append(
+                f"out-of-distribution score {ood:.1f} (> {OOD_WARN:g}): this person's faces look unlike "
+                "the model's source subjects; its labels may not be trustworthy"
+            )
         self.personalization = result
         report = EnrollmentReport(
             videos_given=videos_given,
@@ -754,6 +803,9 @@ class Personalizer:
             reference_subject=result.reference_subject,
             pairing=model.pairing,
             privacy=result.privacy.summary() if result.privacy is not None else None,
+            pairing_fallback=fallback,
+            ood_score=ood,
+            warnings=tuple(notes),
         )
         self.enrollment = {
             "frames_used": report.frames_used,
@@ -762,6 +814,8 @@ class Personalizer:
             "converged": report.converged,
             "adapt_seconds": report.adapt_seconds,
             "pairing": report.pairing,
+            "pairing_fallback": report.pairing_fallback,
+            "ood_score": report.ood_score,
             "privacy": report.privacy,
             "enrolled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -782,7 +836,12 @@ class Personalizer:
             logits = bundle.classifier(f)
         return torch.softmax(logits, dim=1).numpy().astype(np.float32)
 
-    def _prediction(self, probs: np.ndarray, indices: np.ndarray, given: int) -> Prediction:
+    def _prediction(
+        self, probs: np.ndarray, indices: np.ndarray, given: int, real_video: bool = False
+    ) -> Prediction:
+        warning = domain_warning(self.domain, real_video)
+        if warning is not None:
+            logger.warning(warning)
         return Prediction(
             class_names=self.class_names,
             probabilities=probs,
@@ -791,6 +850,7 @@ class Personalizer:
             smoothing=self.config.smoothing,
             personalized=self.enrolled,
             frames_given=given,
+            warnings=(warning,) if warning is not None else (),
         )
 
     def predict_crops(self, crops: np.ndarray) -> Prediction:
@@ -810,7 +870,7 @@ class Personalizer:
         source:
             A video path (decoded and sampled with ``config.video``, faces found with the
             configured detector), or RGB uint8 camera frames ``(H, W, 3)`` / ``(N, H, W, 3)``
-            (faces found with the Haar cascade or the custom detector). Frames without a face
+            (faces found with the default real-face detector or the custom one). Frames without a face
             get no row; ``frame_indices`` says which frames the rows are.
 
         Raises
@@ -830,7 +890,9 @@ class Personalizer:
                 landmarker,
                 decoder,
             )
-            return self._prediction(self.probabilities(clip.crops), clip.frame_indices, clip.sampled_frames)
+            return self._prediction(
+                self.probabilities(clip.crops), clip.frame_indices, clip.sampled_frames, self._is_real(video)
+            )
         frames = np.asarray(source)
         if frames.ndim == 3:
             frames = frames[None]
@@ -838,7 +900,7 @@ class Personalizer:
             raise ValueError(
                 f"expected RGB uint8 frames (H, W, 3) or (N, H, W, 3), got {frames.dtype} {frames.shape}"
             )
-        detector = self._detector or self._haar_detector()
+        detector = self._detector or self._real_detectors()[0]
         crops, indices = [], []
         for i, frame in enumerate(frames):
             boxes = detector.detect(frame)
@@ -848,7 +910,7 @@ class Personalizer:
                 indices.append(i)
         if not crops:
             raise NoFaceError("<frames>", f"0 of {len(frames)} frames")
-        return self._prediction(self.probabilities(np.stack(crops)), np.asarray(indices), len(frames))
+        return self._prediction(self.probabilities(np.stack(crops)), np.asarray(indices), len(frames), True)
 
     # personal state --------------------------------------------------------------------------
     def _store(self, key: StoreKey) -> EncryptedStore:

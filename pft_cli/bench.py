@@ -131,6 +131,19 @@ def pipeline(
     _emit(result, json_out)
 
 
+@bench_app.command("detectors")
+def detectors(
+    names: Annotated[
+        str, typer.Option("--detectors", help="Comma-separated: dlib-hog, dlib-cnn, mtcnn, haar.")
+    ] = "dlib-hog,dlib-cnn,mtcnn,haar",
+    json_out: JsonOpt = None,
+) -> None:
+    """Face detectors on real material from installed packages: recall, false positives, frames/s."""
+    from pft.simulations.bench_detectors import bench_detectors
+
+    _emit(bench_detectors(tuple(n.strip() for n in names.split(",") if n.strip())), json_out)
+
+
 @bench_app.command("methods")
 def methods(
     out: Annotated[Path, typer.Option(help="Output folder (bench_methods.json/.md).")],

@@ -144,10 +144,13 @@ def enroll_command(
         raise _fail(exc) from exc
     for r in report.videos_rejected:
         typer.secho(f"skipped {r.path}: {r.reason}", fg=typer.colors.YELLOW, err=True)
+    for warning in report.warnings:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+    ood = f", out-of-distribution score {report.ood_score:.2f}" if report.ood_score is not None else ""
     typer.echo(
         f"enrolled from {len(report.videos_used)}/{report.videos_given} videos, {report.frames_used} "
         f"face frames, {report.iterations} iterations in {report.seconds:.1f} s "
-        f"(reference {report.reference_subject}); saved to {path}"
+        f"(reference {report.reference_subject}, pairing {report.pairing}{ood}); saved to {path}"
     )
 
 
@@ -179,6 +182,8 @@ def predict_command(
                 typer.secho(f"{video}: {exc}", fg=typer.colors.RED, err=True)
                 continue
             probs = {n: round(float(v), 4) for n, v in zip(pred.class_names, pred.smoothed, strict=True)}
+            for warning in pred.warnings:
+                typer.secho(f"warning: {video}: {warning}", fg=typer.colors.YELLOW, err=True)
             if as_json:
                 record: dict[str, Any] = {
                     "video": str(video),
@@ -186,6 +191,7 @@ def predict_command(
                     "probabilities": probs,
                     "frames": len(pred.probabilities),
                     "personalized": pred.personalized,
+                    "warnings": list(pred.warnings),
                 }
                 typer.echo(json.dumps(record))
             else:

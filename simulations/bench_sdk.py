@@ -44,6 +44,7 @@ from pft.core.data import (
     load_dataset,
     process_videos,
 )
+from pft.core.domain import TrainingDomain
 from pft.core.models import ModelConfig, build_parts
 from pft.core.signing import generate_signing_key, save_public_key, sign_bundle
 from pft.core.training import SubjectFeatures, extract_features, source_styles
@@ -103,7 +104,12 @@ def build_demo_bundle(
         source_styles=styles.as_tensors(),
         descriptors=descriptors,
         bundle_version=version,
-        extra={"pairing": "cosine"},
+        extra={
+            "pairing": "cosine",
+            "domain": TrainingDomain.for_model(
+                "synthetic", "synthetic:demo", index.classes, config
+            ).as_json(),
+        },
     )
     sign_bundle(out, key)
     return out

@@ -29,6 +29,8 @@ from pft.core.cohort import CohortConfig, load_manifest
 from pft.core.config import FrozenConfig
 from pft.core.data import DatasetIndex, FaceCropConfig, VideoConfig, VideoRecord
 from pft.core.data.cache import state_dict_sha256
+from pft.core.data.split import DataSource
+from pft.core.domain import TrainingDomain
 from pft.core.metrics import accuracy, macro_f1
 from pft.core.models import Classifier, FeatureExtractor, ModelConfig
 from pft.core.pairing import Strategy
@@ -62,7 +64,13 @@ from pft.simulations.report import (
     summarise_method,
     write_results,
 )
-from pft.simulations.workspace import FrameSet, FrameStore, default_cache_root, ensure_cohort, open_cohort
+from pft.simulations.workspace import (
+    FrameSet,
+    FrameStore,
+    default_cache_root,
+    ensure_cohort,
+    experiment_index,
+)
 
 Profile = Literal["biovid", "stressid", "bah", "affwild2"]
 PROFILES: tuple[Profile, ...] = ("biovid", "stressid", "bah", "affwild2")
@@ -92,6 +100,8 @@ class ExperimentConfig(FrozenConfig):
     pretrain: TranslatorPretrainConfig = TranslatorPretrainConfig()
     settings: MethodSettings = MethodSettings()
     embedding_plot: bool = True
+    data: DataSource | None = None
+    """A real dataset folder instead of the synthetic cohort (``pft simulate --data``)."""
 
     @field_validator("methods")
     @classmethod
@@ -119,6 +129,7 @@ class ExperimentConfig(FrozenConfig):
                 "source_train": self.source_train.model_copy(update={"seed": self.seed}),
                 "pretrain": self.pretrain.model_copy(update={"seed": self.seed}),
                 "settings": self.settings.model_copy(update={"seed": self.seed}),
+                "data": None if self.data is None else self.data.with_seed(self.seed),
             }
         )
 
@@ -180,6 +191,7 @@ def _load_or_train_source(
             config.crop.model_dump(mode="json"),
             model_config.model_dump(mode="json"),
             config.source_train.model_dump(mode="json"),
+            *([config.data.model_dump(mode="json")] if config.data is not None else []),
         ],
         sort_keys=True,
     )
@@ -202,6 +214,13 @@ def _load_or_train_source(
     save_safetensors(extractor.state_dict(), folder / "F.safetensors")
     (folder / "history.json").write_text(json.dumps(_jsonable(history), indent=1))
     return extractor, classifier, folder
+
+
+def experiment_domain(config: ExperimentConfig, classes: list[str], model: ModelConfig) -> TrainingDomain:
+    """What the experiment's bundle was trained on: the synthetic profile or the dataset folder."""
+    if config.data is None:
+        return TrainingDomain.for_model("synthetic", f"synthetic:{config.profile}", classes, model)
+    return TrainingDomain.for_model("real", f"{config.data.layout}:{config.data.root.name}", classes, model)
 
 
 def _jsonable(value: Any) -> Any:
@@ -275,7 +294,11 @@ def _load_or_pretrain_translator(
         class_names=classes,
         source_styles=styles.as_tensors(),
         descriptors=descriptors,
-        extra={"pairing": strategy, "pretrain": config.pretrain.model_dump(mode="json")},
+        extra={
+            "pairing": strategy,
+            "pretrain": config.pretrain.model_dump(mode="json"),
+            "domain": experiment_domain(config, classes, model_config).as_json(),
+        },
     )
     return SourceModel(classifier, translator, normalizer, styles, descriptors, strategy), bundle_dir
 
@@ -298,6 +321,7 @@ class PreparedExperiment:
     targets: list[str]
     timings: dict[str, float]
     cohort_dir: Path | None = None  # the synthetic cohort's folder (its manifest has the ground truth)
+    pairing_fallback: str | None = None
 
     def target(self, subject: str) -> TargetData | None:
         """One target's data (None when it has no usable adapt or eval frames)."""
@@ -317,12 +341,16 @@ def prepare_experiment(
     cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
     timings: dict[str, float] = {}
     with _timed(timings, "cohort"):
-        cohort_dir = ensure_cohort(config.cohort, cache_root, progress("cohort: rendering videos", 1))
-        index = open_cohort(cohort_dir)
+        index = experiment_index(
+            config.cohort, config.data, cache_root, progress("cohort: rendering videos", 1)
+        )
+        # the cohort's folder (made just above; its manifest has the ground truth), none for --data
+        cohort_dir = ensure_cohort(config.cohort, cache_root) if config.data is None else None
     classes = list(index.classes)
     model_config = config.model.model_copy(update={"num_classes": len(classes)})
     model_config = ModelConfig.model_validate(model_config.model_dump())
-    store = FrameStore(index, cache_root, config.video, config.crop)
+    detector = config.data.detector if config.data is not None else None
+    store = FrameStore(index, cache_root, config.video, config.crop, detector)
     with _timed(timings, "faces"):
         records = list(index.records)
         store.load_frames(records, progress("faces: decode + crop", len(records)))
@@ -354,6 +382,15 @@ def prepare_experiment(
     sources = sorted(s for s in by_subject if roles.get(s) == "source" and "train" in frames[s])
     targets = sorted(s for s in by_subject if roles.get(s) == "target")
     source_feats = {s: _subject_features(frames[s]["train"]) for s in sources}
+    fallback = None
+    if config.pretrain.pairing == "landmark" and any(f.descriptor is None for f in source_feats.values()):
+        fallback = (
+            "landmark pairing needs facial landmarks of every source subject and the face detector "
+            "gave none for some; cosine pairing was used"
+        )
+        log(fallback)
+        cosine = config.pretrain.model_copy(update={"pairing": "cosine"})
+        config = config.model_copy(update={"pretrain": cosine})
 
     with _timed(timings, "stage2"):
         model, bundle_dir = _load_or_pretrain_translator(
@@ -374,6 +411,7 @@ def prepare_experiment(
         targets,
         timings,
         cohort_dir,
+        fallback,
     )
 
 
@@ -460,6 +498,11 @@ def run_experiment(
         "bundle": str(bundle_dir),
         "translator_params": sum(p.numel() for p in model.translator.parameters()),
         "extractor_params": sum(p.numel() for p in extractor.parameters()),
+        "pairing": model.pairing,
+        "pairing_fallback": prepared.pairing_fallback,
+        "data": None
+        if config.data is None
+        else {"root": str(config.data.root), "layout": config.data.layout},
     }
     for m, rel in releases.items():  # DP: epsilon, delta, privacy unit, accountant per method
         if rel and m in results["methods"]:
@@ -489,9 +532,16 @@ def _write_report(
     gaps: Sequence[SubjectGap] = (),
 ) -> Path:
     bars = plot_per_subject(results, out_dir / "per_subject_f1.png")
+    data = results.get("data")
+    where = f"`{data['layout']}` dataset {data['root']}" if data else f"`{results['profile']}` cohort"
     lines = [
-        f"# SFDA-PFT on the `{results['profile']}` cohort (seed {results['seed']})",
+        f"# SFDA-PFT on the {where} (seed {results['seed']})",
         "",
+        *(
+            [f"**Pairing fell back**: {results['pairing_fallback']}.", ""]
+            if results.get("pairing_fallback")
+            else []
+        ),
         f"{results['subjects']['source']} source subjects, {results['subjects']['target']} target subjects; "
         "macro-F1 (%) per target subject on its held-out `eval` videos (frame level). "
         "PFT adapts only the translator T on the subject's NEUTRAL `adapt` videos; the oracle "

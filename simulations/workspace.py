@@ -21,8 +21,6 @@ from torch import Tensor
 from pft.core.cohort import CohortConfig, make_cohort
 from pft.core.cohort.profiles import AU_NAMES
 from pft.core.data import (
-    AnnotatedFaceDetector,
-    AnnotatedLandmarkDetector,
     DatasetIndex,
     FaceCropConfig,
     VideoConfig,
@@ -32,7 +30,9 @@ from pft.core.data import (
     process_videos,
 )
 from pft.core.data.cache import FeatureCache, file_sha256, state_dict_sha256
+from pft.core.data.detectors import make_detector
 from pft.core.data.faces import sidecar_frame
+from pft.core.data.split import DataSource, open_data_source
 from pft.core.errors import PFTError
 from pft.core.models import FeatureExtractor
 from pft.core.training import extract_features
@@ -110,13 +110,18 @@ class FrameStore:
         cache_root: Path,
         video_config: VideoConfig,
         crop_config: FaceCropConfig,
+        detector: str | None = None,
     ) -> None:
         self.index = index
         self.video_config = video_config
         self.crop_config = crop_config
         self.frame_cache = FeatureCache(cache_root / "frames")
         self.feature_cache = FeatureCache(cache_root / "features")
+        # the cohort's sidecars for the synthetic layout, a real detector (default dlib HOG) otherwise
+        self.detector = detector or ("annotated" if index.layout == "synthetic" else "auto")
         self._settings = video_config.config_hash() + crop_config.config_hash()
+        if self.detector != "annotated":
+            self._settings += self.detector
         self.videos: dict[Path, VideoFrames] = {}
         self.rejected: list[tuple[Path, str]] = []
 
@@ -145,12 +150,13 @@ class FrameStore:
             return
         base = len(records) - len(todo)
         shas = {r.path: s for r, s in todo}
+        face, marks = make_detector(self.detector)
         report = process_videos(
             [r for r, _ in todo],
             self.video_config,
             self.crop_config,
-            AnnotatedFaceDetector(),
-            AnnotatedLandmarkDetector(),
+            face,
+            marks,
             progress=None if progress is None else lambda d, n, _p: progress(base + d, len(records)),
         )
         for clip in report.clips:
@@ -176,8 +182,10 @@ class FrameStore:
             video = self.videos.get(record.path)
             if video is None:
                 continue
-            crops.append(video.crops)
-            labels.append(np.full(len(video.crops), self._class(record), dtype=np.int64))
+            classes = self._frame_classes(record, video)
+            keep = classes >= 0 if record.frame_labels is not None else np.ones(len(classes), bool)
+            crops.append(video.crops[keep])
+            labels.append(classes[keep])
         if not crops:
             raise ValueError("no usable frames in these videos")
         return np.concatenate(crops), np.concatenate(labels)
@@ -205,6 +213,15 @@ class FrameStore:
     def _class(self, record: VideoRecord) -> int:
         return self.index.classes.index(record.label) if record.label in self.index.classes else -1
 
+    def _frame_classes(self, record: VideoRecord, video: VideoFrames) -> np.ndarray:
+        """Class index of each crop: the record's label, or its per-frame labels (-1 = none)."""
+        if record.frame_labels is None:
+            return np.full(len(video.crops), self._class(record), dtype=np.int64)
+        n = len(record.frame_labels)
+        names = [record.frame_labels[i] if i < n else None for i in video.frame_indices.tolist()]
+        index = {c: k for k, c in enumerate(self.index.classes)}
+        return np.array([index.get(x, -1) if x is not None else -1 for x in names], dtype=np.int64)
+
     def frame_set(
         self,
         records: Sequence[VideoRecord],
@@ -225,16 +242,23 @@ class FrameStore:
                 f, s = extract_features(extractor, video.crops)
                 cached = {"features": f.contiguous(), "frame_stats": s.contiguous()}
                 self.feature_cache.put(key, cached)
-            n = len(video.crops)
-            feats.append(cached["features"])
-            stats.append(cached["frame_stats"])
-            labels.append(torch.full((n,), self._class(record), dtype=torch.long))
+            classes = self._frame_classes(record, video)
+            # a per-frame labelled record (a segment of a video) keeps only its labelled frames
+            keep = classes >= 0 if record.frame_labels is not None else np.ones(len(classes), bool)
+            if not keep.any():
+                continue
+            mask = torch.from_numpy(keep)
+            n = int(keep.sum())
+            feats.append(cached["features"][mask])
+            stats.append(cached["frame_stats"][mask])
+            labels.append(torch.from_numpy(classes[keep]))
             vids.append(torch.full((n,), vid, dtype=torch.long))
-            times.append(torch.from_numpy(video.frame_indices.astype(np.int64)))
+            times.append(torch.from_numpy(video.frame_indices.astype(np.int64)[keep]))
             if video.landmarks is None:
                 has_landmarks = False
             else:
-                descs.append(_descriptors(video.landmarks, video.poses))
+                poses = video.poses[keep] if video.poses is not None else None
+                descs.append(_descriptors(video.landmarks[keep], poses))
         if not feats:
             raise ValueError("none of these videos has usable face frames")
         return FrameSet(
@@ -265,3 +289,13 @@ def _descriptors(landmarks: np.ndarray, poses: np.ndarray | None) -> np.ndarray:
 def open_cohort(folder: Path) -> DatasetIndex:
     """The dataset index of a synthetic cohort folder."""
     return load_dataset(folder, "synthetic")
+
+
+def experiment_index(
+    cohort: CohortConfig, data: DataSource | None, cache_root: Path, progress: Step | None = None
+) -> DatasetIndex:
+    """What an experiment runs on: the synthetic cohort, or a dataset folder split by
+    :func:`pft.core.data.split.split_dataset` (``pft simulate --data``)."""
+    if data is None:
+        return open_cohort(ensure_cohort(cohort, cache_root, progress))
+    return open_data_source(data)

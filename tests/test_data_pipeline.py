@@ -60,10 +60,17 @@ def test_face_in_too_few_frames(tmp_path: Path) -> None:
     video = write_video(tmp_path / "few.mp4", gradient_frames(6, 64, 64), fps=10)
     write_sidecar(video, [(8, 8, 40, 40), None, None, None, None, None], (64, 64))
     record = VideoRecord(path=video, subject="x")
-    clip = extract_face_clip(record, INPROC, CROP, AnnotatedFaceDetector())
+    any_share = CROP.model_copy(update={"min_face_share": 0.0})
+    clip = extract_face_clip(record, INPROC, any_share, AnnotatedFaceDetector())
     assert clip.frame_indices.tolist() == [0] and clip.sampled_frames == 6
+    assert clip.tally is not None and clip.tally.rejected == {"no_face": 5} and clip.tally.reconciles()
     with pytest.raises(TooFewFaceFramesError, match=r"few.mp4.*1 of 6.*need 3"):
-        extract_face_clip(record, INPROC, FaceCropConfig(min_face_frames=3), AnnotatedFaceDetector())
+        extract_face_clip(
+            record, INPROC, FaceCropConfig(min_face_frames=3, min_face_share=0.0), AnnotatedFaceDetector()
+        )
+    # the default share: a face in 1 of 6 sampled frames (17 %) is not a usable video
+    with pytest.raises(TooFewFaceFramesError, match=r"only 1 of 6 sampled frames \(17 %, need 50 %\)"):
+        extract_face_clip(record, INPROC, CROP, AnnotatedFaceDetector())
 
 
 def test_annotated_path_keeps_landmarks_poses_and_frame_labels(tmp_path: Path) -> None:

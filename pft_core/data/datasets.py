@@ -158,15 +158,39 @@ def load_synthetic(root: Path) -> DatasetIndex:
 
 
 # --- generic -----------------------------------------------------------------------------------
-def load_generic(root: Path) -> DatasetIndex:
-    """``<root>/<subject>/<class>/<video>``: any folder of labelled videos per person."""
+#: A generic video named ``<split>_<anything>`` is marked for that split (as the cohort names its
+#: files); ``adapt_*`` marks a neutral enrollment video.
+GENERIC_SPLIT_PREFIXES = ("adapt", "oracle", "eval", "train")
+
+
+def _generic_split(name: str) -> str | None:
+    prefix, sep, _rest = name.partition("_")
+    return prefix if sep and prefix in GENERIC_SPLIT_PREFIXES else None
+
+
+def load_generic(root: Path, neutral_class: str = "neutral") -> DatasetIndex:
+    """``<root>/<subject>/<class>/<video>``: any folder of labelled videos per person.
+
+    A file named ``adapt_<anything>`` (``oracle_``, ``eval_``, ``train_``) is marked for that
+    split: ``<subject>/neutral/adapt_*.mp4`` are the person's enrollment videos (the deployment
+    ClientApp and ``pft simulate --data`` use them). An ``adapt_`` video outside the
+    ``neutral_class`` folder is a layout error.
+    """
     records: list[VideoRecord] = []
     classes: set[str] = set()
     for subject_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for class_dir in sorted(p for p in subject_dir.iterdir() if p.is_dir()):
             for video in _videos(class_dir):
                 classes.add(class_dir.name)
-                records.append(VideoRecord(path=video, subject=subject_dir.name, label=class_dir.name))
+                split = _generic_split(video.name)
+                if split == "adapt" and class_dir.name != neutral_class:
+                    raise DatasetLayoutError(
+                        f"generic: {video} is marked for enrollment (adapt_) but is not in a "
+                        f"'{neutral_class}' folder; enrollment videos show a neutral face"
+                    )
+                records.append(
+                    VideoRecord(path=video, subject=subject_dir.name, label=class_dir.name, split=split)
+                )
     return _finish("generic", root, records, sorted(classes))
 
 

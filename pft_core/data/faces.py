@@ -159,7 +159,13 @@ def sidecar_frame(video: Path | None, index: int | None) -> dict[str, Any] | Non
 
 
 class AnnotatedFaceDetector:
-    """Reads face boxes from the renderer's ``<stem>.faces.json`` sidecar (ground truth)."""
+    """Reads face boxes from the renderer's ``<stem>.faces.json`` sidecar (ground truth).
+
+    ``ground_truth = True``: the face-quality gate (:mod:`pft.core.data.quality`) does not
+    second-guess the renderer's boxes; only the per-video share of face frames applies.
+    """
+
+    ground_truth = True
 
     def detect(
         self, frame: np.ndarray, *, video: Path | None = None, index: int | None = None

@@ -82,15 +82,24 @@ class AnnotatedLandmarkDetector:
 LANDMARKS_EXTRA_HINT = "pip install 'sfda-pft[landmarks]'  (dlib-bin and face-recognition-models)"
 
 
-def _predictor_file() -> Path:
+def face_models_dir() -> Path:
+    """The ``models`` folder of the ``face-recognition-models`` package (dlib's model files).
+
+    Raises
+    ------
+    PFTError
+        The package is not installed (the message names the extra).
+    """
     # face_recognition_models imports pkg_resources, which recent setuptools no longer ships:
     # locate its data without importing it.
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise PFTError(f"the 68-point landmark model is not installed; {LANDMARKS_EXTRA_HINT}")
-    path = (
-        Path(next(iter(spec.submodule_search_locations))) / "models" / "shape_predictor_68_face_landmarks.dat"
-    )
+        raise PFTError(f"dlib's face models are not installed; {LANDMARKS_EXTRA_HINT}")
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
+
+
+def _predictor_file() -> Path:
+    path = face_models_dir() / "shape_predictor_68_face_landmarks.dat"
     if not path.is_file():
         raise PFTError(f"{path} is missing; reinstall with {LANDMARKS_EXTRA_HINT}")
     return path
