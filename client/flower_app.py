@@ -24,7 +24,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,23 +34,20 @@ from flwr.clientapp.typing import Mod
 
 from pft.client.egress import metrics_reply
 from pft.client.store import EncryptedStore, StoreKey
+from pft.client.wire import BUNDLE_RECORD, CONFIG_RECORD, SPEC_ENV
 from pft.core.bundle import Bundle, load_bundle
 from pft.core.config import FrozenConfig
-from pft.core.data import FaceCropConfig, VideoConfig
+from pft.core.data import FaceCropConfig, VideoConfig, load_dataset
 from pft.core.data.cache import state_dict_sha256
 from pft.core.errors import BundleTamperedError, PFTError
+from pft.core.frames import FrameSet, FrameStore
+from pft.core.methods import IMAGE_METHODS, METHODS, MethodSettings, TargetData, target_images
 from pft.core.metrics import accuracy, macro_f1
 from pft.core.models import Translator
 from pft.core.personalize import Personalization, PersonalizeConfig, SourceModel, personalize
 from pft.core.signing import TrustedBundleCache, load_public_key
 from pft.core.training import SourceStyles
 
-if TYPE_CHECKING:
-    from pft.simulations.workspace import FrameSet
-
-SPEC_ENV = "PFT_FLOWER_SPEC"
-CONFIG_RECORD = "config"
-BUNDLE_RECORD = "bundle"
 TRANSLATOR_STORE = "translator.store"
 
 
@@ -142,9 +139,6 @@ def installed_bundle(node: Node) -> Bundle:
 
 def subject_frames(node: Node, bundle: Bundle, splits: tuple[str, ...]) -> dict[str, FrameSet]:
     """F's features of the node's videos per split (crops and features cached as in ``pft simulate``)."""
-    from pft.core.data import load_dataset
-    from pft.simulations.workspace import FrameStore
-
     index = load_dataset(node.spec.dataset_root, node.spec.layout)
     records = index.by_subject().get(node.subject, [])
     store = FrameStore(index, node.spec.cache_root, node.spec.video, node.spec.crop)
@@ -162,10 +156,6 @@ def subject_frames(node: Node, bundle: Bundle, splits: tuple[str, ...]) -> dict[
 
 def subject_images(node: Node, bundle: Bundle) -> Any:
     """The face crops of the node's adapt, eval and oracle videos (for methods that re-run F)."""
-    from pft.core.data import load_dataset
-    from pft.simulations.methods import target_images
-    from pft.simulations.workspace import FrameStore
-
     index = load_dataset(node.spec.dataset_root, node.spec.layout)
     records = index.by_subject().get(node.subject, [])
     store = FrameStore(index, node.spec.cache_root, node.spec.video, node.spec.crop)
@@ -324,8 +314,6 @@ def evaluate(message: Message, context: Context) -> Message:
         with torch.no_grad():
             logits = bundle.classifier(held_out.features)
     else:  # research baselines (e.g. the oracle) run the simulation's method runners
-        from pft.simulations.methods import IMAGE_METHODS, METHODS, MethodSettings, TargetData
-
         if method not in METHODS or "adapt" not in splits:
             raise PFTError(f"node {node.index}: cannot run method {method!r} here")
         settings = MethodSettings.model_validate_json(str(config["method-settings"]))

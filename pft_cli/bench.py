@@ -121,8 +121,8 @@ def pipeline(
     json_out: JsonOpt = None,
 ) -> None:
     """Frames/s through decode -> detect -> crop (isolated and in-process)."""
+    from pft.core.machine import describe_machine
     from pft.simulations.bench_pipeline import bench_pipeline, make_astronaut_videos
-    from pft.simulations.machine import describe_machine
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = list(videos or []) or make_astronaut_videos(Path(tmp))

@@ -12,8 +12,8 @@ from pydantic import ValidationError
 
 from pft.cli.progress import console, stage_bars
 from pft.core.errors import PFTError
+from pft.core.methods import METHODS
 from pft.simulations.experiment import DEFAULT_METHODS, PROFILES, ExperimentConfig, run_experiment
-from pft.simulations.methods import METHODS
 
 
 def load_config_file(path: Path | None) -> dict[str, Any]:

@@ -5,7 +5,7 @@ by ``run_config["pft-spec"]`` or ``$PFT_FLOWER_SPEC``) -> verify the signed bund
 nodes (quorum ``min_nodes``) -> ``query`` which nodes already hold the bundle's digest and send it
 (``train.install``) to the others -> per round, ``train`` (each node adapts T on its own neutral
 videos) then, where nodes have labelled data, ``evaluate`` each method -> write results.json and
-report.md in the same format as ``pft simulate`` (``pft.simulations.report``).
+report.md in the same format as ``pft simulate`` (:mod:`pft.core.results`).
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from pydantic import Field
 
-from pft.client.flower_app import BUNDLE_RECORD, CONFIG_RECORD, SPEC_ENV
+from pft.client.wire import BUNDLE_RECORD, CONFIG_RECORD, SPEC_ENV
 from pft.core.config import FrozenConfig
+from pft.core.machine import describe_machine
 from pft.core.personalize import PersonalizeConfig
+from pft.core.results import markdown_table, plot_per_subject, summarise_method, write_results
 from pft.core.signing import bundle_digest, load_public_key
 from pft.server.audit import AuditLog, RunAudit
 from pft.server.publish import bundle_arrays
 from pft.server.rounds import Exchange, QuorumError, exchange, wait_for_nodes
-from pft.simulations.machine import describe_machine
-from pft.simulations.report import markdown_table, plot_per_subject, summarise_method, write_results
 
 logger = logging.getLogger("pft.server")
 

@@ -60,10 +60,10 @@ from pft.core.adaptation import AdaptConfig, ModelParts, PFTAdaptation
 from pft.core.config import FrozenConfig
 from pft.core.errors import TooFewFacesError
 from pft.core.losses import STATS_EPS
+from pft.core.methods import MethodOutcome, MethodSettings, TargetData
 from pft.core.models import Classifier, Translator
 from pft.core.personalize import PersonalizeConfig, SourceModel, translation_goal
 from pft.core.training import torch_threads
-from pft.simulations.methods import MethodOutcome, MethodSettings, TargetData
 
 _MASK53 = (1 << 53) - 1
 _MASK32 = 0xFFFFFFFF
