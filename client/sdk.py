@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -65,6 +66,7 @@ from pft.core.data.faces import sidecar_path
 from pft.core.data.pipeline import BatchReport, FaceClip
 from pft.core.errors import (
     BundleTamperedError,
+    MissingExtraError,
     NoFaceError,
     PFTError,
     StoreError,
@@ -309,6 +311,11 @@ class Personalizer:
     state). Call :meth:`close` (or use it as a context manager) to stop the decoder process.
     ``decoder`` (optional) is a :class:`~pft.core.data.VideoDecoder` the new object takes over
     and closes; by default one is made and started in the background (``config.prestart_decoder``).
+
+    Raises
+    ------
+    MissingExtraError
+        ``config.personalize.dp`` is set but Opacus (the ``dp`` extra) is not installed.
     """
 
     def __init__(
@@ -324,8 +331,12 @@ class Personalizer:
         landmarker: LandmarkDetector | None = None,
         decoder: VideoDecoder | None = None,
     ) -> None:
-        self.bundle = bundle
         self.config = config or ClientConfig()
+        if self.config.personalize.dp is not None and importlib.util.find_spec("opacus") is None:
+            if decoder is not None:
+                decoder.close()
+            raise MissingExtraError("DP-SGD adaptation (personalize.dp)", "Opacus", "dp")
+        self.bundle = bundle
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.trusted_public_key = trusted_public_key
         self.bundle_digest = bundle_digest(bundle.manifest)
