@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from pft.cli.progress import console
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 bench_app = typer.Typer(
     help="Benchmarks: engines side by side, adaptation latency, feature throughput, pipeline, "
@@ -66,6 +68,8 @@ def engines(
 
 def engines_table(result: dict[str, Any]) -> Table:
     """The engines run as a table (stderr; the JSON on stdout stays the record)."""
+    from rich.table import Table
+
     matmul = result["matmul_gflops"]
     rates = {e: r["subjects_per_s"] for e, r in result["engines"].items() if "subjects_per_s" in r}
     table = Table(title=f"{result['subjects']} subjects, matmul {matmul} GFLOP/s (same run)")
