@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from pft.cli.extras import require_extra
 from pft.cli.progress import console
 
 if TYPE_CHECKING:
@@ -19,6 +20,12 @@ bench_app = typer.Typer(
     "methods, SDK. Each prints JSON (and writes it with --json).",
     no_args_is_help=True,
 )
+
+
+@bench_app.callback()
+def _needs_sim() -> None:
+    """Benchmarks: engines, adaptation latency, features, pipeline, methods, SDK (JSON out)."""
+    require_extra("bench", "sim", "matplotlib", "sklearn", "skimage", "onnxruntime", "ray", "flwr")
 
 
 def _emit(result: dict[str, Any], path: Path | None) -> None:

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from pft.cli.extras import require_extra
 from pft.core.errors import PFTError
 
 cohort_app = typer.Typer(
@@ -81,6 +82,7 @@ def preview(
     subjects: Annotated[int, typer.Option(help="Rows (subjects) in the sheet.")] = 8,
 ) -> None:
     """Write a contact sheet (subjects x classes, apex frames)."""
+    require_extra("cohort preview", "sim", "matplotlib")
     from pft.core.cohort import preview_cohort
 
     try:

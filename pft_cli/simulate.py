@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from pft.cli.choices import DEFAULT_METHOD_NAMES, METHOD_NAMES, PROFILE_NAMES
+from pft.cli.extras import require_extra
 from pft.cli.progress import console, stage_bars
 from pft.core.errors import PFTError
 
@@ -134,6 +135,8 @@ def simulate(
     Makes (or reuses) the cohort, trains (or reuses) the source model and translator, adapts one
     translator per target subject from its NEUTRAL videos only, evaluates on its held-out videos.
     """
+    flower = ("ray", "flwr") if engine == "flower" else ()
+    require_extra("simulate", "sim", "matplotlib", "sklearn", *flower)
     from pydantic import ValidationError
 
     from pft.core.methods import METHODS
@@ -210,6 +213,7 @@ def ablate(
     Each variant re-runs the evaluation of `pft simulate` (same cohort, caches and seeds) for PFT and
     source-only; `branches` measures feature similarity before and after each person's translator.
     """
+    require_extra("ablate", "sim", "matplotlib", "sklearn")
     from pydantic import ValidationError
 
     from pft.simulations.ablations import ABLATIONS, ablation_markdown, run_ablation

@@ -52,3 +52,19 @@ def test_help_names_are_the_registries_names() -> None:
     assert DEFAULT_METHODS == DEFAULT_METHOD_NAMES
     assert PROFILES == PROFILE_NAMES
     assert tuple(LOADERS) == LAYOUT_NAMES
+
+
+def test_a_command_without_its_extra_exits_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+
+    from pft.cli.extras import require_extra
+
+    require_extra("simulate", "sim", "json", "torch")  # installed: nothing happens
+    with pytest.raises(typer.Exit) as done:
+        require_extra("simulate", "sim", "json", "no_such_module_here")
+    assert done.value.exit_code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: `pft simulate` needs the `sim` extra (no_such_module_here not installed): "
+        "pip install 'sfda-pft[sim]'"
+    )
