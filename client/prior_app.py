@@ -36,6 +36,7 @@ from flwr.common import NDArrays, Scalar
 from pft.client.egress import EgressViolationError, check_prior_reply
 from pft.client.flower_app import Node, enroll_node, node_from_context, spec_path
 from pft.client.ledger import PrivacyBudget
+from pft.client.wire import OPT_IN_KEY
 from pft.core.config import FrozenConfig
 from pft.core.errors import PFTError
 from pft.core.personalize import PersonalizeConfig
@@ -51,7 +52,6 @@ __all__ = [
     "prior_egress_guard",
 ]
 
-OPT_IN_KEY = "prior-opt-in"
 PRIOR_NODE_SECTION = "prior_node"
 
 
