@@ -1,4 +1,4 @@
-"""What may leave a device: named, finite, numeric metrics only (RELIABILITY row 14).
+"""What may leave a device: named, finite, numeric metrics only (docs/reliability.md case 14).
 
 The Flower ClientApp builds every reply through :func:`metrics_reply`, and the ServerApp checks
 every reply it receives with :func:`check_reply`, so one allow-list governs both ends. A reply

@@ -1,4 +1,4 @@
-"""The per-device privacy ledger (pft.client.ledger): RELIABILITY row 10.
+"""The per-device privacy ledger (pft.client.ledger): docs/reliability.md case 10.
 
 Budget exhaustion is refused before anything runs and nothing is appended; the cumulative epsilon
 is the accountant over the whole history; the ledger survives restarts and a SIGKILL in the middle
