@@ -21,6 +21,7 @@ METHOD_NAMES: tuple[str, ...] = (
     "shot",
     "nrc",
     "tpds",
+    "neutral_calibration",
     "neutral_norm",
     "neutral_norm_matched",
     "adabn",
