@@ -17,7 +17,6 @@ from typing import Annotated
 
 import typer
 
-from pft.cli.extras import require_extra
 from pft.cli.secrets import passphrase_from_env
 from pft.core.errors import PFTError
 
@@ -50,7 +49,6 @@ def publish_command(
     ] = None,
 ) -> None:
     """Copy a bundle into a new folder with VERSION, sign it, and audit the release."""
-    require_extra("server publish", "server", "flwr")
     from pft.core.signing import bundle_digest, key_id, load_signing_key
     from pft.server.audit import AuditLog
     from pft.server.publish import publish_bundle

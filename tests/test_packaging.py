@@ -1,6 +1,6 @@
 """The installed distribution: one import namespace (no top-level ``client``/``server``/
 ``simulations`` for an app's modules to clash with) and extras that match the users (the base is
-the device SDK: no Ray, Flower, Opacus, matplotlib or scikit-learn)."""
+the device: no Ray, no Flower simulation engine, no Opacus, matplotlib or scikit-learn)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ DIST = "sfda-pft"
 #: what only the extras bring
 NOT_IN_BASE = {
     "ray",
-    "flwr",
     "opacus",
     "matplotlib",
     "scikit-learn",
@@ -50,16 +49,18 @@ def test_base_install_is_the_device_sdk() -> None:
     base = requirements[None]
     assert {"torch", "numpy", "cryptography", "safetensors", "av", "opencv-python-headless"} <= base
     assert base & NOT_IN_BASE == set()
+    # Flower itself (the Flower App needs it), never with its Ray simulation engine
+    flwr = [r for r in metadata.requires(DIST) or [] if r.startswith("flwr") and "extra ==" not in r]
+    assert flwr and all("[" not in r for r in flwr)
 
 
 def test_extras_match_the_users() -> None:
     requirements = _requirements()
     extras = set(metadata.metadata(DIST).get_all("Provides-Extra") or [])
-    assert {"node", "dp", "server", "sim", "all", "dev"} <= extras
-    assert "flwr" in requirements["node"] and "opacus" in requirements["dp"]
-    assert {"flwr", "matplotlib"} <= requirements["server"]
-    assert {"flwr", "scikit-learn", "matplotlib"} <= requirements["sim"]
-    assert {f"{DIST}[{e}]" for e in ("node", "dp", "server", "sim")} <= requirements["all"]
+    assert {"dp", "server", "sim", "all", "dev"} <= extras
+    assert "opacus" in requirements["dp"] and "matplotlib" in requirements["server"]
+    assert {"flwr", "scikit-learn", "matplotlib"} <= requirements["sim"]  # flwr[simulation]: Ray
+    assert {f"{DIST}[{e}]" for e in ("dp", "server", "sim")} <= requirements["all"]
     assert f"{DIST}[all]" in requirements["dev"] and "pytest" in requirements["dev"]
 
 

@@ -1,9 +1,9 @@
-"""The device path needs only the base install: a whole SDK session (install a bundle, predict,
-enroll from videos in the isolated decoder, save, load, export) runs in a fresh interpreter in
-which Ray, Flower, Opacus, matplotlib, scikit-learn, SciPy, scikit-image, onnxruntime and PyYAML
-cannot be imported (a ``sys.meta_path`` finder refuses them, in the decoder's worker too), and
-none of them is loaded at the end. The same by hand in a fresh venv with only the base install:
-docs/sdk.md.
+"""The device path needs only the base install, and not even Flower: a whole SDK session (install
+a bundle, predict, enroll from videos in the isolated decoder, save, load, export) runs in a fresh
+interpreter in which Ray, Flower, Opacus, matplotlib, scikit-learn, SciPy, scikit-image,
+onnxruntime and PyYAML cannot be imported (a ``sys.meta_path`` finder refuses them, in the
+decoder's worker too), and none of them is loaded at the end. The same by hand in a fresh venv
+with only the base install: docs/sdk.md.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sdk_support import SdkWorld, shared_world
 
-#: what the base install does not bring (the extras node, dp, server, sim)
+#: what an app embedding the SDK never needs (the extras dp, server, sim; Flower, for the apps)
 REFUSED = (
     "ray",
     "flwr",
