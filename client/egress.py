@@ -1,4 +1,4 @@
-"""What may leave a device: named, finite, numeric metrics only (RELIABILITY row 14).
+"""What may leave a device: named, finite, numeric metrics only (docs/reliability.md case 14).
 
 The Flower ClientApp builds every reply through :func:`metrics_reply`, and the ServerApp checks
 every reply it receives with :func:`check_reply`, so one allow-list governs both ends. A reply
@@ -28,7 +28,23 @@ RECORD_NAME = "metrics"
 ALLOWED_METRICS: dict[str, frozenset[str]] = {
     "query": frozenset({"bundle-current", "bundle-version", "subject-index"}),
     "train.install": frozenset({"bundle-version", "subject-index"}),
-    "train": frozenset({"adapt-iterations", "adapt-seconds", "neutral-frames", "subject-index"}),
+    "train": frozenset(
+        {
+            "adapt-iterations",
+            "adapt-seconds",
+            "neutral-frames",
+            "subject-index",
+            "pairing-fallback",
+            # with DP on: the release's accounting (public by design) and the ledger's total
+            "dp-epsilon",
+            "dp-noise-multiplier",
+            "dp-sample-rate",
+            "dp-steps",
+            "dp-group-epsilon",
+            "dp-group-size",
+            "dp-cumulative-epsilon",
+        }
+    ),
     "evaluate": frozenset(
         {"f1", "accuracy", "eval-frames", "adapt-iterations", "adapt-seconds", "subject-index"}
     ),
@@ -39,6 +55,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "f1": (0.0, 100.0),
     "accuracy": (0.0, 100.0),
     "bundle-current": (0.0, 1.0),
+    "pairing-fallback": (0.0, 1.0),
+    "dp-sample-rate": (0.0, 1.0),
 }
 
 #: Keys that count things: integers > 0 (a reply about zero frames is not a result).

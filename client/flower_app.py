@@ -1,15 +1,22 @@
-"""The Flower ClientApp: a thin adapter between Flower messages and on-device personalisation.
+"""The Flower ClientApp: a thin adapter between Flower messages and the on-device SDK.
 
-One node is one person (a device, or a virtual node of the simulation). Message types:
+One node is one person (a device, or a virtual node of the simulation). Every handler turns the
+message into :class:`~pft.client.sdk.Personalizer` calls on the node's ``state_dir`` and the
+result into a reply, so a node verifies bundles, adapts, keeps its privacy ledger, falls back
+from landmark to random pairing and stores the personal state exactly as an app embedding the
+SDK does. Message types:
 
 - ``query``: which bundle do you hold? (reply: ``bundle-current`` 0/1 for the digest asked about)
-- ``train.install``: here is a signed bundle (its files as a uint8 ArrayRecord); the node
-  verifies it against its trusted key with :class:`~pft.core.signing.TrustedBundleCache`
-  (refusing tampered, unsigned-extra-file and rolled-back bundles and keeping the one it had).
-- ``train``: adapt the translator T on the node's NEUTRAL videos with
-  :func:`pft.core.personalize.personalize`; T is saved encrypted on the node's disk
-  (:class:`pft.client.store.EncryptedStore`, atomic, survives restarts).
-- ``evaluate``: where the node has labelled ``eval`` videos (the simulation), score a method.
+- ``train.install``: here is a signed bundle (its files as a uint8 ArrayRecord);
+  :meth:`Personalizer.from_bundle` verifies it, loads it and installs it (refusing tampered,
+  unsigned-extra-file, pickled and rolled-back bundles and keeping the one it had).
+- ``train``: adapt the translator T on the node's NEUTRAL ``adapt`` videos
+  (:meth:`Personalizer.enroll_features` on the node's cached features; with DP on, the release is
+  checked against and written to the node's privacy ledger first) and save the personal state,
+  encrypted, on the node's disk (:meth:`Personalizer.save`).
+- ``evaluate``: where the node has labelled ``eval`` videos (the simulation), score a method:
+  ``pft`` with the saved personal state (:meth:`Personalizer.load`, which checks it was made
+  with the installed bundle), the other methods of :mod:`pft.core.methods` on the node's frames.
 
 Every reply goes through :func:`pft.client.egress.metrics_reply`: only allow-listed numeric metrics
 leave the node. The node's settings come from a JSON spec (:class:`NodeSpec`) named by
@@ -24,7 +31,6 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,33 +39,32 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from pft.client.egress import metrics_reply
-from pft.client.store import EncryptedStore, StoreKey
-from pft.core.bundle import Bundle, load_bundle
+from pft.client.ledger import PrivacyBudget
+from pft.client.personal_state import BUNDLES_DIR
+from pft.client.sdk import ClientConfig, EnrollmentReport, Personalizer
+from pft.client.store import StoreKey
+from pft.client.wire import BUNDLE_RECORD, CONFIG_RECORD, SPEC_ENV
 from pft.core.config import FrozenConfig
-from pft.core.data import FaceCropConfig, VideoConfig
+from pft.core.data import FaceCropConfig, VideoConfig, VideoRecord, load_dataset
 from pft.core.data.cache import state_dict_sha256
 from pft.core.errors import BundleTamperedError, PFTError
+from pft.core.frames import FrameSet, FrameStore
+from pft.core.methods import IMAGE_METHODS, METHODS, MethodSettings, TargetData, TargetImages, target_images
 from pft.core.metrics import accuracy, macro_f1
-from pft.core.models import Translator
-from pft.core.personalize import Personalization, PersonalizeConfig, SourceModel, personalize
+from pft.core.personalize import PersonalizeConfig
 from pft.core.seeding import subject_seed
 from pft.core.signing import TrustedBundleCache, load_public_key
-from pft.core.training import SourceStyles
 
-if TYPE_CHECKING:
-    from pft.simulations.workspace import FrameSet
-
-SPEC_ENV = "PFT_FLOWER_SPEC"
-CONFIG_RECORD = "config"
-BUNDLE_RECORD = "bundle"
-TRANSLATOR_STORE = "translator.store"
+__all__ = ["Node", "NodeSpec", "app", "enroll_node", "make_client_app", "node_from_context", "spec_path"]
 
 
 class NodeSpec(FrozenConfig):
-    """Where a node finds its data, keys and disk.
+    """Where a node finds its data, keys and disk, and its privacy budget.
 
     ``subjects[k]`` is the person of the node with ``partition-id`` k (the simulation: the k-th
     target subject in sorted order, which also gives the adaptation seed ``subject_seed(seed, k)``).
+    ``privacy_budget`` is the device's own total budget per privacy unit (its ledger refuses a DP
+    run that would exceed it, whatever the server asks).
     """
 
     dataset_root: Path
@@ -72,11 +77,12 @@ class NodeSpec(FrozenConfig):
     store_key_file: Path
     state_root: Path
     torch_threads: int | None = None
+    privacy_budget: PrivacyBudget = PrivacyBudget()
 
 
 @dataclass(frozen=True)
 class Node:
-    """This node: its spec, its index and person, and its own folder."""
+    """This node: its spec, its index and person, and its own folder (the SDK's ``state_dir``)."""
 
     spec: NodeSpec
     index: int
@@ -85,11 +91,61 @@ class Node:
 
     def bundle_cache(self) -> TrustedBundleCache:
         """The node's trusted bundle cache (verifies against the spec's public key)."""
-        return TrustedBundleCache(self.state_dir / "bundles", load_public_key(self.spec.trusted_key))
+        return TrustedBundleCache(self.state_dir / BUNDLES_DIR, load_public_key(self.spec.trusted_key))
 
-    def translator_store(self) -> EncryptedStore:
-        """The encrypted on-disk store of the node's personal translator."""
-        return EncryptedStore(self.state_dir / TRANSLATOR_STORE, StoreKey.from_file(self.spec.store_key_file))
+    def client_config(
+        self, personalize: PersonalizeConfig | None = None, budget: PrivacyBudget | None = None
+    ) -> ClientConfig:
+        """The SDK settings of this node (no decoder process: a node reads its frame store)."""
+        return ClientConfig(
+            video=self.spec.video,
+            crop=self.spec.crop,
+            personalize=personalize or PersonalizeConfig(),
+            privacy_budget=budget or self.spec.privacy_budget,
+            prestart_decoder=False,
+        )
+
+    def personalizer(
+        self, personalize: PersonalizeConfig | None = None, budget: PrivacyBudget | None = None
+    ) -> Personalizer:
+        """The SDK over the bundle this node has installed (verified again), not enrolled."""
+        return Personalizer.from_installed(
+            self.state_dir, self.spec.trusted_key, config=self.client_config(personalize, budget)
+        )
+
+    def store_key(self) -> StoreKey:
+        """The key of the node's encrypted personal state."""
+        return StoreKey.from_file(self.spec.store_key_file)
+
+    def _frame_store(self) -> tuple[FrameStore, list[VideoRecord]]:
+        """The node's frame store with its person's videos loaded (crops cached as in ``pft simulate``)."""
+        index = load_dataset(self.spec.dataset_root, self.spec.layout)
+        records = index.by_subject().get(self.subject, [])
+        store = FrameStore(index, self.spec.cache_root, self.spec.video, self.spec.crop)
+        store.load_frames(records)
+        return store, records
+
+    def images(self, personalizer: Personalizer) -> TargetImages:
+        """The face crops of the node's adapt, eval and oracle videos (for methods that re-run F)."""
+        store, records = self._frame_store()
+        split = {s: [r for r in records if r.split == s] for s in ("adapt", "eval", "oracle")}
+        return target_images(
+            store, personalizer.bundle.extractor, split["adapt"], split["eval"], split["oracle"]
+        )
+
+    def frames(self, personalizer: Personalizer, splits: tuple[str, ...]) -> dict[str, FrameSet]:
+        """F's features of the node's videos per split (crops and features cached as in ``pft simulate``)."""
+        store, records = self._frame_store()
+        extractor = personalizer.bundle.extractor
+        f_hash = state_dict_sha256(extractor.state_dict())
+        by_split: dict[str, list[VideoRecord]] = {}
+        for record in records:
+            by_split.setdefault(record.split or "train", []).append(record)
+        return {
+            split: store.frame_set(rs, extractor, f_hash)
+            for split, rs in by_split.items()
+            if split in splits and any(r.path in store.videos for r in rs)
+        }
 
 
 def spec_path(context: Context) -> Path:
@@ -121,58 +177,6 @@ def node_from_context(context: Context) -> Node:
     if spec.torch_threads is not None:
         torch.set_num_threads(spec.torch_threads)
     return Node(spec, index, subject, state_dir)
-
-
-def source_model(bundle: Bundle) -> SourceModel:
-    """The parts personalisation needs, built from a verified bundle (as the in-process engine)."""
-    return SourceModel(
-        bundle.classifier,
-        bundle.translator,
-        bundle.normalizer,
-        SourceStyles.from_tensors(bundle.source_styles),
-        {k: np.asarray(v) for k, v in bundle.descriptors.items()},
-        bundle.extra.get("pairing", "cosine"),
-    )
-
-
-def installed_bundle(node: Node) -> Bundle:
-    """Verify the node's current bundle again and load it through the verified manifest."""
-    folder, manifest = node.bundle_cache().load_current()
-    return load_bundle(folder, manifest)
-
-
-def subject_frames(node: Node, bundle: Bundle, splits: tuple[str, ...]) -> dict[str, FrameSet]:
-    """F's features of the node's videos per split (crops and features cached as in ``pft simulate``)."""
-    from pft.core.data import load_dataset
-    from pft.simulations.workspace import FrameStore
-
-    index = load_dataset(node.spec.dataset_root, node.spec.layout)
-    records = index.by_subject().get(node.subject, [])
-    store = FrameStore(index, node.spec.cache_root, node.spec.video, node.spec.crop)
-    store.load_frames(records)
-    f_hash = state_dict_sha256(bundle.extractor.state_dict())
-    by_split: dict[str, list[Any]] = {}
-    for record in records:
-        by_split.setdefault(record.split or "train", []).append(record)
-    return {
-        split: store.frame_set(rs, bundle.extractor, f_hash)
-        for split, rs in by_split.items()
-        if split in splits and any(r.path in store.videos for r in rs)
-    }
-
-
-def subject_images(node: Node, bundle: Bundle) -> Any:
-    """The face crops of the node's adapt, eval and oracle videos (for methods that re-run F)."""
-    from pft.core.data import load_dataset
-    from pft.simulations.methods import target_images
-    from pft.simulations.workspace import FrameStore
-
-    index = load_dataset(node.spec.dataset_root, node.spec.layout)
-    records = index.by_subject().get(node.subject, [])
-    store = FrameStore(index, node.spec.cache_root, node.spec.video, node.spec.crop)
-    store.load_frames(records)
-    split = {s: [r for r in records if r.split == s] for s in ("adapt", "eval", "oracle")}
-    return target_images(store, bundle.extractor, split["adapt"], split["eval"], split["oracle"])
 
 
 def _config(message: Message) -> ConfigRecord:
@@ -220,91 +224,87 @@ def query(message: Message, context: Context) -> Message:
 
 
 def install(message: Message, context: Context) -> Message:
-    """Verify and install a received signed bundle; a refused one raises and the old one stays."""
+    """Verify, load and install a received signed bundle (the SDK's ``from_bundle``); a refused
+    one raises and the old one stays current."""
     node = node_from_context(context)
     arrays = message.content.get(BUNDLE_RECORD) if BUNDLE_RECORD in message.content else None
     if not isinstance(arrays, ArrayRecord):
         raise PFTError("train.install: the message carries no bundle")
-    cache = node.bundle_cache()
     with tempfile.TemporaryDirectory(prefix=".received-", dir=node.state_dir) as tmp:
         _write_received_bundle(arrays, Path(tmp))
-        cache.install(tmp)
-    installed = cache.installed()
-    assert installed is not None
-    return metrics_reply(message, {"bundle-version": installed.bundle_version, "subject-index": node.index})
+        with Personalizer.from_bundle(
+            tmp, node.spec.trusted_key, state_dir=node.state_dir, config=node.client_config()
+        ) as personalizer:
+            version = personalizer.bundle.bundle_version
+    return metrics_reply(message, {"bundle-version": version, "subject-index": node.index})
 
 
-def personalize_node(
-    node: Node, bundle: Bundle, config: PersonalizeConfig, seed: int
-) -> tuple[Personalization, int]:
-    """Stage 3 on the node's neutral ``adapt`` frames (what ``train`` and the prior's ``fit`` run);
-    returns the personalisation and how many neutral frames it used.
+def enroll_node(node: Node, personalizer: Personalizer) -> EnrollmentReport:
+    """Stage 3 on the node's neutral ``adapt`` frames through the SDK (what ``train`` and the
+    prior's ``fit`` run), with the personalizer's settings and ledger.
 
     Raises
     ------
     PFTError
         The node has no usable neutral frames.
+    PrivacyBudgetExceededError
+        DP is on and the run would exceed the node's budget (nothing was run).
     """
-    neutral = subject_frames(node, bundle, ("adapt",)).get("adapt")
+    neutral = node.frames(personalizer, ("adapt",)).get("adapt")
     if neutral is None or len(neutral) == 0:
         raise PFTError(f"node {node.index}: no usable neutral frames to adapt on")
-    result = personalize(
-        source_model(bundle),
+    return personalizer.enroll_features(
         neutral.features,
         neutral.frame_stats,
-        config.model_copy(update={"seed": seed}),
-        descriptor=neutral.mean_descriptor(),
         video_ids=neutral.video_ids,
         time_index=neutral.time_index,
+        descriptor=neutral.mean_descriptor(),
     )
-    return result, len(neutral)
+
+
+def train_metrics(report: EnrollmentReport, cumulative_epsilon: float | None) -> dict[str, float]:
+    """The ``train`` reply's metrics beyond the node's index: the adaptation's cost, the pairing
+    fallback, and with DP the release's accounting (public by design) and the ledger's total."""
+    metrics: dict[str, float] = {
+        "adapt-iterations": report.iterations,
+        "adapt-seconds": report.adapt_seconds,
+        "neutral-frames": report.frames_used,
+        "pairing-fallback": 1.0 if report.pairing_fallback else 0.0,
+    }
+    release = report.privacy
+    if release is not None:
+        metrics.update(
+            {
+                "dp-epsilon": float(release["epsilon"]),
+                "dp-noise-multiplier": float(release["noise_multiplier"]),
+                "dp-sample-rate": float(release["sample_rate"]),
+                "dp-steps": float(release["steps"]),
+                "dp-group-size": float(release.get("group_size", 1)),
+            }
+        )
+        if release.get("group_epsilon") is not None:
+            metrics["dp-group-epsilon"] = float(release["group_epsilon"])
+        if cumulative_epsilon is not None:
+            metrics["dp-cumulative-epsilon"] = cumulative_epsilon
+    return metrics
 
 
 def train(message: Message, context: Context) -> Message:
-    """Adapt T on the node's neutral ``adapt`` frames and save it encrypted on the node's disk."""
+    """Adapt T on the node's neutral ``adapt`` frames and save the personal state on its disk."""
     node = node_from_context(context)
     config = _config(message)
     base = PersonalizeConfig.model_validate_json(str(config["pft-config"]))
     seed = subject_seed(_int(config, "seed"), node.index)
-    bundle = installed_bundle(node)
-    result, neutral_frames = personalize_node(node, bundle, base, seed)
-    node.translator_store().save(
-        {
-            "translator": dict(result.translator.state_dict()),
-            "style_target": result.style_target,
-            "style_reference": result.style_reference,
-            "reference_subject": result.reference_subject,
-            "bundle_digest": node.bundle_cache().installed().digest,  # type: ignore[union-attr]
-            "iterations": int(result.result.iterations),
-            "seconds": float(result.result.seconds),
-        },
-        owner=node.subject,
-    )
+    with node.personalizer(base.model_copy(update={"seed": seed})) as personalizer:
+        report = enroll_node(node, personalizer)
+        personalizer.save(node.store_key(), owner=node.subject)
+        cumulative = None
+        if report.privacy is not None:
+            cumulative = personalizer.ledger.epsilon(report.privacy["privacy_unit"])
     rounds = context.state.get("node") if "node" in context.state else None
     done = int(float(str(rounds["rounds-trained"]))) if isinstance(rounds, MetricRecord) else 0
     context.state["node"] = MetricRecord({"rounds-trained": done + 1})
-    return metrics_reply(
-        message,
-        {
-            "adapt-iterations": int(result.result.iterations),
-            "adapt-seconds": float(result.result.seconds),
-            "neutral-frames": neutral_frames,
-            "subject-index": node.index,
-        },
-    )
-
-
-def _personal_logits(node: Node, bundle: Bundle, features: torch.Tensor) -> tuple[torch.Tensor, int, float]:
-    """``C(T(f))`` with the node's stored personal translator."""
-    payload = node.translator_store().load(owner=node.subject)
-    translator = Translator(bundle.model_config)
-    translator.load_state_dict(payload["translator"], strict=True)
-    translator.eval()
-    bundle.classifier.eval()
-    with torch.no_grad():
-        translated = translator(features, payload["style_target"], payload["style_reference"])
-        logits = bundle.classifier(translated)
-    return logits, int(payload["iterations"]), float(payload["seconds"])
+    return metrics_reply(message, {**train_metrics(report, cumulative), "subject-index": node.index})
 
 
 def evaluate(message: Message, context: Context) -> Message:
@@ -312,36 +312,42 @@ def evaluate(message: Message, context: Context) -> Message:
     node = node_from_context(context)
     config = _config(message)
     method = str(config["method"])
-    bundle = installed_bundle(node)
-    splits = subject_frames(node, bundle, ("adapt", "oracle", "eval"))
-    held_out = splits.get("eval")
-    if held_out is None or len(held_out) == 0:
-        raise PFTError(f"node {node.index}: no labelled eval frames")
-    iterations, seconds = 0, 0.0
-    if method == "pft":
-        logits, iterations, seconds = _personal_logits(node, bundle, held_out.features)
-    elif method == "source_only":
-        bundle.classifier.eval()
-        with torch.no_grad():
-            logits = bundle.classifier(held_out.features)
-    else:  # research baselines (e.g. the oracle) run the simulation's method runners
-        from pft.simulations.methods import IMAGE_METHODS, METHODS, MethodSettings, TargetData
-
-        if method not in METHODS or "adapt" not in splits:
-            raise PFTError(f"node {node.index}: cannot run method {method!r} here")
-        settings = MethodSettings.model_validate_json(str(config["method-settings"]))
-        target = TargetData(node.subject, splits["adapt"], splits.get("oracle"), held_out)
-        if method in IMAGE_METHODS:
-            target.images = subject_images(node, bundle)
-        seed = subject_seed(_int(config, "seed"), node.index)
-        outcome = METHODS[method](source_model(bundle), target, settings, seed)
-        logits, iterations, seconds = outcome.logits, outcome.iterations, outcome.seconds
+    if method == "pft":  # the person's saved state, checked against the installed bundle
+        personalizer = Personalizer.load(
+            node.state_dir,
+            node.spec.trusted_key,
+            node.store_key(),
+            owner=node.subject,
+            config=node.client_config(),
+        )
+    else:
+        personalizer = node.personalizer()
+    with personalizer:
+        splits = node.frames(personalizer, ("adapt", "oracle", "eval"))
+        held_out = splits.get("eval")
+        if held_out is None or len(held_out) == 0:
+            raise PFTError(f"node {node.index}: no labelled eval frames")
+        if method == "pft":
+            logits = personalizer.feature_logits(held_out.features)
+            iterations = int(personalizer.enrollment.get("iterations", 0))
+            seconds = float(personalizer.enrollment.get("adapt_seconds", 0.0))
+        else:  # the source model and the research baselines (e.g. the oracle)
+            if method not in METHODS or "adapt" not in splits:
+                raise PFTError(f"node {node.index}: cannot run method {method!r} here")
+            settings = MethodSettings.model_validate_json(str(config["method-settings"]))
+            target = TargetData(node.subject, splits["adapt"], splits.get("oracle"), held_out)
+            if method in IMAGE_METHODS:
+                target.images = node.images(personalizer)
+            seed = subject_seed(_int(config, "seed"), node.index)
+            outcome = METHODS[method](personalizer.source_model, target, settings, seed)
+            logits, iterations, seconds = outcome.logits, outcome.iterations, outcome.seconds
+        classes = len(personalizer.class_names)
     y = held_out.labels.numpy()
     pred = logits.argmax(1).numpy()
     return metrics_reply(
         message,
         {
-            "f1": macro_f1(y, pred, len(bundle.class_names)),
+            "f1": macro_f1(y, pred, classes),
             "accuracy": accuracy(y, pred),
             "eval-frames": len(held_out),
             "adapt-iterations": iterations,

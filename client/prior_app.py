@@ -7,9 +7,9 @@ list; default: NO) answers a ``fit`` by
 2. checking the release (clip ``C``, noise ``sigma``, ``delta``: one person-level Gaussian
    mechanism, :func:`pft.core.prior.update_release`) against its privacy ledger - a release over
    budget is refused BEFORE anything is computed or sent,
-3. personalising T on its NEUTRAL frames (:func:`pft.core.personalize.personalize`, as the
-   Message-API app does), taking the update of the trainable tensors, clipping and noising it
-   with a device-secret generator (:func:`pft.core.prior.privatize_update`),
+3. personalising T on its NEUTRAL frames through the SDK (:func:`pft.client.flower_app.enroll_node`,
+   as the Message-API app does), taking the update of the trainable tensors, clipping and noising
+   it with a device-secret generator (:func:`pft.core.prior.privatize_update`),
 4. appending the release to the ledger (write-ahead), then returning the noised update with
    weight 1; Flower's ``secaggplus_mod`` quantises and MASKS it, so the server only ever
    reconstructs the sum over the survivors.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import secrets
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,8 +34,9 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import NDArrays, Scalar
 
 from pft.client.egress import EgressViolationError, check_prior_reply
-from pft.client.flower_app import Node, installed_bundle, node_from_context, personalize_node, spec_path
-from pft.client.ledger import LEDGER_FILE, PrivacyBudget, PrivacyLedger
+from pft.client.flower_app import Node, enroll_node, node_from_context, spec_path
+from pft.client.ledger import PrivacyBudget
+from pft.client.wire import OPT_IN_KEY
 from pft.core.config import FrozenConfig
 from pft.core.errors import PFTError
 from pft.core.personalize import PersonalizeConfig
@@ -51,10 +51,8 @@ __all__ = [
     "make_prior_client_app",
     "node_opted_in",
     "prior_egress_guard",
-    "prior_ledger",
 ]
 
-OPT_IN_KEY = "prior-opt-in"
 PRIOR_NODE_SECTION = "prior_node"
 
 
@@ -94,11 +92,6 @@ def node_opted_in(context: Context, node: Node, settings: PriorNodeSettings) -> 
     return node.subject in settings.opt_in
 
 
-def prior_ledger(node: Node, settings: PriorNodeSettings) -> PrivacyLedger:
-    """The node's privacy ledger (``<state_dir>/privacy_ledger.json``)."""
-    return PrivacyLedger.open(node.state_dir / LEDGER_FILE, settings.budget)
-
-
 class PriorClient(NumPyClient):
     """One node's side of the federated prior (legacy NumPyClient; SecAgg+ masks its reply)."""
 
@@ -133,30 +126,37 @@ class PriorClient(NumPyClient):
         node = self.node
         if not self.opted_in:
             raise PriorConsentError(f"node {node.index} did not opt in to the federated prior")
-        bundle = installed_bundle(node)
-        installed = node.bundle_cache().installed()
-        if installed is None or installed.digest != str(config.get("bundle-digest", "")):
-            raise PFTError(f"node {node.index}: the server's T0 is not the bundle this node holds")
-        names = tuple(json.loads(str(config["update-names"])))
-        t0 = bundle.translator.state_dict()
-        if len(parameters) != len(names) or any(
-            not np.array_equal(np.asarray(p), t0[n].numpy()) for p, n in zip(parameters, names, strict=True)
-        ):
-            raise PFTError(f"node {node.index}: the server's T0 tensors differ from the installed bundle's")
-        update_config = PriorUpdateConfig.model_validate_json(str(config["prior-update"]))
-        ledger = prior_ledger(node, self.settings)
-        ledger.check(update_release(update_config))  # refuse before any work: nothing leaves
         pft = PersonalizeConfig.model_validate_json(str(config["pft-config"]))
         seed = subject_seed(int(config["seed"]), node.index)
-        result, _ = personalize_node(node, bundle, pft, seed)
-        update = translator_update(bundle.translator, result.translator, names)
-        noise_seed = (
-            subject_seed(self.settings.noise_seed, node.index)
-            if self.settings.noise_seed is not None
-            else secrets.randbits(63)
-        )
-        noised, release = privatize_update(update, update_config, torch.Generator().manual_seed(noise_seed))
-        ledger.record(release, "prior_update", note=f"federated prior on bundle {installed.digest[:16]}")
+        with node.personalizer(pft.model_copy(update={"seed": seed}), self.settings.budget) as personalizer:
+            if personalizer.bundle_digest != str(config.get("bundle-digest", "")):
+                raise PFTError(f"node {node.index}: the server's T0 is not the bundle this node holds")
+            names = tuple(json.loads(str(config["update-names"])))
+            t0 = personalizer.bundle.translator.state_dict()
+            if len(parameters) != len(names) or any(
+                not np.array_equal(np.asarray(p), t0[n].numpy())
+                for p, n in zip(parameters, names, strict=True)
+            ):
+                raise PFTError(
+                    f"node {node.index}: the server's T0 tensors differ from the installed bundle's"
+                )
+            update_config = PriorUpdateConfig.model_validate_json(str(config["prior-update"]))
+            # the device's one ledger (the SDK's): refuse before any work, so nothing leaves
+            personalizer.ledger.check(update_release(update_config))
+            enroll_node(node, personalizer)
+            assert personalizer.personalization is not None
+            adapted = personalizer.personalization.translator
+            update = translator_update(personalizer.bundle.translator, adapted, names)
+            noise_seed = (
+                subject_seed(self.settings.noise_seed, node.index)
+                if self.settings.noise_seed is not None
+                else secrets.randbits(63)
+            )
+            generator = torch.Generator().manual_seed(noise_seed)
+            noised, release = privatize_update(update, update_config, generator)
+            personalizer.ledger.record(
+                release, "prior_update", note=f"federated prior on bundle {personalizer.bundle_digest[:16]}"
+            )
         return [noised[n].numpy() for n in names], 1, {}
 
     def evaluate(
@@ -203,7 +203,3 @@ def make_prior_client_app(mods: list[Mod] | None = None, inner_mods: list[Mod] |
 
 app = make_prior_client_app()
 
-
-def ledger_path(state_dir: str | Path) -> Path:
-    """Where a node's privacy ledger lives in its state folder."""
-    return Path(state_dir) / LEDGER_FILE

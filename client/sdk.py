@@ -10,20 +10,20 @@ by the Flower ClientApp::
     p = Personalizer.load("state/", "bundle-signing.pub", key, owner="alice")
     p.export("model.onnx")                                       # F, T, C fused, style codes baked in
 
-Layout of ``state_dir`` (the SDK writes nowhere else; exports go where the caller says)::
+A node that already has F's features of the person's frames (the ClientApp, reading its
+feature cache) enrolls with :meth:`Personalizer.enroll_features` and scores with
+:meth:`Personalizer.feature_logits`: the same adaptation, privacy ledger, pairing fallback and
+personal state as the video path.
 
-    bundles/          TrustedBundleCache: <digest>/ folders, current.json
-    personal.store    the encrypted personal state (+ .prev, .lock)
-
-The personal state is the adapted translator's weights, the two style codes, the reference
-subject, the privacy ledger (a list of DP releases, each a JSON object; empty until DP is used),
-a summary of the enrollment and the digest of the bundle it was made with.
+Layout of ``state_dir`` (the SDK writes nowhere else; exports go where the caller says): see
+:mod:`pft.client.personal_state` (``bundles/``, ``personal.store``, ``privacy_ledger.json``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -41,6 +41,7 @@ from torch import Tensor
 
 from pft.client.export import ExportFormat, InputDType, PersonalizedModel, export_model
 from pft.client.ledger import LEDGER_FILE, PrivacyBudget, PrivacyLedger
+from pft.client.personal_state import BUNDLES_DIR, STATE_FILE, PersonalState, personal_store
 from pft.client.store import EncryptedStore, StoreKey
 from pft.core.adaptation import AdaptResult
 from pft.core.bundle import Bundle, load_bundle
@@ -66,20 +67,21 @@ from pft.core.data.pipeline import BatchReport, FaceClip
 from pft.core.domain import OOD_WARN, TrainingDomain, domain_warning, ood_score
 from pft.core.errors import (
     BundleTamperedError,
+    MissingExtraError,
     NoFaceError,
-    PersonalStateMismatchError,
     PFTError,
     StoreError,
     TooFewFacesError,
 )
-from pft.core.models import preprocess
+from pft.core.models import Translator, preprocess
 from pft.core.pairing import Strategy
 from pft.core.personalize import Personalization, PersonalizeConfig, SourceModel, personalize
 from pft.core.privacy import plan_release
 from pft.core.signing import TrustedBundleCache, bundle_digest, key_id, load_public_key, verify_bundle
-from pft.core.training import SourceStyles
+from pft.core.training import SourceStyles, extract_features
 
 __all__ = [
+    "STATE_FILE",
     "ClientConfig",
     "EnrollmentReport",
     "Personalizer",
@@ -88,11 +90,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-STATE_FORMAT = "pft-personal-state/1"
-STATE_FILE = "personal.store"
-STATE_PURPOSE = "pft-personal-state"
-BUNDLES_DIR = "bundles"
 
 ProgressCallback = Callable[[str, int, int], None]
 """``progress(stage, done, total)``; stages ``faces`` (per video), ``features`` and ``adapt``."""
@@ -162,8 +159,11 @@ class EnrollmentReport:
         The source subject whose style the person is translated to.
     pairing:
         The pairing strategy used (``landmark`` falls back to ``random`` without landmarks).
+    privacy:
+        The DP release (epsilon, delta, privacy unit, accountant...) when DP was on, else None.
     pairing_fallback:
-        Why the bundle's pairing was not used (``None`` when it was).
+        Why the bundle's ``landmark`` pairing fell back to ``random`` (no frame had landmarks; the
+        reference subject is then drawn at random, not matched); ``None`` when it did not.
     ood_score:
         How far the person's neutral style lies from the source subjects'
         (:func:`pft.core.domain.ood_score`: about 1 in distribution, above 3 out of it).
@@ -277,7 +277,7 @@ def _mean_descriptor(clips: Sequence[FaceClip]) -> np.ndarray | None:
 
 
 def _contain_torch_cache(state_dir: Path) -> None:
-    """Keep torch's import-time cache folder inside ``state_dir`` (RELIABILITY row 14).
+    """Keep torch's import-time cache folder inside ``state_dir`` (docs/reliability.md case 14).
 
     The first optimiser step imports ``torch._dynamo``, which creates an (empty) inductor cache
     folder, by default ``$TMPDIR/torchinductor_<user>``. If the SDK is the first to import it,
@@ -326,6 +326,11 @@ class Personalizer:
     state). Call :meth:`close` (or use it as a context manager) to stop the decoder process.
     ``decoder`` (optional) is a :class:`~pft.core.data.VideoDecoder` the new object takes over
     and closes; by default one is made and started in the background (``config.prestart_decoder``).
+
+    Raises
+    ------
+    MissingExtraError
+        ``config.personalize.dp`` is set but Opacus (the ``dp`` extra) is not installed.
     """
 
     def __init__(
@@ -341,8 +346,12 @@ class Personalizer:
         landmarker: LandmarkDetector | None = None,
         decoder: VideoDecoder | None = None,
     ) -> None:
-        self.bundle = bundle
         self.config = config or ClientConfig()
+        if self.config.personalize.dp is not None and importlib.util.find_spec("opacus") is None:
+            if decoder is not None:
+                decoder.close()
+            raise MissingExtraError("DP-SGD adaptation (personalize.dp)", "Opacus", "dp")
+        self.bundle = bundle
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.trusted_public_key = trusted_public_key
         self.bundle_digest = bundle_digest(bundle.manifest)
@@ -724,6 +733,75 @@ class Personalizer:
             progress=progress,
         )
 
+    def enroll_features(
+        self,
+        features: Tensor,
+        frame_stats: Tensor,
+        *,
+        video_ids: Tensor | None = None,
+        time_index: Tensor | None = None,
+        descriptor: np.ndarray | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> EnrollmentReport:
+        """Enroll from F's outputs a node already has (e.g. read from its feature cache).
+
+        ``features`` (N, D) and ``frame_stats`` (N, 2C) must be what this bundle's F gives for
+        the person's NEUTRAL face crops (:func:`pft.core.training.extract_features`); then the
+        adaptation, the privacy ledger, the pairing fallback and the personal state are exactly
+        those of :meth:`enroll`. ``video_ids``/``time_index``/``descriptor`` as for
+        :meth:`enroll_crops`.
+
+        Raises
+        ------
+        ValueError
+            The features or statistics do not have the shapes this bundle's F gives.
+        TooFewFacesError
+            Fewer rows than ``config.personalize.min_frames``.
+        PrivacyBudgetExceededError
+            DP is on and the run would exceed the device's budget (nothing was run).
+        """
+        t0 = time.perf_counter()
+        features, frame_stats = self._check_features(features, frame_stats)
+        needed = self.config.personalize.min_frames
+        if len(features) < needed:
+            raise TooFewFacesError(len(features), needed, "enrollment")
+        self._plan_release(len(features), video_ids)
+        if self.state_dir is not None:
+            _contain_torch_cache(self.state_dir)
+        return self._personalize(
+            features,
+            frame_stats,
+            video_ids=video_ids,
+            time_index=time_index,
+            descriptor=descriptor,
+            videos_given=0,
+            used=(),
+            rejected=(),
+            started=t0,
+            progress=progress,
+        )
+
+    def _check_features(self, features: Tensor, frame_stats: Tensor) -> tuple[Tensor, Tensor]:
+        """``features`` and ``frame_stats`` as float32 tensors, if they fit this bundle's F."""
+        features = torch.as_tensor(features, dtype=torch.float32)
+        frame_stats = torch.as_tensor(frame_stats, dtype=torch.float32)
+        dim = self.bundle.model_config.pooled_dim
+        if features.ndim != 2 or features.shape[1] != dim:
+            raise ValueError(f"features must be (N, {dim}) for this bundle's F, got {tuple(features.shape)}")
+        if frame_stats.ndim != 2 or len(frame_stats) != len(features):
+            raise ValueError(
+                f"frame_stats must be (N, 2C) with N = {len(features)} rows, got {tuple(frame_stats.shape)}"
+            )
+        return features, frame_stats
+
+    def _plan_release(self, n_frames: int, video_ids: Tensor | None) -> None:
+        """With DP on, record the run's release in the ledger BEFORE anything runs (write-ahead:
+        a run that crashes still counts; one over budget raises and nothing runs)."""
+        dp = self.config.personalize.dp
+        if dp is not None:
+            planned = plan_release(dp, self.config.personalize.adapt, n_frames, video_ids)
+            self.ledger.record(planned, "adaptation", note=f"enrollment of {n_frames} frames")
+
     def _adapt(
         self,
         crops: np.ndarray,
@@ -738,12 +816,7 @@ class Personalizer:
         progress: ProgressCallback | None,
         real_video: bool = False,
     ) -> EnrollmentReport:
-        from pft.core.training import extract_features
-
-        dp = self.config.personalize.dp
-        if dp is not None:  # refuse BEFORE anything runs; write-ahead: a crash still counts
-            planned = plan_release(dp, self.config.personalize.adapt, len(crops), video_ids)
-            self.ledger.record(planned, "adaptation", note=f"enrollment of {len(crops)} frames")
+        self._plan_release(len(crops), video_ids)
         if self.state_dir is not None:
             _contain_torch_cache(self.state_dir)
         if progress is not None:
@@ -751,22 +824,53 @@ class Personalizer:
         features, frame_stats = extract_features(self.bundle.extractor, crops)
         if progress is not None:
             progress("features", len(crops), len(crops))
-            progress("adapt", 0, 1)
+        return self._personalize(
+            features,
+            frame_stats,
+            video_ids=video_ids,
+            time_index=time_index,
+            descriptor=descriptor,
+            videos_given=videos_given,
+            used=used,
+            rejected=rejected,
+            started=started,
+            progress=progress,
+            real_video=real_video,
+        )
+
+    def _pairing_model(self, descriptor: np.ndarray | None) -> tuple[SourceModel, str | None]:
+        """The source model to adapt with, and whether ``landmark`` pairing fell back to ``random``
+        (why, when no landmarks were found: the reference is then drawn at random, not matched)."""
         model = self.source_model
-        notes: list[str] = []
-        fallback = None
-        if model.pairing == "landmark" and descriptor is None:
-            fallback = "landmark pairing needs facial landmarks and none were found; random pairing was used"
-            logger.warning(fallback)
-            notes.append(fallback)
-            model = SourceModel(
-                model.classifier,
-                model.translator,
-                model.normalizer,
-                model.styles,
-                model.descriptors,
-                "random",
-            )
+        if model.pairing != "landmark" or descriptor is not None:
+            return model, None
+        fallback = "landmark pairing needs facial landmarks and none were found; random pairing was used"
+        logger.warning(fallback)
+        random_model = SourceModel(
+            model.classifier, model.translator, model.normalizer, model.styles, model.descriptors, "random"
+        )
+        return random_model, fallback
+
+    def _personalize(
+        self,
+        features: Tensor,
+        frame_stats: Tensor,
+        *,
+        video_ids: Tensor | None,
+        time_index: Tensor | None,
+        descriptor: np.ndarray | None,
+        videos_given: int,
+        used: tuple[Path, ...],
+        rejected: tuple[Rejection, ...],
+        started: float,
+        progress: ProgressCallback | None,
+        real_video: bool = False,
+    ) -> EnrollmentReport:
+        """Stage 3 on F's outputs of the person's neutral frames; the one step every enroll ends in."""
+        if progress is not None:
+            progress("adapt", 0, 1)
+        model, fallback = self._pairing_model(descriptor)
+        notes: list[str] = [fallback] if fallback is not None else []
         result = personalize(
             model,
             features,
@@ -795,7 +899,7 @@ class Personalizer:
             videos_given=videos_given,
             videos_used=used,
             videos_rejected=rejected,
-            frames_used=len(crops),
+            frames_used=len(features),
             iterations=result.result.iterations,
             converged=result.result.converged,
             adapt_seconds=result.result.seconds,
@@ -823,17 +927,21 @@ class Personalizer:
 
     # prediction ------------------------------------------------------------------------------
     @torch.no_grad()
+    def feature_logits(self, features: Tensor) -> Tensor:
+        """Class logits (N, K) of F's features (N, D): ``C(T(f))`` once enrolled, else ``C(f)``."""
+        classifier = self.bundle.classifier
+        classifier.eval()
+        if self.personalization is not None:
+            return self.personalization.logits(classifier, features)
+        return classifier(features)
+
+    @torch.no_grad()
     def probabilities(self, crops: np.ndarray | Tensor) -> np.ndarray:
         """Class probabilities (N, K) of face crops: ``C(T(F(x)))`` once enrolled, else ``C(F(x))``."""
         bundle = self.bundle
         bundle.extractor.eval()
-        bundle.classifier.eval()
         x = preprocess(crops, bundle.model_config.image_size)
-        f = bundle.extractor(x)
-        if self.personalization is not None:
-            logits = self.personalization.logits(bundle.classifier, f)
-        else:
-            logits = bundle.classifier(f)
+        logits = self.feature_logits(bundle.extractor(x))
         return torch.softmax(logits, dim=1).numpy().astype(np.float32)
 
     def _prediction(
@@ -916,24 +1024,33 @@ class Personalizer:
     def _store(self, key: StoreKey) -> EncryptedStore:
         if self.state_dir is None:
             raise StoreError("no state_dir: give one to Personalizer.from_bundle to save personal state")
-        return EncryptedStore(self.state_dir / STATE_FILE, key, purpose=STATE_PURPOSE)
+        return personal_store(self.state_dir, key)
 
-    def state_payload(self) -> dict[str, Any]:
-        """The personal state as stored (translator weights, style codes, ledger, bundle digest)."""
+    def personal_state(self) -> PersonalState:
+        """The personal state to store (:mod:`pft.client.personal_state`).
+
+        Raises
+        ------
+        PFTError
+            Not enrolled yet.
+        """
         if self.personalization is None:
             raise PFTError("nothing to save: enroll the person first")
         p = self.personalization
-        return {
-            "format": STATE_FORMAT,
-            "bundle_digest": self.bundle_digest,
-            "bundle_version": self.bundle.bundle_version,
-            "translator": {k: v.detach().clone() for k, v in p.translator.state_dict().items()},
-            "style_target": p.style_target.detach().clone(),
-            "style_reference": p.style_reference.detach().clone(),
-            "reference_subject": p.reference_subject,
-            "privacy_ledger": list(self.privacy_ledger),
-            "enrollment": dict(self.enrollment),
-        }
+        return PersonalState(
+            bundle_digest=self.bundle_digest,
+            bundle_version=self.bundle.bundle_version,
+            translator=dict(p.translator.state_dict()),
+            style_target=p.style_target,
+            style_reference=p.style_reference,
+            reference_subject=p.reference_subject,
+            privacy_ledger=list(self.privacy_ledger),
+            enrollment=dict(self.enrollment),
+        )
+
+    def state_payload(self) -> dict[str, Any]:
+        """The personal state as stored (translator weights, style codes, ledger, bundle digest)."""
+        return self.personal_state().to_payload()
 
     def save(self, key: StoreKey | None = None, *, owner: str | None = None) -> Path:
         """Encrypt and write the personal state to ``state_dir/personal.store`` (atomic).
@@ -958,25 +1075,16 @@ class Personalizer:
         return path
 
     def _restore(self, payload: dict[str, Any], where: str) -> None:
-        if payload.get("format") != STATE_FORMAT:
-            raise StoreError(f"{where}: not an SDK personal state (format {payload.get('format')!r})")
-        if payload.get("bundle_digest") != self.bundle_digest:
-            raise PersonalStateMismatchError(
-                f"{where}: this personal state was made with bundle {str(payload.get('bundle_digest'))[:16]} "
-                f"(version {payload.get('bundle_version')}), but the installed bundle is "
-                f"{self.bundle_digest[:16]} (version {self.bundle.bundle_version}); enroll again"
-            )
-        from pft.core.models import Translator
-
+        state = PersonalState.from_payload(
+            payload, where, bundle_digest=self.bundle_digest, bundle_version=self.bundle.bundle_version
+        )
         translator = Translator(self.bundle.model_config)
         try:
-            translator.load_state_dict(payload["translator"], strict=True)
-            style_target = payload["style_target"].float()
-            style_reference = payload["style_reference"].float()
-        except (RuntimeError, KeyError, AttributeError) as exc:
+            translator.load_state_dict(state.translator, strict=True)
+        except RuntimeError as exc:
             raise StoreError(f"{where}: the saved translator does not fit the bundle ({exc})") from exc
         translator.eval()
-        enrollment = dict(payload.get("enrollment") or {})
+        enrollment = state.enrollment
         result = AdaptResult(
             method="pft",
             iterations=int(enrollment.get("iterations", 0)),
@@ -985,9 +1093,9 @@ class Personalizer:
             history={},
         )
         self.personalization = Personalization(
-            translator, style_target, style_reference, str(payload["reference_subject"]), result
+            translator, state.style_target, state.style_reference, state.reference_subject, result
         )
-        self.ledger.merge(list(payload.get("privacy_ledger") or []))  # keeps the longer history
+        self.ledger.merge(state.privacy_ledger)  # keeps the longer history
         self.enrollment = enrollment
 
     # export ----------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ blob for every tensor in it), encrypted with AES-256-GCM under a key that comes 
 passphrase (scrypt, random per-store salt in the file header) or from the platform keystore
 (32 raw bytes, expanded per file with HKDF). The associated data binds the owner id, the store
 format version, the purpose (default: the file name) and the whole header, so a ciphertext moved
-to another user, another purpose or another header fails authentication (RELIABILITY.md row 4).
+to another user, another purpose or another header fails authentication (docs/reliability.md case 4).
 
-Every save is atomic (temp file, fsync, rename; RELIABILITY.md row 5) and first keeps the
+Every save is atomic (temp file, fsync, rename; docs/reliability.md case 5) and first keeps the
 previous good generation as ``<name>.prev``; :meth:`EncryptedStore.read` falls back to it, and
 says so, when the current file fails to authenticate.
 

@@ -5,18 +5,27 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
+from pft.cli.extras import require_extra
 from pft.cli.progress import console
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 bench_app = typer.Typer(
     help="Benchmarks: engines side by side, adaptation latency, feature throughput, pipeline, "
     "methods, SDK. Each prints JSON (and writes it with --json).",
     no_args_is_help=True,
 )
+
+
+@bench_app.callback()
+def _needs_sim() -> None:
+    """Benchmarks: engines, adaptation latency, features, pipeline, methods, SDK (JSON out)."""
+    require_extra("bench", "sim", "matplotlib", "sklearn", "skimage", "onnxruntime", "ray", "flwr")
 
 
 def _emit(result: dict[str, Any], path: Path | None) -> None:
@@ -66,6 +75,8 @@ def engines(
 
 def engines_table(result: dict[str, Any]) -> Table:
     """The engines run as a table (stderr; the JSON on stdout stays the record)."""
+    from rich.table import Table
+
     matmul = result["matmul_gflops"]
     rates = {e: r["subjects_per_s"] for e, r in result["engines"].items() if "subjects_per_s" in r}
     table = Table(title=f"{result['subjects']} subjects, matmul {matmul} GFLOP/s (same run)")
@@ -121,8 +132,8 @@ def pipeline(
     json_out: JsonOpt = None,
 ) -> None:
     """Frames/s through decode -> detect -> crop (isolated and in-process)."""
+    from pft.core.machine import describe_machine
     from pft.simulations.bench_pipeline import bench_pipeline, make_astronaut_videos
-    from pft.simulations.machine import describe_machine
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = list(videos or []) or make_astronaut_videos(Path(tmp))

@@ -13,14 +13,16 @@ import json
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
-from pft.client.export import ExportFormat, InputDType
-from pft.client.sdk import STATE_FILE, Personalizer
-from pft.client.store import StoreKey
 from pft.core.errors import PFTError
+
+if TYPE_CHECKING:  # imported in the commands: `pft --help` loads no torch
+    from pft.client.export import ExportFormat, InputDType
+    from pft.client.sdk import Personalizer
+    from pft.client.store import StoreKey
 
 __all__ = ["client_app"]
 
@@ -76,6 +78,8 @@ def _store_key(
     confirm: bool = False,
 ) -> StoreKey | None:
     """The store key from exactly one source; a hidden prompt when none is given and ``prompt``."""
+    from pft.client.store import StoreKey
+
     given = [s for s in (passphrase_file, passphrase_env, key_file) if s is not None]
     if len(given) > 1:
         raise _fail(ValueError("give one of --passphrase-file, --passphrase-env, --key-file"))
@@ -105,6 +109,9 @@ def _open(
     state: Path, public_key: Path, bundle: Path | None, key: StoreKey | None, owner: str
 ) -> Personalizer:
     """Install ``bundle`` if given, then load the saved state if there is one and a key."""
+    from pft.client.personal_state import STATE_FILE
+    from pft.client.sdk import Personalizer
+
     if bundle is not None:
         Personalizer.from_bundle(bundle, public_key, state_dir=state).close()
     if key is not None and ((state / STATE_FILE).exists() or (state / f"{STATE_FILE}.prev").exists()):
@@ -131,6 +138,9 @@ def enroll_command(
     key_file: KeyFileOption = None,
 ) -> None:
     """Adapt the translator to one person on this device and save it encrypted in --state."""
+    from pft.client.personal_state import STATE_FILE
+    from pft.client.sdk import Personalizer
+
     key = _store_key(passphrase_file, passphrase_env, key_file, confirm=not (state / STATE_FILE).exists())
     try:
         if bundle is not None:
@@ -216,13 +226,15 @@ def export_command(
     key_file: KeyFileOption = None,
 ) -> None:
     """Write the personalised model (F, T, C fused, style codes baked in) for a mobile runtime."""
+    from pft.client.sdk import Personalizer
+
     key = _store_key(passphrase_file, passphrase_env, key_file)
     try:
         if key is None:  # pragma: no cover - _store_key prompts
             raise PFTError("a store key is needed to export the personal model")
         with Personalizer.load(state, public_key, key, owner=owner) as p:
             path = p.export(
-                out, cast(ExportFormat, fmt.value), input_dtype=cast(InputDType, input_dtype.value)
+                out, cast("ExportFormat", fmt.value), input_dtype=cast("InputDType", input_dtype.value)
             )
     except PFTError as exc:
         raise _fail(exc) from exc

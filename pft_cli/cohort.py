@@ -7,12 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from pft.core.cohort import CohortConfig, load_manifest, make_cohort, preview_cohort
+from pft.cli.extras import require_extra
 from pft.core.errors import PFTError
 
 cohort_app = typer.Typer(
@@ -39,6 +36,11 @@ def make(
     workers: Annotated[int | None, typer.Option(help="Worker processes (default: all cores).")] = None,
 ) -> None:
     """Generate a cohort: videos, sidecars, manifest.json and config.json."""
+    from pydantic import ValidationError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pft.core.cohort import CohortConfig, make_cohort
+
     try:
         config = CohortConfig(
             profile=profile,
@@ -80,6 +82,9 @@ def preview(
     subjects: Annotated[int, typer.Option(help="Rows (subjects) in the sheet.")] = 8,
 ) -> None:
     """Write a contact sheet (subjects x classes, apex frames)."""
+    require_extra("cohort preview", "sim", "matplotlib")
+    from pft.core.cohort import preview_cohort
+
     try:
         path = preview_cohort(cohort_dir, out, subjects=subjects)
     except PFTError as exc:
@@ -91,6 +96,10 @@ def preview(
 @cohort_app.command("info")
 def info(cohort_dir: Annotated[Path, typer.Argument(help="A cohort folder.")]) -> None:
     """Print video counts per split and class."""
+    from rich.table import Table
+
+    from pft.core.cohort import load_manifest
+
     try:
         manifest = load_manifest(cohort_dir)
     except PFTError as exc:

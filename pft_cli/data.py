@@ -8,20 +8,20 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import numpy as np
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pft.core.data.datasets import LOADERS, DatasetIndex, load_dataset
-from pft.core.data.detectors import make_detector
-from pft.core.data.faces import FaceDetector
-from pft.core.data.landmarks import AnnotatedLandmarkDetector, DlibLandmarkDetector, LandmarkDetector
-from pft.core.data.pipeline import BatchReport, FaceCropConfig, process_videos
-from pft.core.data.video import VideoConfig
+from pft.cli.choices import LAYOUT_NAMES
 from pft.core.errors import PFTError
+
+if TYPE_CHECKING:  # imported in the commands: `pft --help` loads no OpenCV or numpy
+    from pft.core.data.datasets import DatasetIndex
+    from pft.core.data.faces import FaceDetector
+    from pft.core.data.landmarks import LandmarkDetector
+    from pft.core.data.pipeline import BatchReport, FaceCropConfig
+    from pft.core.data.video import VideoConfig
 
 data_app = typer.Typer(
     help="Check datasets through the video pipeline and look at face crops.", no_args_is_help=True
@@ -49,7 +49,9 @@ class LandmarkChoice(StrEnum):
     dlib = "dlib"
 
 
-LayoutOption = Annotated[str, typer.Option("--layout", "-l", help=f"One of: {', '.join(sorted(LOADERS))}.")]
+LayoutOption = Annotated[
+    str, typer.Option("--layout", "-l", help=f"One of: {', '.join(sorted(LAYOUT_NAMES))}.")
+]
 DetectorOption = Annotated[DetectorChoice, typer.Option(help="Face detector.")]
 LandmarkOption = Annotated[LandmarkChoice, typer.Option(help="Landmark detector (for eye alignment).")]
 
@@ -57,6 +59,9 @@ LandmarkOption = Annotated[LandmarkChoice, typer.Option(help="Landmark detector 
 def _detectors(
     layout: str, detector: DetectorChoice, landmarks: LandmarkChoice
 ) -> tuple[FaceDetector, LandmarkDetector | None]:
+    from pft.core.data.detectors import make_detector
+    from pft.core.data.landmarks import AnnotatedLandmarkDetector, DlibLandmarkDetector
+
     synthetic = layout == "synthetic"
     name = "annotated" if detector == DetectorChoice.auto and synthetic else detector.value
     face, own_marks = make_detector(name)
@@ -107,6 +112,11 @@ def _run(
     detector: DetectorChoice,
     landmarks: LandmarkChoice,
 ) -> tuple[DatasetIndex, BatchReport]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pft.core.data.datasets import load_dataset
+    from pft.core.data.pipeline import process_videos
+
     index = load_dataset(root, layout)
     records = list(index.records[:limit] if limit else index.records)
     face, marks = _detectors(layout, detector, landmarks)
@@ -145,6 +155,9 @@ def check(
     ] = False,
 ) -> None:
     """Scan a dataset, run every video through the pipeline, and report what was rejected and why."""
+    from pft.core.data.pipeline import FaceCropConfig
+    from pft.core.data.video import VideoConfig
+
     try:
         video_config = VideoConfig(sample_fps=sample_fps, max_frames=max_frames)
         index, report = _run(root, layout, limit, video_config, FaceCropConfig(), detector, landmarks)
@@ -192,6 +205,11 @@ def crops(
 ) -> None:
     """Write a sheet of face crops: one row per video, evenly spaced frames along it."""
     import cv2
+    import numpy as np
+
+    from pft.core.atomic import atomic_write_bytes
+    from pft.core.data.pipeline import FaceCropConfig
+    from pft.core.data.video import VideoConfig
 
     try:
         video_config = VideoConfig(max_frames=per_video)
@@ -213,7 +231,5 @@ def crops(
     ok, png = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     if not ok:  # pragma: no cover
         raise typer.Exit(1)
-    from pft.core.atomic import atomic_write_bytes
-
     atomic_write_bytes(out, png.tobytes())
     console.print(f"wrote {out} ({len(rows)} videos; {len(report.rejected)} rejected)")

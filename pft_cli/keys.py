@@ -7,14 +7,15 @@ A thin layer: every command parses its options and calls :mod:`pft.core.signing`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from pft.cli.secrets import passphrase_from_env
 from pft.core.errors import PFTError
-from pft.core.signing import key_id, load_public_key, write_signing_key_pair
-from pft.server import pki
+
+if TYPE_CHECKING:  # imported in the commands: `pft --help` loads no cryptography
+    from pft.server.pki import ServerCertificateFiles
 
 __all__ = ["certs_app", "keys_app"]
 
@@ -46,6 +47,8 @@ def signing_command(
     force: Force = False,
 ) -> None:
     """Create the bundle-signing key pair: bundle-signing.key (0600) and bundle-signing.pub."""
+    from pft.core.signing import key_id, load_public_key, write_signing_key_pair
+
     try:
         passphrase = passphrase_from_env(passphrase_env)
     except ValueError as exc:
@@ -65,6 +68,8 @@ def node_command(
     force: Force = False,
 ) -> None:
     """Create a SuperNode authentication key pair (EC P-384, OpenSSH formats, like ssh-keygen)."""
+    from pft.server import pki
+
     try:
         files = pki.create_node_key_pair(out, name, overwrite=force)
     except PFTError as exc:
@@ -85,6 +90,8 @@ def ca_command(
     force: Force = False,
 ) -> None:
     """Create a certificate authority: ca.key (0600) and ca.crt."""
+    from pft.server import pki
+
     try:
         files = pki.create_ca(out, common_name=common_name, valid_days=days, overwrite=force)
     except PFTError as exc:
@@ -106,6 +113,8 @@ def server_command(
     ca: CaDir, out: OutDir, san: SanOption = None, days: Days = 365, force: Force = False
 ) -> None:
     """Issue a SuperLink TLS certificate signed by the CA: server.key (0600), server.pem, ca.crt."""
+    from pft.server import pki
+
     try:
         files = pki.issue_server_certificate(ca, out, san or [], valid_days=days, overwrite=force)
     except PFTError as exc:
@@ -116,6 +125,8 @@ def server_command(
 @certs_app.command("rotate")
 def rotate_command(ca: CaDir, out: OutDir, san: SanOption = None, days: Days = 365) -> None:
     """Issue a new server certificate from the same CA; the old pair is kept as .old."""
+    from pft.server import pki
+
     try:
         files = pki.rotate_server_certificate(ca, out, san or None, valid_days=days)
     except PFTError as exc:
@@ -126,7 +137,9 @@ def rotate_command(ca: CaDir, out: OutDir, san: SanOption = None, days: Days = 3
     )
 
 
-def _print_server(files: pki.ServerCertificateFiles) -> None:
+def _print_server(files: ServerCertificateFiles) -> None:
+    from pft.server import pki
+
     cert = pki.load_certificate(files.cert)
     typer.echo(f"server key:  {files.key}")
     typer.echo(f"server cert: {files.cert}  (SANs: {', '.join(pki.certificate_sans(cert))})")

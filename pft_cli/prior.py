@@ -7,10 +7,17 @@ from typing import Annotated
 
 import typer
 
+from pft.cli.extras import require_extra
 from pft.cli.progress import console
 from pft.core.errors import PFTError
 
 prior_app = typer.Typer(no_args_is_help=True)
+
+
+@prior_app.callback()
+def _needs_sim() -> None:
+    """The opt-in federated translator prior (Flower SecAgg+, local DP): build it, score it."""
+    require_extra("prior", "sim", "matplotlib", "sklearn", "skimage", "onnxruntime", "ray", "flwr")
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:

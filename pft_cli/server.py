@@ -19,9 +19,6 @@ import typer
 
 from pft.cli.secrets import passphrase_from_env
 from pft.core.errors import PFTError
-from pft.core.signing import bundle_digest, key_id, load_signing_key
-from pft.server.audit import AuditLog, read_audit_log
-from pft.server.publish import publish_bundle
 
 __all__ = ["server_app"]
 
@@ -52,6 +49,10 @@ def publish_command(
     ] = None,
 ) -> None:
     """Copy a bundle into a new folder with VERSION, sign it, and audit the release."""
+    from pft.core.signing import bundle_digest, key_id, load_signing_key
+    from pft.server.audit import AuditLog
+    from pft.server.publish import publish_bundle
+
     try:
         passphrase = passphrase_from_env(passphrase_env)
     except ValueError as exc:
@@ -88,6 +89,8 @@ def register_node_command(
     audit_log: AuditOption,
 ) -> None:
     """Register a site's public key with the SuperLink (``flwr supernode register``) and audit it."""
+    from pft.server.audit import AuditLog
+
     try:
         line = public_key.read_bytes()
     except OSError as exc:
@@ -119,6 +122,8 @@ def audit_command(
     event: Annotated[str | None, typer.Option("--event", help="Only this event, e.g. run.finished.")] = None,
 ) -> None:
     """Print the audit log's events as JSON lines (a torn last line is reported, not printed)."""
+    from pft.server.audit import read_audit_log
+
     try:
         read = read_audit_log(audit_log)
     except PFTError as exc:

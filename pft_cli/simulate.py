@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-import yaml
-from pydantic import ValidationError
 
+from pft.cli.choices import DEFAULT_METHOD_NAMES, METHOD_NAMES, PROFILE_NAMES
+from pft.cli.extras import require_extra
 from pft.cli.progress import console, stage_bars
 from pft.core.errors import PFTError
-from pft.simulations.experiment import DEFAULT_METHODS, PROFILES, ExperimentConfig, run_experiment
-from pft.simulations.methods import METHODS
+
+if TYPE_CHECKING:  # imported in the commands: `pft --help` loads no torch
+    from pft.simulations.experiment import ExperimentConfig
 
 
 def load_config_file(path: Path | None) -> dict[str, Any]:
@@ -22,6 +23,8 @@ def load_config_file(path: Path | None) -> dict[str, Any]:
         return {}
     if not path.is_file():
         raise typer.BadParameter(f"{path} does not exist", param_hint="--config")
+    import yaml
+
     text = path.read_text()
     data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     if not isinstance(data, dict):
@@ -31,6 +34,8 @@ def load_config_file(path: Path | None) -> dict[str, Any]:
 
 def build_config(base: dict[str, Any], **overrides: Any) -> ExperimentConfig:
     """Merge command-line overrides (those not None) into a config dict and validate it."""
+    from pft.simulations.experiment import ExperimentConfig
+
     merged = dict(base)
     merged.update({k: v for k, v in overrides.items() if v is not None})
     return ExperimentConfig.model_validate(merged)
@@ -46,7 +51,7 @@ def with_dp(base: dict[str, Any], epsilon: float, delta: float, unit: str, accou
 
 def simulate(
     profile: Annotated[
-        str, typer.Option(help=f"Cohort profile: {', '.join(PROFILES)}, or 'all' for every profile.")
+        str, typer.Option(help=f"Cohort profile: {', '.join(PROFILE_NAMES)}, or 'all' for every profile.")
     ] = "biovid",
     seed: Annotated[
         int, typer.Option(help="Seed of the cohort and every stage (same seed, same numbers).")
@@ -57,8 +62,8 @@ def simulate(
     methods: Annotated[
         str | None,
         typer.Option(
-            help=f"Comma-separated methods ({', '.join(METHODS)}) or 'all'. "
-            f"Default: {','.join(DEFAULT_METHODS)}."
+            help=f"Comma-separated methods ({', '.join(METHOD_NAMES)}) or 'all'. "
+            f"Default: {','.join(DEFAULT_METHOD_NAMES)}."
         ),
     ] = None,
     source_subjects: Annotated[
@@ -151,6 +156,13 @@ def simulate(
     translator per target subject from its NEUTRAL videos only, evaluates on its held-out videos.
     With --data the same pipeline runs on a dataset folder (real faces through a real detector).
     """
+    flower = ("ray", "flwr") if engine == "flower" else ()
+    require_extra("simulate", "sim", "matplotlib", "sklearn", *flower)
+    from pydantic import ValidationError
+
+    from pft.core.methods import METHODS
+    from pft.simulations.experiment import PROFILES, run_experiment
+
     base = load_config_file(config)
     batched = {
         k: v
@@ -219,7 +231,7 @@ def ablate(
         list[str] | None,
         typer.Argument(help="Which: losses, pairing, dims, weights, branches (default: all of them)."),
     ] = None,
-    profile: Annotated[str, typer.Option(help=f"Cohort profile: {', '.join(PROFILES)}.")] = "biovid",
+    profile: Annotated[str, typer.Option(help=f"Cohort profile: {', '.join(PROFILE_NAMES)}.")] = "biovid",
     seed: Annotated[int, typer.Option(help="Seed of the cohort and every stage.")] = 0,
     out: Annotated[Path, typer.Option(help="Output folder for ablation_<kind>.json/.md.")] = Path(
         "runs/ablations"
@@ -232,6 +244,9 @@ def ablate(
     Each variant re-runs the evaluation of `pft simulate` (same cohort, caches and seeds) for PFT and
     source-only; `branches` measures feature similarity before and after each person's translator.
     """
+    require_extra("ablate", "sim", "matplotlib", "sklearn")
+    from pydantic import ValidationError
+
     from pft.simulations.ablations import ABLATIONS, ablation_markdown, run_ablation
 
     chosen = kinds or list(ABLATIONS)

@@ -1,7 +1,7 @@
 """Crash-safe file writes: temp file in the same folder, fsync, rename, fsync the folder.
 
 A process killed at any point leaves either the old file or the new one, never a torn file
-(RELIABILITY.md row 5).
+(docs/reliability.md case 5).
 """
 
 from __future__ import annotations

@@ -138,6 +138,16 @@ class PersonalStateMismatchError(StoreError):
     """The saved personal state was made with another model bundle than the one installed."""
 
 
+class MissingExtraError(PFTError):
+    """A feature needs an optional dependency this install lacks; the message names the extra to
+    install (e.g. ``pip install 'sfda-pft[dp]'`` for DP-SGD)."""
+
+    def __init__(self, feature: str, module: str, extra: str) -> None:
+        self.feature, self.module, self.extra = feature, module, extra
+        install = f"pip install 'sfda-pft[{extra}]'"
+        super().__init__(f"{feature} needs {module}, which this install lacks: {install}")
+
+
 # --- federated translator prior ----------------------------------------------------------------
 class InvalidPriorUpdateError(PFTError):
     """A translator update (or the aggregate of updates) is not finite or does not match T's tensors."""

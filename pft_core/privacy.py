@@ -29,13 +29,9 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
-from opacus import GradSampleModule
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
@@ -52,6 +48,10 @@ from pft.core.config import FrozenConfig
 from pft.core.models import Translator
 from pft.core.objective import PFTObjective
 from pft.core.training import Progress
+
+if TYPE_CHECKING:  # Opacus is the `dp` extra: imported where DP runs, not with this module
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
 
 PrivacyUnit = Literal["frame", "video", "person"]
 AccountantName = Literal["rdp", "prv"]
@@ -166,6 +166,8 @@ def epsilon_spent(history: Sequence[Mechanism], delta: float, accountant: Accoun
         return 0.0
     if any(s <= 0 for s, _ in merged):
         return math.inf
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(mechanism=accountant)
     acc.history = [(s, q, n) for (s, q), n in merged.items()]
     return float(acc.get_epsilon(delta=delta))
@@ -177,6 +179,8 @@ def noise_for_target(
 ) -> float:
     """The noise multiplier for which ``steps`` steps at ``sample_rate`` spend ``epsilon`` at ``delta``
     (Opacus's ``get_noise_multiplier`` binary search; the result spends at most ``epsilon``)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(
         get_noise_multiplier(
             target_epsilon=epsilon,
@@ -339,6 +343,9 @@ class OpacusPrivacyHook:
         for m in (parts.extractor, parts.classifier):
             if m is not None and (m.training or any(p.requires_grad for p in m.parameters())):
                 raise ValueError("F and C must be frozen and in eval mode for DP adaptation")
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
         translator.train()
         self.module = GradSampleModule(translator, batch_first=True, loss_reduction="mean", strict=True)
         expected = self.release.sample_rate * len(self.data.records)

@@ -10,7 +10,7 @@ accepts a bundle only if, in this order,
 4. the bundle's version is not older than the one already installed (rollback protection).
 
 :class:`TrustedBundleCache` installs verified bundles on a device so that a refused candidate
-never replaces the bundle it had (RELIABILITY.md row 2).
+never replaces the bundle it had (docs/reliability.md case 2).
 """
 
 from __future__ import annotations

@@ -5,7 +5,12 @@ by ``run_config["pft-spec"]`` or ``$PFT_FLOWER_SPEC``) -> verify the signed bund
 nodes (quorum ``min_nodes``) -> ``query`` which nodes already hold the bundle's digest and send it
 (``train.install``) to the others -> per round, ``train`` (each node adapts T on its own neutral
 videos) then, where nodes have labelled data, ``evaluate`` each method -> write results.json and
-report.md in the same format as ``pft simulate`` (``pft.simulations.report``).
+report.md in the same format as ``pft simulate`` (:mod:`pft.core.results`).
+
+From the last round's ``train`` replies the results also say which nodes fell back from landmark
+to random pairing (``federation.pairing_fallback``) and, with DP on, the privacy summary of PFT
+(``methods.pft.privacy``, as ``pft simulate`` writes it) and each node's ledger total
+(``federation.privacy_ledger``: cumulative epsilon per subject).
 """
 
 from __future__ import annotations
@@ -23,15 +28,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from pydantic import Field
 
-from pft.client.flower_app import BUNDLE_RECORD, CONFIG_RECORD, SPEC_ENV
+from pft.client.wire import BUNDLE_RECORD, CONFIG_RECORD, SPEC_ENV
 from pft.core.config import FrozenConfig
+from pft.core.machine import describe_machine
 from pft.core.personalize import PersonalizeConfig
+from pft.core.privacy import DPConfig, summarise_releases
+from pft.core.results import markdown_table, plot_per_subject, summarise_method, write_results
 from pft.core.signing import bundle_digest, load_public_key
 from pft.server.audit import AuditLog, RunAudit
 from pft.server.publish import bundle_arrays
 from pft.server.rounds import Exchange, QuorumError, exchange, wait_for_nodes
-from pft.simulations.machine import describe_machine
-from pft.simulations.report import markdown_table, plot_per_subject, summarise_method, write_results
 
 logger = logging.getLogger("pft.server")
 
@@ -83,6 +89,23 @@ def _subject(spec: ServerSpec, metrics: dict[str, float], node: int) -> str:
     return spec.subjects[index] if 0 <= index < len(spec.subjects) else f"node-{node}"
 
 
+def node_release(dp: DPConfig, metrics: dict[str, float]) -> dict[str, Any]:
+    """A node's DP release as ``DPRelease.summary`` names its fields, from its ``train`` reply's
+    numbers and the DP settings the server sent (unit, accountant, delta, clipping norm)."""
+    return {
+        "privacy_unit": dp.privacy_unit,
+        "accountant": dp.accountant,
+        "delta": dp.delta,
+        "max_grad_norm": dp.max_grad_norm,
+        "epsilon": metrics["dp-epsilon"],
+        "noise_multiplier": metrics["dp-noise-multiplier"],
+        "sample_rate": metrics["dp-sample-rate"],
+        "steps": int(metrics["dp-steps"]),
+        "group_size": int(metrics.get("dp-group-size", 1)),
+        "group_epsilon": metrics.get("dp-group-epsilon"),
+    }
+
+
 def run_federation(grid: Grid, spec: ServerSpec, audit: RunAudit | None = None) -> dict[str, Any]:
     """Run the whole personalisation federation and write its results; returns the results dict.
 
@@ -129,6 +152,7 @@ def run_federation(grid: Grid, spec: ServerSpec, audit: RunAudit | None = None) 
 
     per_method: dict[str, dict[str, dict[str, float]]] = {m: {} for m in spec.methods}
     costs: dict[str, list[tuple[float, float]]] = {m: [] for m in spec.methods}
+    last_train: dict[str, dict[str, float]] = {}
     for round_no in range(1, spec.rounds + 1):
         if len(active) < spec.min_nodes:
             raise QuorumError(
@@ -145,6 +169,7 @@ def run_federation(grid: Grid, spec: ServerSpec, audit: RunAudit | None = None) 
         audit.exchange(round_no, trained)
         trained.require(spec.min_nodes)
         active = sorted(trained.replies)
+        last_train = {_subject(spec, m, n): m for n, m in trained.replies.items()}
         if not spec.evaluate:
             continue
         per_method = {m: {} for m in spec.methods}
@@ -194,6 +219,7 @@ def run_federation(grid: Grid, spec: ServerSpec, audit: RunAudit | None = None) 
                 "completed": len(active),
                 "min_nodes": spec.min_nodes,
                 "rounds": spec.rounds,
+                "pairing_fallback": sorted(s for s, m in last_train.items() if m.get("pairing-fallback")),
                 "exchanges": [
                     {
                         "type": e.message_type,
@@ -207,6 +233,16 @@ def run_federation(grid: Grid, spec: ServerSpec, audit: RunAudit | None = None) 
             "timings_s": {"federation": round(time.monotonic() - t_start, 2)},
         }
     )
+    dp = spec.pft.dp
+    releases = {s: node_release(dp, m) for s, m in sorted(last_train.items()) if dp and "dp-epsilon" in m}
+    if releases:
+        if "pft" in results["methods"]:
+            results["methods"]["pft"]["privacy"] = summarise_releases(releases)
+        results["federation"]["privacy_ledger"] = {
+            s: m["dp-cumulative-epsilon"]
+            for s, m in sorted(last_train.items())
+            if "dp-cumulative-epsilon" in m
+        }
     write_report(spec.out_dir, results)
     return results
 
@@ -228,6 +264,19 @@ def write_report(out_dir: Path, results: dict[str, Any]) -> Path:
             "",
         ]
     federation = results["federation"]
+    privacy = results["methods"].get("pft", {}).get("privacy")
+    if privacy:
+        lines += [
+            f"PFT ran with DP-SGD: epsilon <= {privacy['epsilon']:.3g} per {privacy['privacy_unit']} at "
+            f"delta {privacy['delta']:g} ({privacy['accountant']}), written to every node's privacy ledger.",
+            "",
+        ]
+    if federation.get("pairing_fallback"):
+        lines += [
+            f"Landmark pairing fell back to random pairing (no landmarks) on: "
+            f"{', '.join(federation['pairing_fallback'])}.",
+            "",
+        ]
     lines += [
         f"{federation['completed']}/{federation['nodes']} node(s) completed {federation['rounds']} round(s) "
         f"(quorum {federation['min_nodes']}); bundle v{results['bundle']['version']} "

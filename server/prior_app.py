@@ -53,8 +53,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 from pydantic import Field
 
-from pft.client.flower_app import SPEC_ENV
-from pft.client.prior_app import OPT_IN_KEY
+from pft.client.wire import OPT_IN_KEY, SPEC_ENV
 from pft.core.adaptation import ModelParts
 from pft.core.atomic import atomic_write_text
 from pft.core.bundle import Bundle, load_bundle, save_bundle

@@ -3,7 +3,7 @@
 FedAvg does not fit personalisation (nothing but metrics comes back), so the ServerApp runs its
 own loop. Every reply is checked against the egress allow-list (``pft.client.egress``): error
 replies, missing replies and replies with NaN/Inf/negative values or unknown keys are counted as
-failures and logged, never aggregated (RELIABILITY rows 7-9).
+failures and logged, never aggregated (docs/reliability.md cases 7-9).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def wait_for_nodes(grid: Grid, wanted: int, min_nodes: int, timeout: float, poll
     Raises
     ------
     QuorumError
-        Fewer than ``min_nodes`` nodes after ``timeout`` seconds (RELIABILITY row 8: no hang).
+        Fewer than ``min_nodes`` nodes after ``timeout`` seconds (docs/reliability.md case 8: no hang).
     """
     deadline = time.monotonic() + timeout
     nodes = sorted(grid.get_node_ids())

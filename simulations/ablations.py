@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F_nn
 
 from pft.core.atomic import atomic_write_text
+from pft.core.frames import FrameSet
+from pft.core.methods import METHODS, MethodSettings
 from pft.core.metrics import macro_f1
 from pft.core.seeding import subject_seed
 from pft.simulations.experiment import ExperimentConfig, PreparedExperiment, prepare_experiment
-from pft.simulations.methods import METHODS, MethodSettings
-from pft.simulations.workspace import FrameSet
 
 AblationKind = Literal["losses", "pairing", "dims", "weights", "branches"]
 ABLATIONS: tuple[AblationKind, ...] = ("losses", "pairing", "dims", "weights", "branches")

@@ -42,7 +42,7 @@ from pft.core.data.pipeline import FaceCropConfig, extract_face_clip
 from pft.core.data.quality import FrameTally, frame_reason
 from pft.core.data.video import VideoConfig
 from pft.core.errors import PFTError
-from pft.simulations.machine import describe_machine
+from pft.core.machine import describe_machine
 from pft.simulations.real_media import (
     astronaut_pan,
     lfw_subset,

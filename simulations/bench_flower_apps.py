@@ -14,13 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from pft.core.adaptation import ModelParts
+from pft.simulations.bench_work import SPEC_ENV, adapt_one, make_tasks
+from pft.simulations.synthetic_world import synthetic_model
 
-SPEC_ENV = "PFT_BENCH_ENGINES_SPEC"
 _PARTS: dict[int, ModelParts] = {}
 
 
@@ -36,11 +38,6 @@ server_app = ServerApp()
 @client_app.train()
 def train(message: Message, context: Context) -> Message:
     """Adapt this node's subject (partition-id k) with the per-client trainer; reply its steps."""
-    import torch
-
-    from pft.simulations.bench_engines import adapt_one, make_tasks
-    from pft.simulations.synthetic_world import synthetic_model
-
     spec = _spec()
     torch.set_num_threads(1)  # one thread per actor; ``threads`` actors share the CPU budget
     k = int(context.node_config["partition-id"])

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
+from pft.core.machine import describe_machine
 from pft.core.models import FeatureExtractor, ModelConfig
 from pft.core.personalize import PersonalizeConfig, personalize
-from pft.simulations.machine import describe_machine
 from pft.simulations.synthetic_world import synthetic_model, synthetic_subject
 
 

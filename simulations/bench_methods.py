@@ -33,15 +33,16 @@ import numpy as np
 
 from pft.core.bundle import load_bundle
 from pft.core.data.cache import state_dict_sha256
+from pft.core.frames import FrameStore
+from pft.core.machine import describe_machine
+from pft.core.methods import METHODS, MethodOutcome, TargetData, target_images
 from pft.core.metrics import accuracy, macro_f1
 from pft.core.pairing import Strategy
 from pft.core.personalize import SourceModel
 from pft.core.seeding import subject_seed
 from pft.core.training import SourceStyles
 from pft.simulations.experiment import ExperimentConfig, run_experiment
-from pft.simulations.machine import describe_machine
-from pft.simulations.methods import METHODS, MethodOutcome, TargetData, target_images
-from pft.simulations.workspace import FrameStore, default_cache_root, ensure_cohort, open_cohort
+from pft.simulations.workspace import default_cache_root, ensure_cohort, open_cohort
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 

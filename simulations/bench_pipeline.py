@@ -114,7 +114,7 @@ def make_astronaut_videos(folder: Path, count: int = 8, frames: int = 30, size: 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Benchmark the given videos (or generated astronaut clips) and print JSON."""
-    from pft.simulations.machine import describe_machine
+    from pft.core.machine import describe_machine
 
     args = list(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory() as tmp:

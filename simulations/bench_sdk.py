@@ -45,10 +45,10 @@ from pft.core.data import (
     process_videos,
 )
 from pft.core.domain import TrainingDomain
+from pft.core.machine import describe_machine
 from pft.core.models import ModelConfig, build_parts
 from pft.core.signing import generate_signing_key, save_public_key, sign_bundle
 from pft.core.training import SubjectFeatures, extract_features, source_styles
-from pft.simulations.machine import describe_machine
 
 __all__ = ["bench_sdk", "build_demo_bundle", "write_astronaut_video"]
 

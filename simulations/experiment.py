@@ -31,11 +31,22 @@ from pft.core.data import DatasetIndex, FaceCropConfig, VideoConfig, VideoRecord
 from pft.core.data.cache import state_dict_sha256
 from pft.core.data.split import DataSource
 from pft.core.domain import TrainingDomain
+from pft.core.frames import FrameSet, FrameStore
+from pft.core.machine import describe_machine
+from pft.core.methods import (
+    IMAGE_METHODS,
+    METHODS,
+    MethodOutcome,
+    MethodSettings,
+    TargetData,
+    target_images,
+)
 from pft.core.metrics import accuracy, macro_f1
 from pft.core.models import Classifier, FeatureExtractor, ModelConfig
 from pft.core.pairing import Strategy
 from pft.core.personalize import SourceModel
 from pft.core.privacy import summarise_releases
+from pft.core.results import markdown_table, plot_per_subject, summarise_method, write_results
 from pft.core.safe_weights import load_safetensors, save_safetensors
 from pft.core.seeding import subject_seed
 from pft.core.training import (
@@ -47,30 +58,9 @@ from pft.core.training import (
     train_source,
 )
 from pft.simulations.batched import BatchedConfig, run_pft_batched
+from pft.simulations.embedding import plot_embedding
 from pft.simulations.gap_analysis import SubjectGap, markdown_correlations, plot_gaps, subject_gaps
-from pft.simulations.machine import describe_machine
-from pft.simulations.methods import (
-    IMAGE_METHODS,
-    METHODS,
-    MethodOutcome,
-    MethodSettings,
-    TargetData,
-    target_images,
-)
-from pft.simulations.report import (
-    markdown_table,
-    plot_embedding,
-    plot_per_subject,
-    summarise_method,
-    write_results,
-)
-from pft.simulations.workspace import (
-    FrameSet,
-    FrameStore,
-    default_cache_root,
-    ensure_cohort,
-    experiment_index,
-)
+from pft.simulations.workspace import default_cache_root, ensure_cohort, experiment_index
 
 Profile = Literal["biovid", "stressid", "bah", "affwild2"]
 PROFILES: tuple[Profile, ...] = ("biovid", "stressid", "bah", "affwild2")

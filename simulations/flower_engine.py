@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from flwr.clientapp import ClientApp
 
-from pft.client.flower_app import SPEC_ENV, NodeSpec
+from pft.client.flower_app import NodeSpec
 from pft.client.store import generate_key_file
+from pft.client.wire import SPEC_ENV
 from pft.core.signing import load_signing_key, write_signing_key_pair
 from pft.server.app import ServerSpec
 from pft.server.publish import publish_bundle

@@ -29,12 +29,15 @@ import torch
 from flwr.clientapp import ClientApp
 from pydantic import Field
 
-from pft.client.flower_app import SPEC_ENV, NodeSpec
+from pft.client.flower_app import NodeSpec
 from pft.client.ledger import PrivacyBudget
 from pft.client.prior_app import PRIOR_NODE_SECTION, PriorNodeSettings
+from pft.client.wire import SPEC_ENV
 from pft.core.bundle import load_bundle
 from pft.core.config import FrozenConfig
 from pft.core.errors import SecureAggregationHaltedError
+from pft.core.machine import describe_machine
+from pft.core.methods import METHODS
 from pft.core.metrics import macro_f1
 from pft.core.models import Translator
 from pft.core.prior import PriorUpdateConfig, update_release
@@ -44,8 +47,7 @@ from pft.server.prior_app import PRIOR_SERVER_SECTION, REPORT_FILE, PriorServerS
 from pft.server.publish import publish_bundle
 from pft.simulations.experiment import ExperimentConfig, PreparedExperiment, prepare_experiment
 from pft.simulations.flower_engine import _env, client_resources, simulation_keys
-from pft.simulations.machine import describe_machine
-from pft.simulations.methods import METHODS
+from pft.simulations.workspace import default_cache_root
 
 __all__ = [
     "PriorExperimentConfig",
@@ -246,8 +248,6 @@ def run_prior_experiment(
     Returns the results (also written to ``out_dir/results.json``, with ``report.md`` and
     ``config.json``).
     """
-    from pft.simulations.workspace import default_cache_root
-
     t_start = time.perf_counter()
     cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
     out_dir.mkdir(parents=True, exist_ok=True)

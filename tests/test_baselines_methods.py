@@ -11,11 +11,11 @@ from torch import nn
 
 from pft.core.adaptation import AdaptationData, AdaptationTrainer, AdaptConfig, ModelParts, predict
 from pft.core.baselines import NRC, SHOT, TPDS, baseline_translator, reestimate_batchnorm
+from pft.core.frames import FrameSet
+from pft.core.methods import METHODS, MethodSettings, TargetData, TargetImages
 from pft.core.models import Classifier, FeatureExtractor, ModelConfig, Translator, preprocess
 from pft.core.personalize import SourceModel
 from pft.core.training import SubjectFeatures, extract_features, neutral_confidence, source_styles
-from pft.simulations.methods import METHODS, MethodSettings, TargetData, TargetImages
-from pft.simulations.workspace import FrameSet
 
 CFG = ModelConfig(width=8, image_size=32, num_classes=2, translator_hidden=32, style_embed_dim=8)
 FAST = AdaptConfig(max_iterations=12, min_iterations=12, batch_size=16, lr=1e-2, seed=0)

@@ -9,6 +9,8 @@ import torch
 
 from pft.core.adaptation import AdaptationData, AdaptConfig
 from pft.core.errors import TooFewFacesError
+from pft.core.frames import FrameSet
+from pft.core.methods import MethodSettings, TargetData, run_pft
 from pft.core.models import ModelConfig
 from pft.core.objective import PFTObjective
 from pft.core.personalize import PersonalizeConfig, personalize
@@ -25,9 +27,7 @@ from pft.simulations.batched import (
 )
 from pft.simulations.batched.optimiser import StackedOptimizer
 from pft.simulations.batched.streams import Partners, bernoulli_mask
-from pft.simulations.methods import MethodSettings, TargetData, run_pft
 from pft.simulations.synthetic_world import synthetic_model, synthetic_subject
-from pft.simulations.workspace import FrameSet
 
 # a loose tolerance makes subjects stop at different steps (per-subject early stopping)
 FAST = AdaptConfig(lr=0.01, max_iterations=36, min_iterations=8, tol=0.06, window=3)

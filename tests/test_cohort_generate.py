@@ -160,7 +160,8 @@ def test_cohort_cache_key_follows_the_generator_version(monkeypatch: pytest.Monk
 def test_frame_store_reads_the_annotated_actions_of_each_crop(cohort: Path, tmp_path: Path) -> None:
     from pft.core.cohort.profiles import AU_NAMES
     from pft.core.data import FaceCropConfig, VideoConfig
-    from pft.simulations.workspace import FrameStore, open_cohort
+    from pft.core.frames import FrameStore
+    from pft.simulations.workspace import open_cohort
 
     index = open_cohort(cohort)
     records = [r for r in index.records if r.split == "train"][:3]

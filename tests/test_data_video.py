@@ -1,4 +1,4 @@
-"""Decoding, sampling, bad input (RELIABILITY rows 12 and 15) and worker isolation."""
+"""Decoding, sampling, bad input (docs/reliability.md cases 12 and 15) and worker isolation."""
 
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 two SuperNodes, all on 127.0.0.1; keys, certificates, the signed release and the site
 registrations made with the ``pft`` commands, which write the audit log.
 
-RELIABILITY row 6: the SuperLink is SIGKILLed mid-run and restarted on the same database; the
-nodes and the SuperExec reconnect and the run completes; the devices' encrypted translator stores
+docs/reliability.md case 6: the SuperLink is SIGKILLed mid-run and restarted on the same database; the
+nodes and the SuperExec reconnect and the run completes; the devices' encrypted personal states
 still decrypt; the audit log reconciles with results.json. Row 8: a quorum that is never reached
 ends in ``finished:failed`` after the connect timeout, not a hang. Every process is stopped by
 PID in a finalizer; every wait has a timeout.
@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 
 from pft.cli.keys import certs_app, keys_app
 from pft.cli.server import server_app
-from pft.client.store import EncryptedStore, StoreKey
+from pft.client.personal_state import STATE_FILE, STATE_FORMAT, personal_store
+from pft.client.store import StoreKey
 from pft.core.signing import load_public_key, verify_bundle
 from pft.server import pki
 from pft.server.audit import read_audit_log
@@ -131,7 +132,7 @@ def test_superlink_restart_mid_run(deployment: Deployment, kit: dict[str, Any]) 
         dep.start_supernode(name, _node_keys(kit, name), f'partition-id={i} pft-spec="{spec}"')
     run_id = dep.start_run(spec)
     t_run = time.monotonic()
-    stores = [Path(node_spec["state_root"]) / s / "translator.store" for s in node_spec["subjects"]]
+    stores = [Path(node_spec["state_root"]) / s / STATE_FILE for s in node_spec["subjects"]]
     while not all(s.exists() for s in stores) and time.monotonic() - t_run < 120:
         time.sleep(0.2)
     assert all(s.exists() for s in stores), dep.log("superexec")[-3000:]
@@ -158,8 +159,9 @@ def test_superlink_restart_mid_run(deployment: Deployment, kit: dict[str, Any]) 
     # the devices' personal state is intact and still decrypts (bound to the person, this bundle)
     key = StoreKey.from_file(node_spec["store_key_file"])
     for subject, store in zip(node_spec["subjects"], stores, strict=True):
-        read = EncryptedStore(store, key).read(owner=subject)
+        read = personal_store(store.parent, key).read(owner=subject)
         assert not read.recovered_from_backup
+        assert read.payload["format"] == STATE_FORMAT
         assert read.payload["bundle_digest"] == results["bundle"]["digest"]
         assert read.payload["translator"]
     # the audit log reconciles: release, registrations, this run's exchanges and its end

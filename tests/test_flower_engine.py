@@ -1,5 +1,6 @@
 """The Flower simulation engine gives the in-process engine's per-subject numbers, and nothing but
-allow-listed metrics leaves a virtual node (every reply of a full run is recorded)."""
+allow-listed metrics leaves a virtual node (every reply of a full run is recorded); with DP on,
+every node writes its release to its privacy ledger and the results carry the privacy summary."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 
 from pft.client.egress import ALLOWED_METRICS, make_egress_audit_mod
 from pft.client.flower_app import make_client_app
+from pft.client.ledger import LEDGER_FILE
+from pft.client.personal_state import STATE_FILE
 from pft.simulations.experiment import ExperimentConfig, ExperimentResult, run_experiment
 from pft.simulations.flower_engine import client_resources, run_flower_simulation
 
@@ -35,8 +38,12 @@ TINY = ExperimentConfig.model_validate(
 
 
 @pytest.fixture(scope="module")
-def both_engines(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentResult, ExperimentResult, Path]:
-    root = tmp_path_factory.mktemp("flower-engine")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("flower-engine")
+
+
+@pytest.fixture(scope="module")
+def both_engines(root: Path) -> tuple[ExperimentResult, ExperimentResult, Path]:
     loop = run_experiment(TINY, root / "loop", root / "cache")
     audit = root / "egress.jsonl"
     client_app = make_client_app(mods=[make_egress_audit_mod(audit)])
@@ -76,9 +83,43 @@ def test_only_allow_listed_metrics_leave_a_node(both_engines: tuple[Any, Any, Pa
         assert set(record["keys"]) <= ALLOWED_METRICS[entry["type"]], entry
         assert all(isinstance(v, int | float) for v in record["values"].values())
     # the nodes' personal translators stayed on their disks, encrypted
-    stores = sorted((flower.out_dir / "flower" / "nodes").glob("*/translator.store"))
+    stores = sorted((flower.out_dir / "flower" / "nodes").glob(f"*/{STATE_FILE}"))
     assert len(stores) == 2
     assert all(s.read_bytes()[:8] == b"PFTSTORE" for s in stores)
+
+
+@pytest.mark.slow
+def test_flower_dp_run_writes_node_ledgers_and_a_privacy_summary(root: Path) -> None:
+    """``pft simulate --engine flower --dp-epsilon 3`` (the API it calls) on the tiny cohort."""
+    dp = TINY.model_validate(
+        {
+            **TINY.model_dump(mode="json"),
+            "methods": ["pft"],
+            "settings": {
+                **TINY.settings.model_dump(mode="json"),
+                "pft": {**TINY.settings.pft.model_dump(mode="json"), "dp": {"epsilon": 3.0}},
+            },
+        }
+    )
+    loop = run_experiment(dp, root / "dp-loop", root / "cache")
+    flower = run_flower_simulation(dp, root / "dp-flower", root / "cache")
+    privacy = flower.results["methods"]["pft"]["privacy"]
+    # the same summary as the in-process engine's (each node computed its own release)
+    assert privacy == loop.results["methods"]["pft"]["privacy"]
+    assert privacy["privacy_unit"] == "frame" and 0 < privacy["epsilon"] <= 3.0
+    assert flower.results["methods"]["pft"]["per_subject"] == loop.results["methods"]["pft"]["per_subject"]
+    subjects = sorted(privacy["per_subject"])
+    assert len(subjects) == 2
+    ledgers = flower.results["federation"]["privacy_ledger"]
+    assert sorted(ledgers) == subjects
+    for subject in subjects:
+        ledger = flower.out_dir / "flower" / "nodes" / subject / LEDGER_FILE
+        entries = json.loads(ledger.read_text())["entries"]
+        assert [e["kind"] for e in entries] == ["adaptation"]
+        assert entries[0]["release"]["epsilon"] == privacy["per_subject"][subject]
+        assert entries[0]["cumulative_epsilon"] == ledgers[subject]
+    assert flower.results["federation"]["pairing_fallback"] == []
+    assert "DP-SGD" in (flower.out_dir / "report.md").read_text()
 
 
 def test_client_resources_are_checked() -> None:

@@ -1,4 +1,4 @@
-"""DP-SGD on the translator (pft.core.privacy): RELIABILITY rows 11 and 15.
+"""DP-SGD on the translator (pft.core.privacy): docs/reliability.md cases 11 and 15.
 
 Oracles: Opacus's micro-batch per-sample gradient check; per-record gradients against gradients
 of each record alone (micro-batches); epsilon against Opacus's accountants stepped by hand; the

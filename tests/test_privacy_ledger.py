@@ -1,4 +1,4 @@
-"""The per-device privacy ledger (pft.client.ledger): RELIABILITY row 10.
+"""The per-device privacy ledger (pft.client.ledger): docs/reliability.md case 10.
 
 Budget exhaustion is refused before anything runs and nothing is appended; the cumulative epsilon
 is the accountant over the whole history; the ledger survives restarts and a SIGKILL in the middle
@@ -110,6 +110,7 @@ path = sys.argv[1]
 ledger = PrivacyLedger.open(path, PrivacyBudget(epsilon=1e9))
 r = DPRelease(noise_multiplier=1.0, sample_rate=0.2, steps=5, delta=1e-5, max_grad_norm=1.0,
               accountant="rdp", privacy_unit="frame", records=10, epsilon=1.0)
+ledger.check(r)  # the accountant (Opacus, imported on first use) is loaded before "ready"
 print("ready", flush=True)
 while True:
     ledger.record(r, "adaptation")

@@ -1,4 +1,4 @@
-"""DP enrollment through the SDK (RELIABILITY rows 10, 11): the ledger records each release before it
+"""DP enrollment through the SDK (docs/reliability.md cases 10, 11): the ledger records each release before it
 runs, an over-budget enrollment is refused before anything runs, the ledger survives a restart and
 rides in the encrypted store; F and C stay in eval mode and bit-identical."""
 

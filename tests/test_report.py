@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pft.simulations.report import markdown_table, plot_per_subject, summarise_method, write_results
+from pft.core.results import markdown_table, plot_per_subject, summarise_method, write_results
 
 
 def _results() -> dict:

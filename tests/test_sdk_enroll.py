@@ -1,5 +1,5 @@
 """SDK enrollment and prediction: the same adaptation as pft_core, bad videos skipped with counts
-(RELIABILITY row 12), too few faces refused (row 13), predictions checked against C(F(x)) and
+(docs/reliability.md case 12), too few faces refused (case 13), predictions checked against C(F(x)) and
 C(T(F(x))) computed by hand, and the smoothing rules."""
 
 from __future__ import annotations

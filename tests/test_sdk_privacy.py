@@ -1,4 +1,4 @@
-"""What the SDK leaves on the device (RELIABILITY row 14, device side): a whole session - install
+"""What the SDK leaves on the device (docs/reliability.md case 14, device side): a whole session - install
 a bundle, enroll from videos (isolated decoder process), predict, save, load, predict - writes
 nothing outside ``state_dir`` and opens no network socket.
 

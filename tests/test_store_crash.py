@@ -1,4 +1,5 @@
-"""A process SIGKILLed while saving leaves the old or the new store, never a torn one (RELIABILITY row 5).
+"""A process SIGKILLed while saving leaves the old or the new store, never a torn one
+(docs/reliability.md case 5).
 
 Real processes, real files: a child saves a large payload in a loop; the parent kills it at
 random moments (seeded) and then loads the store.

@@ -2,7 +2,7 @@
 
 :func:`process_videos` runs a batch where a bad file never stops the others: every input ends up
 either as a :class:`FaceClip` or as a :class:`Rejection` naming the file and the reason, and
-``processed + rejected == given`` (RELIABILITY.md rows 12 and 13).
+``processed + rejected == given`` (docs/reliability.md cases 12 and 13).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Video decoding with PyAV: probe, validate, sample frames, and isolate FFmpeg in a worker process.
 
 Every way a file can be unusable ends in a typed :class:`~pft.core.errors.VideoError` that names
-the file (RELIABILITY.md row 12). Decoding runs in a persistent ``spawn`` worker process by default,
+the file (docs/reliability.md case 12). Decoding runs in a persistent ``spawn`` worker process by default,
 so a decoder crash (some FFmpeg builds segfault on truncated H.264) costs one file, not the caller.
 
 This module must not import torch: the worker process imports it, and torch costs seconds.

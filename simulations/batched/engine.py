@@ -23,6 +23,7 @@ from pydantic import Field
 from pft.core.adaptation import AdaptConfig, Convergence, ModelParts, PFTAdaptation
 from pft.core.config import FrozenConfig
 from pft.core.errors import TooFewFacesError
+from pft.core.methods import MethodOutcome, MethodSettings, TargetData
 from pft.core.models import Classifier, Translator
 from pft.core.objective import ReferenceTargets
 from pft.core.personalize import PersonalizeConfig, SourceModel
@@ -34,7 +35,6 @@ from pft.simulations.batched.forward import StackedForward, choose_forward
 from pft.simulations.batched.optimiser import StackedOptimizer
 from pft.simulations.batched.streams import ChunkStreams, Partners, RandomStreams, StepShape, Workers
 from pft.simulations.batched.tasks import SubjectAdaptation, SubjectTask, subject_task
-from pft.simulations.methods import MethodOutcome, MethodSettings, TargetData
 
 
 class BatchedConfig(FrozenConfig):
@@ -220,7 +220,7 @@ def run_pft_batched(
     seed: int,
     engine: BatchedConfig | None = None,
 ) -> dict[str, MethodOutcome]:
-    """``pft.simulations.methods.run_pft`` for many targets at once: target ``(k, data)`` adapts with
+    """``pft.core.methods.run_pft`` for many targets at once: target ``(k, data)`` adapts with
     seed ``subject_seed(seed, k)`` (as the per-client engine), then predicts on its ``eval`` frames.
 
     Returns the outcome per subject name (the reported seconds are the chunk's wall time shared

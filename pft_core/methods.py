@@ -35,12 +35,12 @@ from pft.core.baselines import (
 )
 from pft.core.config import FrozenConfig
 from pft.core.data import VideoRecord
+from pft.core.frames import FrameSet, FrameStore
 from pft.core.models import FeatureExtractor, style_code
 from pft.core.oracle import OracleConfig, fine_tune_oracle
 from pft.core.pairing import match_reference
 from pft.core.personalize import PersonalizeConfig, SourceModel, pairing_query, personalize
 from pft.core.training import extract_features
-from pft.simulations.workspace import FrameSet, FrameStore
 
 
 class MethodSettings(FrozenConfig):
@@ -170,7 +170,7 @@ def run_oracle(model: SourceModel, target: TargetData, settings: MethodSettings,
     if target.images is None or target.images.oracle is None:
         raise ValueError(
             f"{target.subject}: the oracle needs the face crops of its `oracle` and `eval` videos "
-            "(TargetData.images; build it with pft.simulations.methods.target_images)"
+            "(TargetData.images; build it with pft.core.methods.target_images)"
         )
     if len(target.images.oracle) != len(target.oracle):
         n_crops, n_frames = len(target.images.oracle), len(target.oracle)
@@ -292,7 +292,7 @@ def run_adabn(model: SourceModel, target: TargetData, settings: MethodSettings, 
     if target.images is None:
         raise ValueError(
             f"{target.subject}: adabn needs the face crops (TargetData.images; build it with "
-            "pft.simulations.methods.target_images)"
+            "pft.core.methods.target_images)"
         )
     t0 = time.perf_counter()
     adapted = reestimate_batchnorm(target.images.extractor, target.images.adapt, settings.adabn_batch_size)
