@@ -34,7 +34,7 @@ from flwr.clientapp.typing import Mod
 
 from pft.client.egress import metrics_reply
 from pft.client.store import EncryptedStore, StoreKey
-from pft.core.bundle import Bundle, load_bundle
+from pft.core.bundle import Bundle, load_bundle, verified_bundle_cache
 from pft.core.config import FrozenConfig
 from pft.core.data import FaceCropConfig, VideoConfig
 from pft.core.data.cache import state_dict_sha256
@@ -83,8 +83,9 @@ class Node:
     state_dir: Path
 
     def bundle_cache(self) -> TrustedBundleCache:
-        """The node's trusted bundle cache (verifies against the spec's public key)."""
-        return TrustedBundleCache(self.state_dir / "bundles", load_public_key(self.spec.trusted_key))
+        """The node's trusted bundle cache: verifies against the spec's public key and fully loads a
+        bundle before it becomes current (the SDK's check)."""
+        return verified_bundle_cache(self.state_dir / "bundles", load_public_key(self.spec.trusted_key))
 
     def translator_store(self) -> EncryptedStore:
         """The encrypted on-disk store of the node's personal translator."""

@@ -12,7 +12,8 @@ by the Flower ClientApp::
 
 Layout of ``state_dir`` (the SDK writes nowhere else; exports go where the caller says)::
 
-    bundles/          TrustedBundleCache: <digest>/ folders, current.json
+    bundles/          TrustedBundleCache: one <digest>/ folder per installed bundle (the newest
+                      signed version is current)
     personal.store    the encrypted personal state (+ .prev, .lock)
 
 The personal state is the adapted translator's weights, the two style codes, the reference
@@ -405,15 +406,24 @@ class Personalizer:
         """
         public_key = _public_key(trusted_public_key)
         with _prestarted_decoder(config) as decoder:
-            manifest = verify_bundle(path, public_key, min_version=min_version)
-            # Load (and so fully parse) the candidate BEFORE installing it: a signed bundle whose
-            # weights are unreadable (e.g. a pickle) must never become the device's current bundle.
-            bundle = load_bundle(path, manifest)
-            if state_dir is not None:
-                cache = TrustedBundleCache(Path(state_dir) / BUNDLES_DIR, public_key)
-                cache.install(path)
-                folder, installed = cache.load_current()
-                if bundle_digest(installed) != bundle_digest(manifest):
+            if state_dir is None:
+                bundle = load_bundle(path, verify_bundle(path, public_key, min_version=min_version))
+            else:
+                # The cache runs the full load on its staged copy BEFORE the bundle becomes current:
+                # a signed bundle whose weights are unreadable (a pickle, NaN, a wrong dtype) never
+                # replaces the device's bundle. Keep that load instead of loading twice.
+                loaded: list[Bundle] = []
+                cache = TrustedBundleCache(
+                    Path(state_dir) / BUNDLES_DIR,
+                    public_key,
+                    validator=lambda folder, manifest: loaded.append(load_bundle(folder, manifest)),
+                )
+                if min_version is not None:
+                    verify_bundle(path, public_key, min_version=min_version)
+                folder = cache.install(path)
+                _, installed = cache.load_current()
+                bundle = loaded[0] if loaded else load_bundle(folder, installed)
+                if bundle_digest(installed) != bundle_digest(bundle.manifest):
                     raise BundleTamperedError(f"{path}: the bundle changed while it was being installed")
                 bundle.folder = folder
         return cls(

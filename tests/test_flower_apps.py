@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +19,23 @@ from pft.client.flower_app import install, query
 from pft.client.store import generate_key_file
 from pft.core.bundle import save_bundle
 from pft.core.errors import (
+    BundleError,
     BundleRollbackError,
     BundleSignatureError,
     BundleTamperedError,
     BundleUnsignedFileError,
+    UnsafeWeightsError,
 )
 from pft.core.models import Classifier, FeatureExtractor, ModelConfig, StyleNormalizer, Translator
+from pft.core.safe_weights import load_safetensors, save_safetensors
 from pft.core.signing import (
     bundle_digest,
     generate_signing_key,
     load_public_key,
     load_signing_key,
+    sign_bundle,
     verify_bundle,
+    write_manifest_files,
     write_signing_key_pair,
 )
 from pft.server.publish import bundle_arrays, publish_bundle
@@ -195,3 +201,93 @@ def test_node_installs_signed_bundle_and_refuses_tampered_extra_and_rollback(wor
     with pytest.raises(BundleTamperedError, match="outside"):
         install(message, _context(world))
     assert _ask(world, digest2) == {"bundle-current": 1.0, "bundle-version": 2.0, "subject-index": 0.0}
+
+
+# --- a validly signed bundle the node cannot load never becomes current (issue 19) ----------------
+def _signed_variant(world: dict[str, Path], name: str, version: int, change: Callable[[Path], None]) -> Path:
+    """Release ``version``, change its files, and have the publisher sign the result."""
+    folder = world["root"] / name
+    publish_bundle(world["source"], folder, version, load_signing_key(world["key"]))
+    change(folder)
+    (folder / "manifest.sig").unlink()
+    manifest = {k: v for k, v in json.loads((folder / "manifest.json").read_text()).items() if k != "files"}
+    write_manifest_files(folder, manifest)
+    sign_bundle(folder, load_signing_key(world["key"]))
+    return folder
+
+
+def _rewrite_weights(file: str, change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
+    def apply(folder: Path) -> None:
+        tensors = load_safetensors(folder / file)
+        change(tensors)
+        save_safetensors(tensors, folder / file)
+
+    return apply
+
+
+def _first_weight(tensors: dict[str, torch.Tensor]) -> str:
+    return next(k for k, v in tensors.items() if v.is_floating_point() and v.numel() > 1)
+
+
+def _nan(tensors: dict[str, torch.Tensor]) -> None:
+    key = _first_weight(tensors)
+    tensors[key] = tensors[key].clone().index_fill_(0, torch.tensor([0]), float("nan"))
+
+
+def _half(tensors: dict[str, torch.Tensor]) -> None:
+    key = _first_weight(tensors)
+    tensors[key] = tensors[key].half()
+
+
+def _int64(tensors: dict[str, torch.Tensor]) -> None:
+    key = _first_weight(tensors)
+    tensors[key] = tensors[key].long()
+
+
+def _wrong_shape(tensors: dict[str, torch.Tensor]) -> None:
+    key = _first_weight(tensors)
+    tensors[key] = torch.zeros(*tensors[key].shape[:-1], tensors[key].shape[-1] + 1)
+
+
+def _pickle(folder: Path) -> None:
+    torch.save({"weight": torch.zeros(2)}, folder / "T.safetensors")
+
+
+def _config_change(change: Callable[[dict[str, object]], None]) -> Callable[[Path], None]:
+    def apply(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        change(config)
+        (folder / "config.json").write_text(json.dumps(config))
+
+    return apply
+
+
+UNLOADABLE: dict[str, tuple[Callable[[Path], None], type[Exception]]] = {
+    "pickled weights": (_pickle, UnsafeWeightsError),
+    "NaN weights": (_rewrite_weights("C.safetensors", _nan), BundleError),
+    "float16 weights": (_rewrite_weights("T.safetensors", _half), BundleError),
+    "int64 weights": (_rewrite_weights("C.safetensors", _int64), BundleError),
+    "wrong shapes": (_rewrite_weights("C.safetensors", _wrong_shape), BundleError),
+    "NaN style statistics": (_rewrite_weights("styles.safetensors", _nan), BundleError),
+    "class names missing": (_config_change(lambda c: c.pop("class_names")), BundleError),
+    "config not an object": (lambda f: (f / "config.json").write_text("[1, 2]"), BundleError),
+    "torn config": (lambda f: (f / "config.json").write_text('{"model_config": {'), BundleError),
+}
+
+
+@pytest.mark.parametrize("case", list(UNLOADABLE))
+def test_node_refuses_a_signed_bundle_it_cannot_load_and_keeps_the_good_one(
+    world: dict[str, Path], case: str
+) -> None:
+    change, error = UNLOADABLE[case]
+    good = _release(world, 2)
+    install(_install_message(good, world["pub"]), _context(world))
+    digest2 = bundle_digest(verify_bundle(good, load_public_key(world["pub"])))
+    bad = _signed_variant(world, "bad", 3, change)
+    verify_bundle(bad, load_public_key(world["pub"]))  # the publisher's signature is valid
+    with pytest.raises(error):
+        install(_install_message(bad, world["pub"]), _context(world))
+    assert _ask(world, digest2) == {"bundle-current": 1.0, "bundle-version": 2.0, "subject-index": 0.0}
+    # the good release is still accepted (it is not refused as a rollback of the bad one)
+    reply = install(_install_message(good, world["pub"]), _context(world))
+    assert check_reply("train.install", reply.content)["bundle-version"] == 2.0
