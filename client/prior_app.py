@@ -37,6 +37,7 @@ from flwr.common import NDArrays, Scalar
 from pft.client.egress import EgressViolationError, check_prior_reply
 from pft.client.flower_app import Node, installed_bundle, node_from_context, personalize_node, spec_path
 from pft.client.ledger import LEDGER_FILE, PrivacyBudget, PrivacyLedger
+from pft.client.store import StoreKey
 from pft.core.config import FrozenConfig
 from pft.core.errors import PFTError
 from pft.core.personalize import PersonalizeConfig
@@ -94,8 +95,14 @@ def node_opted_in(context: Context, node: Node, settings: PriorNodeSettings) -> 
 
 
 def prior_ledger(node: Node, settings: PriorNodeSettings) -> PrivacyLedger:
-    """The node's privacy ledger (``<state_dir>/privacy_ledger.json``)."""
-    return PrivacyLedger.open(node.state_dir / LEDGER_FILE, settings.budget)
+    """The node's privacy ledger: ``<state_dir>/privacy_ledger.store``, encrypted with the node's
+    store key and bound to its person (a ledger that does not open refuses every release)."""
+    return PrivacyLedger.open(
+        node.state_dir / LEDGER_FILE,
+        settings.budget,
+        key=StoreKey.from_file(node.spec.store_key_file),
+        owner=node.subject,
+    )
 
 
 class PriorClient(NumPyClient):

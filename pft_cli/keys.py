@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from pft.cli.secrets import passphrase_from_env
+from pft.client.store import generate_key_file
 from pft.core.errors import PFTError
 from pft.core.signing import key_id, load_public_key, write_signing_key_pair
 from pft.server import pki
@@ -19,7 +20,7 @@ from pft.server import pki
 __all__ = ["certs_app", "keys_app"]
 
 keys_app = typer.Typer(
-    help="Create key pairs: bundle signing, SuperNode authentication.", no_args_is_help=True
+    help="Create keys: bundle signing, SuperNode authentication, a site's store key.", no_args_is_help=True
 )
 certs_app = typer.Typer(
     help="A CA and SuperLink TLS certificates for a Flower deployment.", no_args_is_help=True
@@ -73,6 +74,23 @@ def node_command(
     typer.echo(
         f"public key:  {files.public_key}  (flwr supernode register {files.public_key.name} CONNECTION)"
     )
+
+
+@keys_app.command("store")
+def store_command(
+    out: Annotated[Path, typer.Option("--out", help="The key file to write, e.g. /etc/pft/store.key.")],
+    force: Force = False,
+) -> None:
+    """Create a raw store key (32 random bytes, 0600) where no platform keystore provides one.
+
+    It encrypts every person's state on the site: an existing key is never replaced without
+    --force (that would make every store it encrypts unreadable).
+    """
+    try:
+        path = generate_key_file(out, overwrite=force)
+    except (FileExistsError, OSError) as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"store key: {path}  (0600; back it up with the site's stores - they are useless without it)")
 
 
 @certs_app.command("ca")
