@@ -32,7 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from pft.client.egress import metrics_reply
+from pft.client.egress import make_egress_guard_mod, metrics_reply
 from pft.client.store import EncryptedStore, StoreKey
 from pft.core.bundle import Bundle, load_bundle, verified_bundle_cache
 from pft.core.config import FrozenConfig
@@ -352,8 +352,10 @@ def evaluate(message: Message, context: Context) -> Message:
 
 
 def make_client_app(mods: list[Mod] | None = None) -> ClientApp:
-    """The ClientApp with its four handlers; ``mods`` (e.g. a recorder of replies) wrap them all."""
-    client_app = ClientApp(mods=list(mods or []))
+    """The ClientApp with its four handlers; ``mods`` (e.g. a recorder of replies) wrap them all,
+    inside the egress guard (:func:`pft.client.egress.make_egress_guard_mod`: fixed error replies,
+    every reply checked and audited)."""
+    client_app = ClientApp(mods=[make_egress_guard_mod(), *(mods or [])])
     client_app.query()(query)
     client_app.train("install")(install)
     client_app.train()(train)
