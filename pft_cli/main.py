@@ -5,16 +5,20 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from pft.cli.bench import bench_app
 from pft.cli.client import client_app
 from pft.cli.cohort import cohort_app
 from pft.cli.data import data_app
+from pft.cli.deploy import deploy_app
+from pft.cli.failure import fail
 from pft.cli.keys import certs_app, keys_app
 from pft.cli.prior import prior_app
 from pft.cli.server import server_app
 from pft.cli.simulate import ablate, simulate
 from pft.core import __version__
+from pft.core.errors import PFTError
 
 app = typer.Typer(
     name="pft",
@@ -64,10 +68,22 @@ app.add_typer(
     name="bench",
     help="Benchmarks: engines, adaptation latency, features, pipeline, methods, SDK (JSON out).",
 )
+app.add_typer(deploy_app, name="deploy", help="Flower helpers on PATH; a site's SuperNode under supervision.")
 app.add_typer(keys_app, name="keys", help="Bundle-signing keys and SuperNode authentication keys.")
 app.add_typer(
     certs_app, name="certs", help="TLS certificates for a SuperLink: CA, server certificate, rotation."
 )
 
+
+def run(argv: list[str] | None = None) -> None:
+    """The ``pft`` entry point: the app, and a typed error no command handled as one line (exit 1,
+    2 for an invalid configuration) instead of a traceback."""
+    try:
+        app(args=argv)
+    except (PFTError, ValidationError) as exc:
+        code = 2 if isinstance(exc, ValidationError) else 1
+        raise SystemExit(fail(exc, code=code).exit_code) from None
+
+
 if __name__ == "__main__":
-    app()
+    run()

@@ -10,23 +10,55 @@ import typer
 import yaml
 from pydantic import ValidationError
 
+from pft.cli.failure import fail
 from pft.cli.progress import console, stage_bars
-from pft.core.errors import PFTError
+from pft.core.errors import ConfigFileError, PFTError
+from pft.core.resources import check_cache_root, check_cpu_count, check_torch_device
 from pft.simulations.experiment import DEFAULT_METHODS, PROFILES, ExperimentConfig, run_experiment
 from pft.simulations.methods import METHODS
+from pft.simulations.workspace import default_cache_root
 
 
 def load_config_file(path: Path | None) -> dict[str, Any]:
-    """A JSON or YAML experiment config file as a dict (empty without a file)."""
+    """A JSON or YAML experiment config file as a dict (empty without a file).
+
+    Raises
+    ------
+    ConfigFileError
+        The file is missing, unreadable, torn or not a mapping (never a parser traceback).
+    """
     if path is None:
         return {}
     if not path.is_file():
-        raise typer.BadParameter(f"{path} does not exist", param_hint="--config")
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        raise ConfigFileError(f"--config {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ConfigFileError(f"--config {path}: not valid {kind} ({' '.join(str(exc).split())})") from exc
     if not isinstance(data, dict):
-        raise typer.BadParameter(f"{path} must hold a mapping of config fields", param_hint="--config")
+        raise ConfigFileError(f"--config {path}: must hold a mapping of config fields")
     return data
+
+
+def check_resources(
+    cache_dir: Path | None, *, threads: int | None, device: str | None, num_cpus: int, engine: str
+) -> None:
+    """The machine-dependent options, checked before any work (one typed error naming the option).
+
+    Raises
+    ------
+    ResourceError
+        A cache folder that is a file, more threads or CPUs than this machine has, a device it lacks.
+    """
+    check_cache_root(cache_dir if cache_dir is not None else default_cache_root())
+    if threads is not None:
+        check_cpu_count(threads, "--threads")
+    if device is not None:
+        check_torch_device(device, "--device")
+    if engine == "flower":
+        check_cpu_count(num_cpus, "--num-cpus")
 
 
 def build_config(base: dict[str, Any], **overrides: Any) -> ExperimentConfig:
@@ -130,7 +162,11 @@ def simulate(
     Makes (or reuses) the cohort, trains (or reuses) the source model and translator, adapts one
     translator per target subject from its NEUTRAL videos only, evaluates on its held-out videos.
     """
-    base = load_config_file(config)
+    try:
+        base = load_config_file(config)
+        check_resources(cache_dir, threads=threads, device=device, num_cpus=num_cpus, engine=engine)
+    except PFTError as exc:
+        raise fail(exc, code=2) from exc
     batched = {
         k: v
         for k, v in {"chunk_size": chunk_size, "device": device, "rng": rng, "num_threads": threads}.items()
@@ -158,8 +194,7 @@ def simulate(
                 target_subjects=target_subjects,
             )
         except ValidationError as exc:
-            console.print(f"[red]invalid configuration:[/red]\n{exc}")
-            raise typer.Exit(2) from exc
+            raise fail(exc, code=2) from exc
         run_dir = out / name if len(profiles) > 1 else out
         try:
             if cfg.engine == "flower":
@@ -178,8 +213,7 @@ def simulate(
                         log=lambda m: console.print(f"[yellow]{m}[/yellow]"),
                     )
         except PFTError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from exc
+            raise fail(exc) from exc
         typer.echo(result.summary())
 
 
@@ -208,10 +242,10 @@ def ablate(
     if unknown:
         raise typer.BadParameter(f"unknown ablation(s) {unknown}; choose from {list(ABLATIONS)}")
     try:
+        check_cache_root(cache_dir if cache_dir is not None else default_cache_root())
         base = build_config(load_config_file(config), profile=profile, seed=seed)
-    except ValidationError as exc:
-        console.print(f"[red]invalid configuration:[/red]\n{exc}")
-        raise typer.Exit(2) from exc
+    except (PFTError, ValidationError) as exc:
+        raise fail(exc, code=2) from exc
     for kind in chosen:
         result = run_ablation(kind, base, out, cache_dir, log=lambda m: console.print(f"[dim]{m}[/dim]"))  # type: ignore[arg-type]
         typer.echo(f"\n## {kind}\n\n{ablation_markdown(result)}")

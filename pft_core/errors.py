@@ -155,3 +155,13 @@ class InvalidPriorUpdateError(PFTError):
 class SecureAggregationHaltedError(PFTError):
     """Secure aggregation of the prior stopped (too few survivors, no participant, a bad aggregate);
     no new bundle was published. The message names the stage and the counts."""
+
+
+# --- configuration and resources -----------------------------------------------------------------
+class ResourceError(PFTError, ValueError):
+    """A device, thread or CPU count, or a cache folder the user asked for that this machine does
+    not have (checked before any work)."""
+
+
+class ConfigFileError(PFTError):
+    """A configuration file is missing, torn, or not a mapping of fields."""

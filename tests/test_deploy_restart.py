@@ -128,7 +128,9 @@ def test_superlink_restart_mid_run(deployment: Deployment, kit: dict[str, Any]) 
     spec = _spec(kit, out, min_nodes=2, rounds=2, round_timeout_s=60, connect_timeout_s=60)
     node_spec = json.loads(spec.read_text())["node"]
     for i, name in enumerate(("ward1", "ward2")):
-        dep.start_supernode(name, _node_keys(kit, name), f'partition-id={i} pft-spec="{spec}"')
+        dep.start_supernode(
+            name, _node_keys(kit, name), f'partition-id={i} pft-spec="{spec}"', supervised=True
+        )
     run_id = dep.start_run(spec)
     t_run = time.monotonic()
     stores = [Path(node_spec["state_root"]) / s / "translator.store" for s in node_spec["subjects"]]
