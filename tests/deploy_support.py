@@ -92,7 +92,7 @@ class Deployment:
             command += ["--database", str(self.database)]
         return command
 
-    def start_superlink(self, name: str = "superlink", timeout: float = 30) -> None:
+    def start_superlink(self, name: str = "superlink", timeout: float = 90) -> None:
         """Write the ``flwr`` connection, start the SuperLink, wait until it serves TLS."""
         home = self.root / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ class Deployment:
         self.start(name, self.superlink_command())
         self.wait_tls(name, timeout)
 
-    def wait_tls(self, name: str = "superlink", timeout: float = 30) -> float:
+    def wait_tls(self, name: str = "superlink", timeout: float = 90) -> float:
         """Wait until the SuperLink accepts a TLS connection; returns the seconds waited."""
         context = ssl.create_default_context(cafile=str(self.ca.cert))
         t0 = time.monotonic()

@@ -122,6 +122,7 @@ def _node_keys(kit: dict[str, Any], name: str) -> pki.NodeKeyFiles:
     return pki.NodeKeyFiles(private_key=keys / name, public_key=keys / f"{name}.pub")
 
 
+@pytest.mark.reliability(6)
 def test_superlink_restart_mid_run(deployment: Deployment, kit: dict[str, Any]) -> None:
     dep = deployment
     out = dep.root / "out"
@@ -188,6 +189,7 @@ def test_superlink_restart_mid_run(deployment: Deployment, kit: dict[str, Any]) 
     assert stamps == sorted(stamps) and all(s.endswith("Z") for s in stamps)
 
 
+@pytest.mark.reliability(8)
 def test_quorum_never_reached_fails_clearly(deployment: Deployment, kit: dict[str, Any]) -> None:
     dep = deployment
     spec = _spec(

@@ -88,6 +88,7 @@ def _start_run(dep: Deployment, spec: Path) -> int:
     return dep.start_run(spec)
 
 
+@pytest.mark.reliability(1)
 def test_tls_and_node_auth_full_run(deployment: Deployment, prepared: dict[str, Any]) -> None:
     dep = deployment
     spec = _spec(prepared, dep.root / "out", min_nodes=2, round_timeout_s=120)
@@ -125,6 +126,7 @@ def test_tls_and_node_auth_full_run(deployment: Deployment, prepared: dict[str, 
         assert "ClientApp" not in dep.log(name)
 
 
+@pytest.mark.reliability(7)
 def test_a_killed_supernode_leaves_the_others_to_finish(
     deployment: Deployment, prepared: dict[str, Any]
 ) -> None:

@@ -65,6 +65,7 @@ def test_flower_engine_equals_in_process_engine(both_engines: tuple[Any, Any, Pa
 
 
 @pytest.mark.slow
+@pytest.mark.reliability(14)
 def test_only_allow_listed_metrics_leave_a_node(both_engines: tuple[Any, Any, Path]) -> None:
     _, flower, audit = both_engines
     entries = [json.loads(line) for line in audit.read_text().splitlines()]
@@ -126,6 +127,8 @@ def hostile_run(
 
 
 @pytest.mark.slow
+@pytest.mark.reliability(7)
+@pytest.mark.reliability(9)
 def test_hostile_replies_are_failures_with_reasons_and_the_run_completes(
     both_engines: tuple[ExperimentResult, ExperimentResult, Path], hostile_run: ExperimentResult
 ) -> None:
