@@ -261,7 +261,7 @@ def _mean_descriptor(clips: Sequence[FaceClip]) -> np.ndarray | None:
 
 
 def _contain_torch_cache(state_dir: Path) -> None:
-    """Keep torch's import-time cache folder inside ``state_dir`` (RELIABILITY row 14).
+    """Keep torch's import-time cache folder inside ``state_dir`` (docs/reliability.md row 14).
 
     The first optimiser step imports ``torch._dynamo``, which creates an (empty) inductor cache
     folder, by default ``$TMPDIR/torchinductor_<user>``. If the SDK is the first to import it,

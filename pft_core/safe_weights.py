@@ -4,7 +4,7 @@ A weights file is checked byte by byte before anything reads it: a safetensors f
 8-byte little-endian header length, then a JSON header whose tensor entries must fit exactly in
 the rest of the file. Anything else - a ``torch.save`` zip archive, a raw pickle, a truncated or
 inflated file - is refused with :class:`~pft.core.errors.UnsafeWeightsError`, and no unpickler is
-ever invoked (RELIABILITY.md row 3).
+ever invoked (docs/reliability.md row 3).
 """
 
 from __future__ import annotations

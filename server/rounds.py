@@ -95,7 +95,7 @@ def wait_for_nodes(grid: Grid, wanted: int, min_nodes: int, timeout: float, poll
     Raises
     ------
     QuorumError
-        Fewer than ``min_nodes`` nodes after ``timeout`` seconds (RELIABILITY row 8: no hang).
+        Fewer than ``min_nodes`` nodes after ``timeout`` seconds (docs/reliability.md row 8: no hang).
     """
     deadline = time.monotonic() + timeout
     nodes = sorted(grid.get_node_ids())

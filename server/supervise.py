@@ -16,6 +16,7 @@ a SuperNode whose executor died stays alive but useless, so ``Restart=`` never f
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -73,27 +74,38 @@ def require_helpers(role: Role, path: str | None = None) -> None:
         )
 
 
-def _children(pid: int) -> list[tuple[int, str]]:
-    """``(pid, command line)`` of the live children of ``pid`` (from /proc)."""
-    out = []
+def _proc_state(pid: int) -> tuple[int, str, str] | None:
+    """``(parent pid, state, command line)`` of a live process (None when it is gone or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces or ')'
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[1]), fields[0], cmdline
+
+
+def _executors(supernode_pid: int) -> list[int]:
+    """The live ``flower-superexec`` children of the SuperNode (from /proc)."""
+    found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            # the command name is in parentheses and may hold spaces: parse after the last ')'
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[1]) != pid or fields[0] == "Z":
-                continue
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError, IndexError):
-            continue
-        out.append((int(entry.name), cmdline))
-    return out
+        if entry.name.isdigit():
+            state = _proc_state(int(entry.name))
+            if state is not None and state[0] == supernode_pid and "flower-superexec" in state[2]:
+                found.append(int(entry.name))
+    return found
 
 
-def _executor_alive(supernode_pid: int) -> bool:
-    return any("flower-superexec" in cmd for _, cmd in _children(supernode_pid))
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (its stat only: reading a command line can fail briefly)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+    except OSError:
+        return False
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return bool(fields) and fields[0] not in ("Z", "X")
 
 
 def supervise_supernode(
@@ -119,7 +131,7 @@ def supervise_supernode(
     require_helpers("supernode")
     binary = shutil.which("flower-supernode")
     assert binary is not None
-    process = subprocess.Popen([binary, *arguments], start_new_session=True)
+    process = subprocess.Popen([binary, *arguments], start_new_session=True, preexec_fn=_die_with_parent)
     stop_requested = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -131,7 +143,8 @@ def supervise_supernode(
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         started = time.monotonic()
-        seen = False
+        executor: int | None = None
+        missing_since: float | None = None
         while True:
             code = process.poll()
             if code is not None:
@@ -139,15 +152,20 @@ def supervise_supernode(
                     return 0
                 log(f"flower-supernode exited with status {code}")
                 return code if code != 0 else EXECUTOR_DIED
-            alive = _executor_alive(process.pid)
-            if alive and not seen:
-                log(f"flower-supernode (pid {process.pid}) started its executor flower-superexec")
-            seen = seen or alive
-            waited = time.monotonic() - started
-            if (seen and not alive) or (not seen and waited > start_timeout_s):
-                why = "exited" if seen else f"did not start within {start_timeout_s:.0f} s"
+            now = time.monotonic()
+            if executor is None or not _alive(executor):
+                current = _executors(process.pid)
+                if current:
+                    if executor is None:
+                        log(f"flower-supernode (pid {process.pid}) started its executor flower-superexec")
+                    executor, missing_since = current[0], None
+                elif executor is not None and missing_since is None:
+                    missing_since = now  # gone: confirm on the next look before acting
+            gone = missing_since is not None and now - missing_since >= 2 * poll_s
+            if gone or (executor is None and now - started > start_timeout_s):
+                why = f"(pid {executor}) exited" if gone else f"did not start within {start_timeout_s:.0f} s"
                 log(
-                    f"the SuperNode's executor (flower-superexec) {why}: no ClientApp can run; "
+                    f"the SuperNode's executor flower-superexec {why}: no ClientApp can run; "
                     "stopping the SuperNode so that the service manager restarts it"
                 )
                 _stop(process)
@@ -158,6 +176,13 @@ def supervise_supernode(
             signal.signal(s, handler)
         if process.poll() is None:
             _stop(process)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when the supervisor dies, even by SIGKILL
+    (the SuperNode then stops cleanly and its executor follows it)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

@@ -3,7 +3,7 @@
 two SuperNodes, all on 127.0.0.1; keys, certificates, the signed release and the site
 registrations made with the ``pft`` commands, which write the audit log.
 
-RELIABILITY row 6: the SuperLink is SIGKILLed mid-run and restarted on the same database; the
+docs/reliability.md row 6: the SuperLink is SIGKILLed mid-run and restarted on the same database; the
 nodes and the SuperExec reconnect and the run completes; the devices' encrypted translator stores
 still decrypt; the audit log reconciles with results.json. Row 8: a quorum that is never reached
 ends in ``finished:failed`` after the connect timeout, not a hang. Every process is stopped by
@@ -48,6 +48,7 @@ TINY = ExperimentConfig.model_validate(
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(1800),  # the first test also prepares the kit (stages 1-2 and a release)
     pytest.mark.skipif(not (BIN / "flower-superexec").exists(), reason="flwr is not installed"),
 ]
 

@@ -1,4 +1,4 @@
-"""Bundles through the SDK (RELIABILITY rows 2 and 3): a tampered bundle, an added unsigned file,
+"""Bundles through the SDK (docs/reliability.md rows 2 and 3): a tampered bundle, an added unsigned file,
 an older version and a pickled weights file are refused, and the bundle the device had stays in
 use. The signing primitives themselves are tested in tests/test_signing_*.py."""
 

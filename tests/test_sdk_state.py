@@ -1,4 +1,4 @@
-"""The personal state through the SDK (RELIABILITY rows 4 and 5): round trip, a corrupted or
+"""The personal state through the SDK (docs/reliability.md rows 4 and 5): round trip, a corrupted or
 foreign file, a wrong key, a state made for another bundle, and SIGKILL while saving. The store's
 own format, key and crash tests are in tests/test_store_*.py."""
 

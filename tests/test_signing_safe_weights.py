@@ -1,4 +1,4 @@
-"""Weights that carry a pickle are refused before any code runs (RELIABILITY row 3)."""
+"""Weights that carry a pickle are refused before any code runs (docs/reliability.md row 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The on-device encrypted store (RELIABILITY rows 4 and 5)."""
+"""The on-device encrypted store (docs/reliability.md rows 4 and 5)."""
 
 from __future__ import annotations
 
