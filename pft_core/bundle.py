@@ -147,7 +147,9 @@ def _checked_bytes(folder: Path, files: Mapping[str, Any], name: str) -> bytes:
 
 #: Largest ``config.json`` accepted (it is digest-checked, but parsed with limits all the same).
 MAX_CONFIG_BYTES = 1 << 20
-_STYLE_KINDS = ("code", "neutral_mean", "neutral_std")
+#: The per-subject entries of ``styles.safetensors`` (``style/<kind>/<subject>``): the kinds
+#: ``pft.core.training.SourceStyles.from_tensors`` reads; keep the two in step.
+_STYLE_KINDS = ("code", "neutral_mean", "neutral_std", "neutral_confidence")
 
 
 def _check_module_weights(where: str, tensors: Mapping[str, Tensor], module: torch.nn.Module) -> None:
