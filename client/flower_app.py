@@ -38,12 +38,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from pft.client.egress import metrics_reply
+from pft.client.egress import make_egress_guard_mod, metrics_reply
 from pft.client.ledger import PrivacyBudget
 from pft.client.personal_state import BUNDLES_DIR
 from pft.client.sdk import ClientConfig, EnrollmentReport, Personalizer
 from pft.client.store import StoreKey
 from pft.client.wire import BUNDLE_RECORD, CONFIG_RECORD, SPEC_ENV
+from pft.core.bundle import verified_bundle_cache
 from pft.core.config import FrozenConfig
 from pft.core.data import FaceCropConfig, VideoConfig, VideoRecord, load_dataset
 from pft.core.data.cache import state_dict_sha256
@@ -90,8 +91,9 @@ class Node:
     state_dir: Path
 
     def bundle_cache(self) -> TrustedBundleCache:
-        """The node's trusted bundle cache (verifies against the spec's public key)."""
-        return TrustedBundleCache(self.state_dir / BUNDLES_DIR, load_public_key(self.spec.trusted_key))
+        """The node's trusted bundle cache: verifies against the spec's public key and fully loads a
+        bundle before it becomes current (the SDK's check)."""
+        return verified_bundle_cache(self.state_dir / BUNDLES_DIR, load_public_key(self.spec.trusted_key))
 
     def client_config(
         self, personalize: PersonalizeConfig | None = None, budget: PrivacyBudget | None = None
@@ -108,9 +110,14 @@ class Node:
     def personalizer(
         self, personalize: PersonalizeConfig | None = None, budget: PrivacyBudget | None = None
     ) -> Personalizer:
-        """The SDK over the bundle this node has installed (verified again), not enrolled."""
+        """The SDK over the bundle this node has installed (verified again), not enrolled; the
+        node's store key and person open its encrypted privacy ledger."""
         return Personalizer.from_installed(
-            self.state_dir, self.spec.trusted_key, config=self.client_config(personalize, budget)
+            self.state_dir,
+            self.spec.trusted_key,
+            config=self.client_config(personalize, budget),
+            key=self.store_key(),
+            owner=self.subject,
         )
 
     def store_key(self) -> StoreKey:
@@ -358,8 +365,10 @@ def evaluate(message: Message, context: Context) -> Message:
 
 
 def make_client_app(mods: list[Mod] | None = None) -> ClientApp:
-    """The ClientApp with its four handlers; ``mods`` (e.g. a recorder of replies) wrap them all."""
-    client_app = ClientApp(mods=list(mods or []))
+    """The ClientApp with its four handlers; ``mods`` (e.g. a recorder of replies) wrap them all,
+    inside the egress guard (:func:`pft.client.egress.make_egress_guard_mod`: fixed error replies,
+    every reply checked and audited)."""
+    client_app = ClientApp(mods=[make_egress_guard_mod(), *(mods or [])])
     client_app.query()(query)
     client_app.train("install")(install)
     client_app.train()(train)

@@ -4,9 +4,11 @@ The SDK (:class:`pft.client.sdk.Personalizer`) writes and reads it, and the Flow
 so through the SDK, so a translator adapted by a federation round and one adapted by an app are
 the same file, checked the same way. Layout of a device's ``state_dir``::
 
-    bundles/              the TrustedBundleCache: <digest>/ folders, current.json
-    personal.store        this state, encrypted (pft.client.store; + .prev, .lock)
-    privacy_ledger.json   the privacy ledger (pft.client.ledger; a copy is also in the state)
+    bundles/              the TrustedBundleCache: one <digest>/ folder per installed bundle (the
+                          newest signed version is current; no pointer file to edit)
+    personal.store        this state, encrypted (pft.client.store; + .prev, .lock, .counter)
+    privacy_ledger.store  the privacy ledger, encrypted and bound to the person (pft.client.ledger;
+                          mirrored in .copy; a copy of its entries is also in the state)
 
 Fields of the payload: ``format`` (:data:`STATE_FORMAT`), ``bundle_digest`` and
 ``bundle_version`` of the bundle it was made with, the adapted ``translator``'s weights, the two

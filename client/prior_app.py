@@ -33,7 +33,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import NDArrays, Scalar
 
-from pft.client.egress import EgressViolationError, check_prior_reply
+from pft.client.egress import EgressViolationError, check_prior_reply, make_egress_guard_mod
 from pft.client.flower_app import Node, enroll_node, node_from_context, spec_path
 from pft.client.ledger import PrivacyBudget
 from pft.client.wire import OPT_IN_KEY
@@ -192,12 +192,19 @@ def _client_fn(context: Context) -> Client:
 
 
 def make_prior_client_app(mods: list[Mod] | None = None, inner_mods: list[Mod] | None = None) -> ClientApp:
-    """The prior's ClientApp: ``[*mods, prior_egress_guard, secaggplus_mod, *inner_mods]`` around
-    :class:`PriorClient` (``mods`` see exactly what leaves, e.g. the egress audit log;
+    """The prior's ClientApp: ``[egress guard, *mods, prior_egress_guard, secaggplus_mod,
+    *inner_mods]`` around :class:`PriorClient` (the guard turns exceptions into fixed error
+    replies; ``mods`` see exactly what leaves, e.g. the egress audit log;
     ``inner_mods`` see the plaintext reply before SecAgg+ masks it - for tests)."""
     return ClientApp(
         client_fn=_client_fn,
-        mods=[*(mods or []), prior_egress_guard, secaggplus_mod, *(inner_mods or [])],
+        mods=[
+            make_egress_guard_mod(check_content=False),  # fixed error replies, audited
+            *(mods or []),
+            prior_egress_guard,
+            secaggplus_mod,
+            *(inner_mods or []),
+        ],
     )
 
 

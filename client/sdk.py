@@ -16,7 +16,9 @@ feature cache) enrolls with :meth:`Personalizer.enroll_features` and scores with
 personal state as the video path.
 
 Layout of ``state_dir`` (the SDK writes nowhere else; exports go where the caller says): see
-:mod:`pft.client.personal_state` (``bundles/``, ``personal.store``, ``privacy_ledger.json``).
+:mod:`pft.client.personal_state` (``bundles/``: one folder per installed bundle, the newest signed
+version current; ``personal.store``: the encrypted personal state; ``privacy_ledger.store``: the
+encrypted, owner-bound privacy ledger).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from pydantic import Field
 from torch import Tensor
 
 from pft.client.export import ExportFormat, InputDType, PersonalizedModel, export_model
-from pft.client.ledger import LEDGER_FILE, PrivacyBudget, PrivacyLedger
+from pft.client.ledger import LEDGER_FILE, PrivacyBudget, PrivacyLedger, longer_history
 from pft.client.personal_state import BUNDLES_DIR, STATE_FILE, PersonalState, personal_store
 from pft.client.store import EncryptedStore, StoreKey
 from pft.core.adaptation import AdaptResult
@@ -67,6 +69,7 @@ from pft.core.data.pipeline import BatchReport, FaceClip
 from pft.core.domain import OOD_WARN, TrainingDomain, domain_warning, ood_score
 from pft.core.errors import (
     BundleTamperedError,
+    LedgerIntegrityError,
     MissingExtraError,
     NoFaceError,
     PFTError,
@@ -357,13 +360,8 @@ class Personalizer:
         self.bundle_digest = bundle_digest(bundle.manifest)
         self.crop_config = self.config.crop or FaceCropConfig(size=bundle.model_config.image_size)
         self.personalization: Personalization | None = None
-        # DP releases (pft.client.ledger): on disk beside the store when there is a state_dir
-        budget = self.config.privacy_budget
-        self.ledger = (
-            PrivacyLedger.open(self.state_dir / LEDGER_FILE, budget)
-            if self.state_dir is not None
-            else PrivacyLedger(budget)
-        )
+        # DP releases (pft.client.ledger): with a state_dir, an encrypted ledger beside the store
+        self.ledger = self._open_ledger(key, owner)
         self.enrollment: dict[str, Any] = {}
         self.recovered_from_backup = False
         self._key = key
@@ -382,6 +380,27 @@ class Personalizer:
             styles,
             {k: np.asarray(v) for k, v in bundle.descriptors.items()},
             pairing,
+        )
+
+    def _open_ledger(self, key: StoreKey | None, owner: str | None) -> PrivacyLedger:
+        """The device's privacy ledger: in memory without a state_dir; else encrypted with the
+        person's key (without a key, DP enrollment is refused: there is nowhere safe to record it)."""
+        budget = self.config.privacy_budget
+        if self.state_dir is None:
+            return PrivacyLedger(budget)
+        if key is None or not owner:
+            return PrivacyLedger.locked(
+                budget,
+                "DP enrollment on a device records the release in the person's encrypted privacy "
+                "ledger, which needs the store key and owner: pass key= and owner= to "
+                "Personalizer.from_bundle, from_installed or load",
+            )
+        return PrivacyLedger.open(
+            self.state_dir / LEDGER_FILE,
+            budget,
+            key=key,
+            owner=owner,
+            expect_existing=self._store(key).exists(),
         )
 
     # construction ----------------------------------------------------------------------------
@@ -432,15 +451,24 @@ class Personalizer:
         """
         public_key = _public_key(trusted_public_key)
         with _prestarted_decoder(config) as decoder:
-            manifest = verify_bundle(path, public_key, min_version=min_version)
-            # Load (and so fully parse) the candidate BEFORE installing it: a signed bundle whose
-            # weights are unreadable (e.g. a pickle) must never become the device's current bundle.
-            bundle = load_bundle(path, manifest)
-            if state_dir is not None:
-                cache = TrustedBundleCache(Path(state_dir) / BUNDLES_DIR, public_key)
-                cache.install(path)
-                folder, installed = cache.load_current()
-                if bundle_digest(installed) != bundle_digest(manifest):
+            if state_dir is None:
+                bundle = load_bundle(path, verify_bundle(path, public_key, min_version=min_version))
+            else:
+                # The cache runs the full load on its staged copy BEFORE the bundle becomes current:
+                # a signed bundle whose weights are unreadable (a pickle, NaN, a wrong dtype) never
+                # replaces the device's bundle. Keep that load instead of loading twice.
+                loaded: list[Bundle] = []
+                cache = TrustedBundleCache(
+                    Path(state_dir) / BUNDLES_DIR,
+                    public_key,
+                    validator=lambda folder, manifest: loaded.append(load_bundle(folder, manifest)),
+                )
+                if min_version is not None:
+                    verify_bundle(path, public_key, min_version=min_version)
+                folder = cache.install(path)
+                _, installed = cache.load_current()
+                bundle = loaded[0] if loaded else load_bundle(folder, installed)
+                if bundle_digest(installed) != bundle_digest(bundle.manifest):
                     raise BundleTamperedError(f"{path}: the bundle changed while it was being installed")
                 bundle.folder = folder
         return cls(
@@ -462,10 +490,15 @@ class Personalizer:
         trusted_public_key: PublicKeyLike,
         *,
         config: ClientConfig | None = None,
+        key: StoreKey | None = None,
+        owner: str | None = None,
         detector: FaceDetector | None = None,
         landmarker: LandmarkDetector | None = None,
     ) -> Personalizer:
         """The bundle currently installed in ``state_dir`` (verified again), not enrolled.
+
+        ``key`` and ``owner`` open the person's privacy ledger (needed for DP enrollment) and are
+        what :meth:`save` uses.
 
         Raises
         ------
@@ -481,6 +514,8 @@ class Personalizer:
             config=config,
             state_dir=state_dir,
             trusted_public_key=public_key,
+            key=key,
+            owner=owner,
             detector=detector,
             landmarker=landmarker,
             decoder=decoder,
@@ -513,9 +548,14 @@ class Personalizer:
             No bundle is installed, or it no longer verifies.
         """
         p = cls.from_installed(
-            state_dir, trusted_public_key, config=config, detector=detector, landmarker=landmarker
+            state_dir,
+            trusted_public_key,
+            config=config,
+            key=key,
+            owner=owner,
+            detector=detector,
+            landmarker=landmarker,
         )
-        p._key, p._owner = key, owner
         read = p._store(key).read(owner=owner)
         p._restore(read.payload, str(read.source))
         p.recovered_from_backup = read.recovered_from_backup
@@ -566,6 +606,8 @@ class Personalizer:
             "enrolled": self.enrolled,
             "privacy_releases": len(self.privacy_ledger),
         }
+        if self.ledger.problem is not None:
+            out["privacy_ledger_problem"] = self.ledger.problem
         if self.trusted_public_key is not None:
             out["key_id"] = key_id(self.trusted_public_key)
         if self.personalization is not None:
@@ -1056,7 +1098,9 @@ class Personalizer:
         """Encrypt and write the personal state to ``state_dir/personal.store`` (atomic).
 
         The previous good generation is kept as ``personal.store.prev``. ``key`` and ``owner``
-        default to the ones given to :meth:`from_bundle` / :meth:`load`.
+        default to the ones given to :meth:`from_bundle` / :meth:`load`. The privacy ledger is
+        created first if the state has none yet, and the ledger's copy in the personal store is
+        merged (it never gets shorter), under the store's lock.
 
         Raises
         ------
@@ -1070,9 +1114,28 @@ class Personalizer:
         if key is None or not owner:
             raise StoreError("save needs the store key and the owner (user id)")
         payload = self.state_payload()
-        path = self._store(key).save(payload, owner=owner)
+        store = self._store(key)
+        if self.ledger.is_locked or (key, owner) != (self._key, self._owner):
+            self.ledger = self._open_ledger(key, owner)  # the ledger goes with this key and owner
+            self.ledger.merge(payload["privacy_ledger"])
+        self.ledger.refresh()  # releases other processes recorded on this state meanwhile
+        self.ledger.ensure_stored()  # before the personal store: a state never exists without one
+        ours = self.ledger.as_list()
+
+        def merged(current: dict[str, Any] | None) -> dict[str, Any]:
+            copy = ours
+            stored = (current or {}).get("privacy_ledger")
+            if isinstance(stored, list):
+                try:  # the copy in the personal store never gets shorter
+                    copy = longer_history(stored, ours, str(store.path))
+                except LedgerIntegrityError as exc:
+                    logger.error("%s; keeping the copy the personal store had", exc)
+                    copy = stored
+            return {**payload, "privacy_ledger": copy}
+
+        store.update(merged, owner=owner)
         self._key, self._owner = key, owner
-        return path
+        return store.path
 
     def _restore(self, payload: dict[str, Any], where: str) -> None:
         state = PersonalState.from_payload(

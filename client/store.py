@@ -1,20 +1,31 @@
 """The on-device encrypted store: a user's personal state (translator, privacy ledger) at rest.
 
-One store is one file. Its plaintext is a pickle-free container (a JSON tree plus one safetensors
-blob for every tensor in it), encrypted with AES-256-GCM under a key that comes either from a
-passphrase (scrypt, random per-store salt in the file header) or from the platform keystore
-(32 raw bytes, expanded per file with HKDF). The associated data binds the owner id, the store
-format version, the purpose (default: the file name) and the whole header, so a ciphertext moved
-to another user, another purpose or another header fails authentication (docs/reliability.md case 4).
+One store is one file (plus its backup generation). Its plaintext is a pickle-free container (a
+JSON tree plus one safetensors blob for every tensor in it), encrypted with AES-256-GCM under a
+key that comes either from a passphrase (scrypt, random per-store salt in the file header) or
+from the platform keystore (32 raw bytes, expanded per file with HKDF). The associated data binds
+the owner id, the store format, the purpose (default: the file name) and the whole header, which
+carries a monotonic generation counter, so a ciphertext moved to another user or purpose, or an
+older generation copied over the current one, fails (docs/reliability.md case 4).
 
-Every save is atomic (temp file, fsync, rename; docs/reliability.md case 5) and first keeps the
-previous good generation as ``<name>.prev``; :meth:`EncryptedStore.read` falls back to it, and
-says so, when the current file fails to authenticate.
+Every save is atomic (temp file, fsync, rename; case 5) and, under one lock:
+
+- refuses to replace any generation the given key and owner do not open: a mistyped passphrase
+  or owner can never destroy the generation the right key opens (the header's key check and
+  binding check tell "another key/owner" apart from "damaged");
+- writes the next counter (one more than any generation or the ``<name>.counter`` high-water
+  mark), so a reader can refuse a generation older than the newest it knows of.
+
+Two layouts of the second copy: ``backup="previous"`` (default) keeps the previous good
+generation as ``<name>.prev`` and :meth:`EncryptedStore.read` falls back to it (one generation
+lost, said so) when the current one fails; ``backup="mirror"`` writes every new generation to
+``<name>.copy`` first and then to ``<name>``, and reads the newest copy that authenticates, so a
+single damaged or torn copy loses nothing (the privacy ledger, which must never go back).
 
 File layout (all integers little-endian)::
 
-    magic "PFTSTORE" | version u8 | kdf u8 | scrypt log2(n) u8 | r u8 | p u8 | salt 16 | nonce 12 |
-    key check 8 | AES-GCM ciphertext + 16-byte tag
+    magic "PFTSTORE" | version u8 (2) | kdf u8 | scrypt log2(n) u8 | r u8 | p u8 | salt 16 |
+    nonce 12 | key check 8 | binding check 8 | generation u64 | AES-GCM ciphertext + 16-byte tag
 """
 
 from __future__ import annotations
@@ -28,9 +39,10 @@ import logging
 import os
 import secrets
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from cryptography.exceptions import InvalidTag
@@ -38,33 +50,29 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from filelock import FileLock
 
 from pft.core.atomic import atomic_write_bytes
-from pft.core.errors import StoreAuthenticationError, StoreError, UnsafeWeightsError
+from pft.core.errors import StoreAuthenticationError, StoreError, StoreRollbackError, UnsafeWeightsError
 from pft.core.safe_weights import load_safetensors_bytes, safetensors_bytes
+from pft.core.untrusted_json import parse_untrusted_json
 
-try:  # POSIX: one writer at a time per store
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
-
-__all__ = ["STORE_FORMAT", "EncryptedStore", "StoreKey", "StoreRead", "generate_key_file"]
+__all__ = ["STORE_FORMAT", "BackupMode", "EncryptedStore", "StoreKey", "StoreRead", "generate_key_file"]
 
 logger = logging.getLogger(__name__)
 
-STORE_FORMAT = "pft-store/1"
+STORE_FORMAT = "pft-store/2"
 _MAGIC = b"PFTSTORE"
-_VERSION = 1
+_VERSION = 2
 _KDF_RAW, _KDF_SCRYPT = 0, 1
-_HEADER = struct.Struct("<8sBBBBB16s12s8s")
+_HEADER = struct.Struct("<8sBBBBB16s12s8s8sQ")
+#: Largest JSON tree a decrypted container may hold, and its nesting (a payload needs about 6).
+_MAX_TREE_BYTES, _MAX_TREE_DEPTH = 64 << 20, 32
+BackupMode = Literal["previous", "mirror"]
 _CONTAINER_MAGIC = b"PFTC"
 _TAG_TENSOR, _TAG_BYTES = "__pft_tensor__", "__pft_bytes__"
 # Refuse KDF parameters from a (possibly tampered) header that would exhaust a phone.
 _MAX_LOG2_N, _MAX_R, _MAX_P = 20, 32, 16
-
-
-class _WrongKeyError(StoreAuthenticationError):
-    """The key check in the header does not match the given key."""
 
 
 # --- keys --------------------------------------------------------------------------------------
@@ -164,8 +172,21 @@ class StoreKey:
         return f"StoreKey({kind})"
 
 
-def generate_key_file(path: str | Path) -> Path:
-    """Write 32 random bytes as a raw store key (mode 0600), for devices without a keystore API."""
+def generate_key_file(path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write 32 random bytes as a raw store key (mode 0600), for devices without a keystore API.
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` exists and ``overwrite`` is false: replacing a store key orphans every store it
+        encrypts, so it is never done silently.
+    """
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise FileExistsError(
+            f"{path} already exists; refusing to replace a store key (every store encrypted with it "
+            "would become unreadable) - pass overwrite/--force only if no store uses it"
+        )
     path = atomic_write_bytes(path, secrets.token_bytes(32))
     os.chmod(path, 0o600)
     return path
@@ -223,12 +244,17 @@ def unpack_payload(data: bytes, where: str) -> dict[str, Any]:
         if data[:4] != _CONTAINER_MAGIC:
             raise ValueError("bad container magic")
         (size,) = struct.unpack("<Q", data[4:12])
-        document = json.loads(data[12 : 12 + size].decode("utf-8"))
+        if size > _MAX_TREE_BYTES or 12 + size > len(data):
+            raise ValueError(f"declared tree of {size} bytes")
+        document = parse_untrusted_json(
+            data[12 : 12 + size], where=where, error=StoreError, max_bytes=_MAX_TREE_BYTES,
+            max_depth=_MAX_TREE_DEPTH, what="store tree",
+        )  # fmt: skip
         tensors = load_safetensors_bytes(data[12 + size :], where)
         payload = _decode(document["tree"], tensors)
         if document.get("format") != STORE_FORMAT or not isinstance(payload, dict):
             raise ValueError("unknown container format")
-    except (ValueError, KeyError, TypeError, struct.error, UnsafeWeightsError) as exc:
+    except (ValueError, KeyError, TypeError, struct.error, UnsafeWeightsError, StoreError) as exc:
         raise StoreError(f"{where}: decrypted, but the content is not a store container ({exc})") from exc
     return payload
 
@@ -243,17 +269,41 @@ class StoreRead:
     payload:
         The decrypted content.
     recovered_from_backup:
-        True when the current file failed and ``<name>.prev`` (the last good copy) was used.
+        True when the payload did not come from the main file (it failed, or, with
+        ``backup="mirror"``, its copy is newer after an interrupted write).
     source:
         The file the payload came from.
     failure:
-        Why the current file was not used (None when it was).
+        Why the main file was not used (None when it was).
+    generation:
+        The generation counter of what was read.
     """
 
     payload: dict[str, Any]
     recovered_from_backup: bool
     source: Path
     failure: str | None = None
+    generation: int = 0
+
+
+_Kind = Literal["absent", "ours", "foreign", "garbage"]
+
+
+@dataclass(frozen=True)
+class _Generation:
+    """One file of the store, as this key and owner see it.
+
+    ``ours``: it opens with this key and owner; ``foreign``: its header says another key, owner or
+    purpose wrote it (it may be the person's real state: never overwrite it); ``garbage``: no key
+    can open it (truncated, bad magic, or this key's own file with damaged ciphertext).
+    """
+
+    path: Path
+    kind: _Kind
+    reason: str = ""
+    counter: int = 0
+    blob: bytes = b""
+    plaintext: bytes = b""
 
 
 class EncryptedStore:
@@ -262,102 +312,195 @@ class EncryptedStore:
     Parameters
     ----------
     path:
-        The store file; ``<path>.prev`` holds the previous good generation.
+        The store file.
     key:
         The key source (:class:`StoreKey`).
     purpose:
         What the file is for, bound into the authenticated data; defaults to the file name, so
         a ciphertext renamed to another store of the same owner fails too.
+    backup:
+        ``"previous"``: ``<path>.prev`` keeps the previous good generation (a damaged current file
+        costs one generation). ``"mirror"``: ``<path>.copy`` holds the same generation, written
+        first (a damaged or torn copy costs nothing).
 
     Notes
     -----
-    One writer per store (an advisory lock on ``<path>.lock`` enforces it between processes).
+    One writer at a time (a lock on ``<path>.lock``, between threads and processes);
+    ``<path>.counter`` holds the newest generation written (the rollback high-water mark).
     """
 
-    def __init__(self, path: str | Path, key: StoreKey, *, purpose: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        key: StoreKey,
+        *,
+        purpose: str | None = None,
+        backup: BackupMode = "previous",
+    ) -> None:
         self.path = Path(path)
         self.key = key
         self.purpose = purpose if purpose is not None else self.path.name
+        self.backup = backup
         self._salt: bytes | None = key.fixed_salt
+        self._file_lock = FileLock(self.path.with_name(self.path.name + ".lock"), mode=0o600)
 
     @property
     def backup_path(self) -> Path:
-        """The previous good generation, ``<name>.prev``."""
-        return self.path.with_name(self.path.name + ".prev")
+        """The second copy: ``<name>.prev`` (previous generation) or ``<name>.copy`` (mirror)."""
+        suffix = ".prev" if self.backup == "previous" else ".copy"
+        return self.path.with_name(self.path.name + suffix)
+
+    @property
+    def counter_path(self) -> Path:
+        """``<name>.counter``: the newest generation number written."""
+        return self.path.with_name(self.path.name + ".counter")
 
     def exists(self) -> bool:
-        """Whether a current or previous generation is on disk."""
-        return self.path.exists() or self.backup_path.exists()
+        """Whether any generation of this store is on disk."""
+        return self.path.exists() or self.backup_path.exists() or self.counter_path.exists()
 
     # encryption ------------------------------------------------------------------------------
-    def _aad(self, owner: str, header: bytes) -> bytes:
-        binding = json.dumps(
+    def _binding(self, owner: str) -> bytes:
+        return json.dumps(
             {"format": STORE_FORMAT, "owner": owner, "purpose": self.purpose}, sort_keys=True
-        )
-        return binding.encode("utf-8") + header
+        ).encode("utf-8")
+
+    def _aad(self, owner: str, header: bytes) -> bytes:
+        return self._binding(owner) + header
 
     def _key_check(self, key: bytes) -> bytes:
         return hmac.new(key, b"pft-store key check", hashlib.sha256).digest()[:8]
 
-    def _seal(self, plaintext: bytes, owner: str) -> bytes:
+    def _binding_check(self, key: bytes, owner: str) -> bytes:
+        return hmac.new(key, b"pft-store binding check" + self._binding(owner), hashlib.sha256).digest()[:8]
+
+    def _seal(self, plaintext: bytes, owner: str, counter: int) -> bytes:
         salt = self._salt or secrets.token_bytes(16)
         self._salt = salt
         log2_n, r, p = self.key.log2_n, self.key.r, self.key.p
         key = self.key.derive(salt, log2_n, r, p)
         nonce = secrets.token_bytes(12)
-        header = _HEADER.pack(_MAGIC, _VERSION, self.key.kdf, log2_n, r, p, salt, nonce, self._key_check(key))
+        header = _HEADER.pack(
+            _MAGIC, _VERSION, self.key.kdf, log2_n, r, p, salt, nonce,
+            self._key_check(key), self._binding_check(key, owner), counter,
+        )  # fmt: skip
         return header + AESGCM(key).encrypt(nonce, plaintext, self._aad(owner, header))
 
-    def _open(self, blob: bytes, owner: str, path: Path) -> dict[str, Any]:
-        if len(blob) < _HEADER.size + 16:
-            raise StoreAuthenticationError(f"{path}: too short to be a store file (corrupted or truncated)")
-        header = blob[: _HEADER.size]
-        magic, version, kdf, log2_n, r, p, salt, nonce, check = _HEADER.unpack(header)
-        if magic != _MAGIC:
-            raise StoreAuthenticationError(f"{path}: not a PFT store file (corrupted, or another file)")
-        if version != _VERSION:
-            raise StoreAuthenticationError(f"{path}: store format version {version} is not supported")
-        if kdf != self.key.kdf:
-            wanted = "a passphrase" if kdf == _KDF_SCRYPT else "a raw key"
-            raise StoreAuthenticationError(
-                f"{path}: this store is protected by {wanted}; the wrong kind was given"
-            )
-        if kdf == _KDF_SCRYPT and not (1 <= log2_n <= _MAX_LOG2_N and 1 <= r <= _MAX_R and 1 <= p <= _MAX_P):
-            raise StoreAuthenticationError(f"{path}: implausible scrypt parameters in the header (corrupted)")
-        key = self.key.derive(salt, log2_n, r, p)
-        if not hmac.compare_digest(check, self._key_check(key)):
-            raise _WrongKeyError(
-                f"{path}: wrong passphrase or key for this store (or its header is corrupted)"
-            )
-        try:
-            plaintext = AESGCM(key).decrypt(nonce, blob[_HEADER.size :], self._aad(owner, header))
-        except InvalidTag as exc:
-            raise StoreAuthenticationError(
-                f"{path}: authentication failed - the file is corrupted, or it belongs to another "
-                f"owner or purpose than {owner!r}/{self.purpose!r}"
-            ) from exc
-        self._salt = salt
-        return unpack_payload(plaintext, str(path))
-
-    def _backup_opens(self, owner: str) -> bool:
-        try:
-            self._read_one(self.backup_path, owner)
-        except (StoreError, FileNotFoundError):
-            return False
-        return True
-
-    def _read_one(self, path: Path, owner: str) -> tuple[dict[str, Any], bytes]:
+    def _inspect(self, path: Path, owner: str) -> _Generation:
+        """Classify one file (see :class:`_Generation`); never raises for its content."""
         try:
             blob = path.read_bytes()
         except FileNotFoundError:
-            raise
+            return _Generation(path, "absent", f"{path}: missing")
         except OSError as exc:
             raise StoreError(f"{path}: cannot read the store ({exc.strerror})") from exc
-        return self._open(blob, owner, path), blob
+        if len(blob) < _HEADER.size + 16:
+            return _Generation(
+                path, "garbage", f"{path}: too short to be a store file (corrupted or truncated)"
+            )
+        header = blob[: _HEADER.size]
+        magic, version, kdf, log2_n, r, p, salt, nonce, check, binding, counter = _HEADER.unpack(header)
+        if magic != _MAGIC:
+            return _Generation(path, "garbage", f"{path}: not a PFT store file (corrupted, or another file)")
+        if version != _VERSION:
+            return _Generation(path, "foreign", f"{path}: store format version {version} is not supported")
+        if kdf != self.key.kdf:
+            wanted = "a passphrase" if kdf == _KDF_SCRYPT else "a raw key"
+            return _Generation(
+                path, "foreign", f"{path}: this store is protected by {wanted}; the wrong kind was given"
+            )
+        if kdf == _KDF_SCRYPT and not (1 <= log2_n <= _MAX_LOG2_N and 1 <= r <= _MAX_R and 1 <= p <= _MAX_P):
+            return _Generation(
+                path, "garbage", f"{path}: implausible scrypt parameters in the header (corrupted)"
+            )
+        key = self.key.derive(salt, log2_n, r, p)
+        if not hmac.compare_digest(check, self._key_check(key)):
+            return _Generation(
+                path,
+                "foreign",
+                f"{path}: wrong passphrase or key for this store (or its header is corrupted)",
+            )
+        if not hmac.compare_digest(binding, self._binding_check(key, owner)):
+            return _Generation(
+                path, "foreign",
+                f"{path}: this store belongs to another owner or purpose than {owner!r}/{self.purpose!r}",
+            )  # fmt: skip
+        try:
+            plaintext = AESGCM(key).decrypt(nonce, blob[_HEADER.size :], self._aad(owner, header))
+        except InvalidTag:
+            return _Generation(path, "garbage", f"{path}: authentication failed - the file is corrupted")
+        self._salt = salt
+        return _Generation(path, "ours", counter=counter, blob=blob, plaintext=plaintext)
+
+    def _read_one(self, path: Path, owner: str) -> tuple[dict[str, Any], bytes]:
+        """Decrypt one file; raises :class:`StoreAuthenticationError` (or FileNotFoundError)."""
+        found = self._inspect(path, owner)
+        if found.kind == "absent":
+            raise FileNotFoundError(path)
+        if found.kind != "ours":
+            raise StoreAuthenticationError(found.reason)
+        return unpack_payload(found.plaintext, str(path)), found.blob
+
+    def _marks(self) -> tuple[int, int | None]:
+        """``<name>.counter``: the newest generation written and the one kept as the backup
+        (``(0, None)`` when unknown: then any backup this key opens may be used)."""
+        try:
+            fields = self.counter_path.read_text(encoding="ascii").split()
+        except FileNotFoundError:
+            return 0, None
+        except (OSError, UnicodeDecodeError):
+            fields = []
+        if len(fields) != 2 or not all(f.isdigit() for f in fields):
+            logger.warning("%s: unreadable generation counter; ignored", self.counter_path)
+            return 0, None
+        return int(fields[0]), int(fields[1])
+
+    def _choose(self, owner: str) -> tuple[_Generation | None, str | None, list[_Generation]]:
+        """The generation a reader may use, why the main file was not used, and both files.
+
+        The newest generation written is the highest counter among this key's files and the
+        ``.counter`` mark. The main file is used when it holds it; otherwise a mirror copy that
+        holds it, or the previous-generation backup the mark says was kept (what a damaged
+        current file costs, and no more). Returns ``(None, reason, files)`` when nothing may be used.
+        """
+        main, second = self._inspect(self.path, owner), self._inspect(self.backup_path, owner)
+        files = [main, second]
+        newest, kept = self._marks()
+        high = max([newest, *(g.counter for g in files if g.kind == "ours")])
+        if main.kind == "ours" and main.counter >= high:
+            return main, None, files
+        why = self._why_not(main, high)
+        floor = high if self.backup == "mirror" else (kept or 0)
+        if second.kind == "ours" and second.counter >= floor:
+            return second, why, files
+        return None, why, files
+
+    def _why_not(self, found: _Generation, high: int) -> str:
+        if found.kind == "ours":
+            return (
+                f"{found.path}: generation {found.counter} is older than the newest written ({high}): "
+                "an older copy was put in place of the current one"
+            )
+        return found.reason
+
+    def _refusal(self, why: str | None, files: list[_Generation]) -> StoreError:
+        """The error for a store none of whose files may be used."""
+        main, second = files
+        if main.kind == "absent" and second.kind == "absent":
+            return StoreError(f"{self.path}: no store here yet (nothing saved for this user)")
+        high = max([self._marks()[0], *(g.counter for g in files if g.kind == "ours")])
+        which = "previous" if self.backup == "previous" else "mirror"
+        if second.kind == "absent":
+            detail = f"{why}; no {which} copy to fall back to"
+        else:
+            detail = f"{why}; the {which} copy failed too: {self._why_not(second, high)}"
+        if any(g.kind == "ours" for g in files):  # it opens, but it is older than what was written
+            return StoreRollbackError(detail)
+        return StoreAuthenticationError(detail)
 
     # public API ------------------------------------------------------------------------------
     def save(self, payload: dict[str, Any], *, owner: str) -> Path:
-        """Encrypt and write ``payload`` atomically, keeping the previous good generation.
+        """Encrypt and write ``payload`` atomically as the next generation.
 
         Parameters
         ----------
@@ -376,55 +519,92 @@ class EncryptedStore:
         ------
         StoreError
             If the payload holds a value that cannot be stored.
+        StoreAuthenticationError
+            A generation on disk belongs to another key or owner (a mistyped passphrase or owner):
+            nothing is overwritten.
         """
         _check_owner(owner)
         plaintext = pack_payload(payload)
         with self._lock():
-            self._remove_stale_temporaries()
-            current: bytes | None = None
-            if self.path.exists():
-                try:  # reading it also adopts the store's salt (one scrypt per store and process)
-                    _, current = self._read_one(self.path, owner)
-                except (StoreError, FileNotFoundError) as exc:
-                    # Never let a bad current file overwrite the last good copy, and never let a
-                    # mistyped passphrase replace a store it cannot open.
-                    if isinstance(exc, _WrongKeyError) and not self._backup_opens(owner):
-                        raise StoreAuthenticationError(f"{exc}; refusing to overwrite it") from exc
-                    logger.warning("%s: not kept as backup, it does not authenticate (%s)", self.path, exc)
-            if current is not None:
-                atomic_write_bytes(self.backup_path, current)
-            atomic_write_bytes(self.path, self._seal(plaintext, owner))
+            self._write(
+                plaintext, owner, [self._inspect(self.path, owner), self._inspect(self.backup_path, owner)]
+            )
         return self.path
 
-    def read(self, *, owner: str) -> StoreRead:
-        """Decrypt the store, falling back to ``<name>.prev`` if the current file fails.
+    def update(
+        self, change: Callable[[dict[str, Any] | None], dict[str, Any]], *, owner: str
+    ) -> dict[str, Any]:
+        """Read, change and write the store under one lock (no other writer in between).
+
+        ``change`` gets the current payload (None when there is no readable generation) and
+        returns the new one, which is written as the next generation and returned.
 
         Raises
         ------
+        StoreRollbackError
+            The newest readable generation is older than one already written.
         StoreAuthenticationError
-            If neither generation authenticates (message says why for the current file).
+            A generation belongs to another key or owner (nothing is written).
+        """
+        _check_owner(owner)
+        with self._lock():
+            chosen, why, files = self._choose(owner)
+            if chosen is None and any(g.kind == "ours" for g in files):
+                raise self._refusal(why, files)
+            current = unpack_payload(chosen.plaintext, str(chosen.path)) if chosen is not None else None
+            new = change(current)
+            self._write(pack_payload(new), owner, files)
+        return new
+
+    def _write(self, plaintext: bytes, owner: str, files: list[_Generation]) -> None:
+        """Write the next generation (the lock is held); never replaces a foreign generation."""
+        self._remove_stale_temporaries()
+        foreign = [g for g in files if g.kind == "foreign"]
+        if foreign:
+            raise StoreAuthenticationError(f"{foreign[0].reason}; refusing to overwrite it")
+        main, second = files
+        newest, kept = self._marks()
+        high = max([newest, *(g.counter for g in files if g.kind == "ours")])
+        blob = self._seal(plaintext, owner, high + 1)
+        if self.backup == "mirror":
+            atomic_write_bytes(self.backup_path, blob)  # the copy first: it is never behind
+            kept = high + 1
+        elif main.kind == "ours" and main.counter >= high:
+            atomic_write_bytes(self.backup_path, main.blob)  # keep the newest good generation
+            kept = main.counter
+        elif kept is None:  # no mark: the backup stays, and stays usable
+            kept = second.counter if second.kind == "ours" else 0
+        atomic_write_bytes(self.path, blob)
+        atomic_write_bytes(self.counter_path, f"{high + 1} {kept}\n".encode("ascii"))
+
+    def read(self, *, owner: str) -> StoreRead:
+        """Decrypt the store: the newest generation that authenticates and is not rolled back.
+
+        With ``backup="previous"`` a damaged (or replaced) current file falls back to
+        ``<name>.prev`` when that is at most one generation behind the newest written.
+
+        Raises
+        ------
+        StoreRollbackError
+            Only generations older than the newest written are left (old copies put in place).
+        StoreAuthenticationError
+            No generation authenticates (the message says why for each).
         StoreError
             If no generation exists.
         """
         _check_owner(owner)
-        try:
-            payload, _ = self._read_one(self.path, owner)
-            return StoreRead(payload=payload, recovered_from_backup=False, source=self.path)
-        except FileNotFoundError:
-            failure = f"{self.path}: missing"
-        except StoreError as exc:
-            failure = str(exc)
-        try:
-            payload, _ = self._read_one(self.backup_path, owner)
-        except FileNotFoundError:
-            if failure.endswith("missing"):
-                raise StoreError(f"{self.path}: no store here yet (nothing saved for this user)") from None
-            raise StoreAuthenticationError(f"{failure}; no previous copy to fall back to") from None
-        except StoreError as exc:
-            raise StoreAuthenticationError(f"{failure}; the previous copy failed too: {exc}") from exc
-        logger.warning("%s; loaded the last good copy %s", failure, self.backup_path)
+        chosen, why, files = self._choose(owner)
+        if chosen is None:
+            raise self._refusal(why, files)
+        payload = unpack_payload(chosen.plaintext, str(chosen.path))
+        if chosen.path != self.path:
+            logger.warning("%s; loaded the last good copy %s", why, chosen.path)
         return StoreRead(
-            payload=payload, recovered_from_backup=True, source=self.backup_path, failure=failure
+            payload=payload,
+            recovered_from_backup=chosen.path != self.path,
+            source=chosen.path,
+            failure=why,
+            generation=chosen.counter,
         )
 
     def load(self, *, owner: str) -> dict[str, Any]:
@@ -435,20 +615,12 @@ class EncryptedStore:
     @contextlib.contextmanager
     def _lock(self) -> Any:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if fcntl is None:  # pragma: no cover
+        with self._file_lock:
             yield
-            return
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
 
     def _remove_stale_temporaries(self) -> None:
         """Delete temp files left by a writer killed mid-save (we hold the lock: none is live)."""
-        for name in (self.path.name, self.backup_path.name):
+        for name in (self.path.name, self.backup_path.name, self.counter_path.name):
             for stale in self.path.parent.glob(f".{name}.*.tmp"):
                 with contextlib.suppress(OSError):
                     stale.unlink()

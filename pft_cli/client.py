@@ -38,12 +38,22 @@ PublicKeyOption = Annotated[
 BundleOption = Annotated[
     Path | None, typer.Option("--bundle", help="A received bundle folder to verify and install first.")
 ]
-OwnerOption = Annotated[str, typer.Option("--owner", help="The user id the personal state is bound to.")]
+OwnerOption = Annotated[
+    str,
+    typer.Option(
+        "--owner",
+        help="The user id the personal state is bound to (required: with a shared default, one "
+        "user's store copied into another's would decrypt as theirs).",
+    ),
+]
 PassFileOption = Annotated[
     Path | None, typer.Option("--passphrase-file", help="File whose first line is the store passphrase.")
 ]
 PassEnvOption = Annotated[
     str | None, typer.Option("--passphrase-env", help="Name of an environment variable holding it.")
+]
+MaybeOwnerOption = Annotated[
+    str | None, typer.Option("--owner", help="The user id the personal state is bound to (with a key).")
 ]
 KeyFileOption = Annotated[
     Path | None, typer.Option("--key-file", help="A raw 32-byte store key (platform keystore export).")
@@ -106,16 +116,18 @@ def _store_key(
 
 
 def _open(
-    state: Path, public_key: Path, bundle: Path | None, key: StoreKey | None, owner: str
+    state: Path, public_key: Path, bundle: Path | None, key: StoreKey | None, owner: str | None
 ) -> Personalizer:
     """Install ``bundle`` if given, then load the saved state if there is one and a key."""
     from pft.client.personal_state import STATE_FILE
     from pft.client.sdk import Personalizer
 
+    if key is not None and not owner:
+        raise _fail(ValueError("give --owner with a store key (the user id the state is bound to)"))
     if bundle is not None:
         Personalizer.from_bundle(bundle, public_key, state_dir=state).close()
     if key is not None and ((state / STATE_FILE).exists() or (state / f"{STATE_FILE}.prev").exists()):
-        p = Personalizer.load(state, public_key, key, owner=owner)
+        p = Personalizer.load(state, public_key, key, owner=str(owner))
         if p.recovered_from_backup:
             typer.secho(
                 "warning: the personal state was damaged; the last good copy was loaded",
@@ -131,8 +143,8 @@ def enroll_command(
     videos: Annotated[list[Path], typer.Argument(help="Videos of the person's NEUTRAL face.")],
     state: StateOption,
     public_key: PublicKeyOption,
+    owner: OwnerOption,
     bundle: BundleOption = None,
-    owner: OwnerOption = "default",
     passphrase_file: PassFileOption = None,
     passphrase_env: PassEnvOption = None,
     key_file: KeyFileOption = None,
@@ -144,9 +156,9 @@ def enroll_command(
     key = _store_key(passphrase_file, passphrase_env, key_file, confirm=not (state / STATE_FILE).exists())
     try:
         if bundle is not None:
-            p = Personalizer.from_bundle(bundle, public_key, state_dir=state)
+            p = Personalizer.from_bundle(bundle, public_key, state_dir=state, key=key, owner=owner)
         else:
-            p = Personalizer.from_installed(state, public_key)
+            p = Personalizer.from_installed(state, public_key, key=key, owner=owner)
         with p:
             report = p.enroll(videos)
             path = p.save(key, owner=owner)
@@ -169,8 +181,8 @@ def predict_command(
     videos: Annotated[list[Path], typer.Argument(help="Videos to classify.")],
     state: StateOption,
     public_key: PublicKeyOption,
+    owner: MaybeOwnerOption = None,
     bundle: BundleOption = None,
-    owner: OwnerOption = "default",
     passphrase_file: PassFileOption = None,
     passphrase_env: PassEnvOption = None,
     key_file: KeyFileOption = None,
@@ -216,11 +228,11 @@ def export_command(
     out: Annotated[Path, typer.Option("--out", help="Output file.")],
     state: StateOption,
     public_key: PublicKeyOption,
+    owner: OwnerOption,
     fmt: Annotated[FormatChoice, typer.Option("--format", help="Model format.")] = FormatChoice.onnx,
     input_dtype: Annotated[
         DTypeChoice, typer.Option("--input-dtype", help="Input dtype of the exported graph.")
     ] = DTypeChoice.uint8,
-    owner: OwnerOption = "default",
     passphrase_file: PassFileOption = None,
     passphrase_env: PassEnvOption = None,
     key_file: KeyFileOption = None,
@@ -245,7 +257,7 @@ def export_command(
 def info_command(
     state: StateOption,
     public_key: PublicKeyOption,
-    owner: OwnerOption = "default",
+    owner: MaybeOwnerOption = None,
     passphrase_file: PassFileOption = None,
     passphrase_env: PassEnvOption = None,
     key_file: KeyFileOption = None,

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from pft.cli.choices import LAYOUT_NAMES
+from pft.cli.failure import fail
 from pft.core.errors import PFTError
 
 if TYPE_CHECKING:  # imported in the commands: `pft --help` loads no OpenCV or numpy
@@ -160,10 +162,14 @@ def check(
 
     try:
         video_config = VideoConfig(sample_fps=sample_fps, max_frames=max_frames)
+    except ValidationError as exc:  # e.g. --max-frames -1: refused before any video is opened
+        raise fail(exc, code=2) from None
+    if limit is not None and limit < 1:
+        raise fail(ValueError(f"--limit must be at least 1, got {limit}"), code=2)
+    try:
         index, report = _run(root, layout, limit, video_config, FaceCropConfig(), detector, landmarks)
     except PFTError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(exc, code=2) from None
     if as_json:
         rows = video_rows(index, report)
         summary = {
@@ -213,10 +219,15 @@ def crops(
 
     try:
         video_config = VideoConfig(max_frames=per_video)
-        _, report = _run(root, layout, videos, video_config, FaceCropConfig(size=size), detector, landmarks)
+        crop_config = FaceCropConfig(size=size)
+        if videos < 1:
+            raise ValueError(f"--videos must be at least 1, got {videos}")
+    except (ValidationError, ValueError) as exc:
+        raise fail(exc, code=2) from None
+    try:
+        _, report = _run(root, layout, videos, video_config, crop_config, detector, landmarks)
     except PFTError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(exc, code=2) from None
     if not report.clips:
         console.print("[red]no face crops[/red]: every video was rejected")
         raise typer.Exit(1)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # imported in the commands: `pft --help` loads no cryptograph
 __all__ = ["certs_app", "keys_app"]
 
 keys_app = typer.Typer(
-    help="Create key pairs: bundle signing, SuperNode authentication.", no_args_is_help=True
+    help="Create keys: bundle signing, SuperNode authentication, a site's store key.", no_args_is_help=True
 )
 certs_app = typer.Typer(
     help="A CA and SuperLink TLS certificates for a Flower deployment.", no_args_is_help=True
@@ -78,6 +78,25 @@ def node_command(
     typer.echo(
         f"public key:  {files.public_key}  (flwr supernode register {files.public_key.name} CONNECTION)"
     )
+
+
+@keys_app.command("store")
+def store_command(
+    out: Annotated[Path, typer.Option("--out", help="The key file to write, e.g. /etc/pft/store.key.")],
+    force: Force = False,
+) -> None:
+    """Create a raw store key (32 random bytes, 0600) where no platform keystore provides one.
+
+    It encrypts every person's state on the site: an existing key is never replaced without
+    --force (that would make every store it encrypts unreadable).
+    """
+    from pft.client.store import generate_key_file
+
+    try:
+        path = generate_key_file(out, overwrite=force)
+    except (FileExistsError, OSError) as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"store key: {path}  (0600; back it up with the site's stores - they are useless without it)")
 
 
 @certs_app.command("ca")

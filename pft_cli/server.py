@@ -120,10 +120,27 @@ def register_node_command(
 def audit_command(
     audit_log: AuditOption,
     event: Annotated[str | None, typer.Option("--event", help="Only this event, e.g. run.finished.")] = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Check the hash chain and the anchor (<log>.head) instead of printing: exit 1 if "
+            "a line was edited, removed or added without the anchor.",
+        ),
+    ] = False,
+    anchor: Annotated[
+        Path | None, typer.Option("--anchor", help="The log's anchor, if not <log>.head beside it.")
+    ] = None,
 ) -> None:
     """Print the audit log's events as JSON lines (a torn last line is reported, not printed)."""
-    from pft.server.audit import read_audit_log
+    from pft.server.audit import AuditLogError, read_audit_log, verify_audit_log
 
+    if verify:
+        checked = verify_audit_log(audit_log, anchor)
+        if not checked.ok:
+            raise _fail(AuditLogError(f"{audit_log}: NOT verified: {'; '.join(checked.problems)}"))
+        typer.echo(f"{audit_log}: verified {checked.records} record(s); head {checked.head}")
+        return
     try:
         read = read_audit_log(audit_log)
     except PFTError as exc:

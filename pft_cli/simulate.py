@@ -10,26 +10,59 @@ import typer
 
 from pft.cli.choices import DEFAULT_METHOD_NAMES, METHOD_NAMES, PROFILE_NAMES
 from pft.cli.extras import require_extra
+from pft.cli.failure import fail
 from pft.cli.progress import console, stage_bars
-from pft.core.errors import PFTError
+from pft.core.errors import ConfigFileError, PFTError
 
 if TYPE_CHECKING:  # imported in the commands: `pft --help` loads no torch
     from pft.simulations.experiment import ExperimentConfig
 
 
 def load_config_file(path: Path | None) -> dict[str, Any]:
-    """A JSON or YAML experiment config file as a dict (empty without a file)."""
+    """A JSON or YAML experiment config file as a dict (empty without a file).
+
+    Raises
+    ------
+    ConfigFileError
+        The file is missing, unreadable, torn or not a mapping (never a parser traceback).
+    """
     if path is None:
         return {}
     if not path.is_file():
-        raise typer.BadParameter(f"{path} does not exist", param_hint="--config")
+        raise ConfigFileError(f"--config {path}: no such file")
     import yaml
 
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ConfigFileError(f"--config {path}: not valid {kind} ({' '.join(str(exc).split())})") from exc
     if not isinstance(data, dict):
-        raise typer.BadParameter(f"{path} must hold a mapping of config fields", param_hint="--config")
+        raise ConfigFileError(f"--config {path}: must hold a mapping of config fields")
     return data
+
+
+def check_resources(
+    cache_dir: Path | None, *, threads: int | None, device: str | None, num_cpus: int, engine: str
+) -> None:
+    """The machine-dependent options, checked before any work (one typed error naming the option).
+
+    Raises
+    ------
+    ResourceError
+        A cache folder that is a file, more threads or CPUs than this machine has, a device it lacks.
+    """
+    from pft.core.resources import check_cache_root, check_cpu_count, check_torch_device
+    from pft.simulations.workspace import default_cache_root
+
+    check_cache_root(cache_dir if cache_dir is not None else default_cache_root())
+    if threads is not None:
+        check_cpu_count(threads, "--threads")
+    if device is not None:
+        check_torch_device(device, "--device")
+    if engine == "flower":
+        check_cpu_count(num_cpus, "--num-cpus")
 
 
 def build_config(base: dict[str, Any], **overrides: Any) -> ExperimentConfig:
@@ -163,7 +196,11 @@ def simulate(
     from pft.core.methods import METHODS
     from pft.simulations.experiment import PROFILES, run_experiment
 
-    base = load_config_file(config)
+    try:
+        base = load_config_file(config)
+        check_resources(cache_dir, threads=threads, device=device, num_cpus=num_cpus, engine=engine)
+    except PFTError as exc:
+        raise fail(exc, code=2) from exc
     batched = {
         k: v
         for k, v in {"chunk_size": chunk_size, "device": device, "rng": rng, "num_threads": threads}.items()
@@ -201,8 +238,7 @@ def simulate(
                 target_subjects=target_subjects,
             )
         except ValidationError as exc:
-            console.print(f"[red]invalid configuration:[/red]\n{exc}")
-            raise typer.Exit(2) from exc
+            raise fail(exc, code=2) from exc
         run_dir = out / name if len(profiles) > 1 else out
         try:
             if cfg.engine == "flower":
@@ -221,8 +257,7 @@ def simulate(
                         log=lambda m: console.print(f"[yellow]{m}[/yellow]"),
                     )
         except PFTError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from exc
+            raise fail(exc) from exc
         typer.echo(result.summary())
 
 
@@ -247,17 +282,19 @@ def ablate(
     require_extra("ablate", "sim", "matplotlib", "sklearn")
     from pydantic import ValidationError
 
+    from pft.core.resources import check_cache_root
     from pft.simulations.ablations import ABLATIONS, ablation_markdown, run_ablation
+    from pft.simulations.workspace import default_cache_root
 
     chosen = kinds or list(ABLATIONS)
     unknown = [k for k in chosen if k not in ABLATIONS]
     if unknown:
         raise typer.BadParameter(f"unknown ablation(s) {unknown}; choose from {list(ABLATIONS)}")
     try:
+        check_cache_root(cache_dir if cache_dir is not None else default_cache_root())
         base = build_config(load_config_file(config), profile=profile, seed=seed)
-    except ValidationError as exc:
-        console.print(f"[red]invalid configuration:[/red]\n{exc}")
-        raise typer.Exit(2) from exc
+    except (PFTError, ValidationError) as exc:
+        raise fail(exc, code=2) from exc
     for kind in chosen:
         result = run_ablation(kind, base, out, cache_dir, log=lambda m: console.print(f"[dim]{m}[/dim]"))  # type: ignore[arg-type]
         typer.echo(f"\n## {kind}\n\n{ablation_markdown(result)}")

@@ -106,9 +106,18 @@ class StoreAuthenticationError(StoreError):
     """Decryption failed: the file is corrupted, foreign, or the key is wrong."""
 
 
+class StoreRollbackError(StoreAuthenticationError):
+    """Only generations older than the newest one written are left: an older copy was put in place."""
+
+
 # --- privacy -----------------------------------------------------------------------------------
 class PrivacyBudgetExceededError(PFTError):
     """A DP release would exceed the configured privacy budget; nothing was run."""
+
+
+class LedgerIntegrityError(StoreError, PrivacyBudgetExceededError):
+    """The privacy ledger is missing, damaged, rolled back or inconsistent: DP releases are refused
+    (nothing was run) until it can be trusted; it is never reset."""
 
 
 # --- video pipeline (added with pft.core.data) -------------------------------------------------
@@ -156,3 +165,13 @@ class InvalidPriorUpdateError(PFTError):
 class SecureAggregationHaltedError(PFTError):
     """Secure aggregation of the prior stopped (too few survivors, no participant, a bad aggregate);
     no new bundle was published. The message names the stage and the counts."""
+
+
+# --- configuration and resources -----------------------------------------------------------------
+class ResourceError(PFTError, ValueError):
+    """A device, thread or CPU count, or a cache folder the user asked for that this machine does
+    not have (checked before any work)."""
+
+
+class ConfigFileError(PFTError):
+    """A configuration file is missing, torn, or not a mapping of fields."""

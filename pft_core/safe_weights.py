@@ -9,7 +9,6 @@ ever invoked (docs/reliability.md case 3).
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from safetensors.torch import save as _st_save
 
 from pft.core.atomic import atomic_write_bytes
 from pft.core.errors import UnsafeWeightsError
+from pft.core.untrusted_json import parse_untrusted_json
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -35,8 +35,11 @@ __all__ = [
     "save_safetensors",
 ]
 
-#: Largest JSON header accepted (safetensors itself caps it at 100 MB).
-MAX_HEADER_BYTES = 100_000_000
+#: Largest JSON header accepted (safetensors itself allows 100 MB; this project's headers are a few
+#: KB): refused from the declared length, before the header is read or parsed.
+MAX_HEADER_BYTES = 16 << 20
+#: Deepest nesting a header may have (tensor name -> entry -> list: 3).
+MAX_HEADER_DEPTH = 4
 
 _DTYPE_BYTES = {
     "BOOL": 1,
@@ -68,15 +71,6 @@ def _describe_foreign(prefix: bytes) -> str:
     if prefix.startswith(_NUMPY_MAGIC):
         return "it is a numpy .npy file; load it with load_numpy_array"
     return "it is not a safetensors file"
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
 
 
 def check_safetensors_bytes(prefix: bytes, total_size: int, where: str) -> dict[str, Any]:
@@ -113,10 +107,14 @@ def check_safetensors_bytes(prefix: bytes, total_size: int, where: str) -> dict[
     raw = prefix[8 : 8 + header_len]
     if raw[:1] != b"{":
         raise UnsafeWeightsError(f"{where}: {_describe_foreign(prefix)}")
-    try:
-        header = json.loads(raw.decode("utf-8").rstrip(" "), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise UnsafeWeightsError(f"{where}: the safetensors header is not valid JSON ({exc})") from exc
+    header = parse_untrusted_json(
+        bytes(raw).rstrip(b" "),
+        where=where,
+        error=UnsafeWeightsError,
+        max_bytes=MAX_HEADER_BYTES,
+        max_depth=MAX_HEADER_DEPTH,
+        what="safetensors header",
+    )
     if not isinstance(header, dict):
         raise UnsafeWeightsError(f"{where}: the safetensors header is not a JSON object")
     data_size = total_size - 8 - header_len

@@ -10,7 +10,8 @@ accepts a bundle only if, in this order,
 4. the bundle's version is not older than the one already installed (rollback protection).
 
 :class:`TrustedBundleCache` installs verified bundles on a device so that a refused candidate
-never replaces the bundle it had (docs/reliability.md case 2).
+never replaces the bundle it had (docs/reliability.md case 2). Every file is read with a size and
+nesting limit before it is parsed (:mod:`pft.core.untrusted_json`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -41,12 +43,16 @@ from pft.core.errors import (
     BundleTamperedError,
     BundleUnsignedFileError,
 )
+from pft.core.untrusted_json import parse_untrusted_json, read_bounded
 
 __all__ = [
-    "CURRENT_NAME",
     "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
+    "MAX_SIGNATURE_BYTES",
     "SIGNATURE_ALGORITHM",
     "SIGNATURE_NAME",
+    "BundleValidator",
+    "InstalledBundle",
     "TrustedBundleCache",
     "bundle_digest",
     "canonical_manifest_bytes",
@@ -68,8 +74,10 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
-CURRENT_NAME = "current.json"
 SIGNATURE_ALGORITHM = "ed25519"
+#: Largest ``manifest.json`` / ``manifest.sig`` accepted; refused before they are parsed.
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_SIGNATURE_BYTES = 4096
 _RESERVED = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
 _CHUNK = 1 << 20
 
@@ -192,27 +200,17 @@ def write_signing_key_pair(
     return key_path, pub_path
 
 
-# --- manifest ----------------------------------------------------------------------------------
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
-def _parse_manifest(data: bytes) -> dict[str, Any]:
-    """Parse manifest bytes strictly: one JSON object, no duplicate keys, no NaN/Infinity."""
-    parsed = json.loads(
-        data.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant
+# --- manifest ---------------------------------------------------------------------------------
+def _parse_manifest(
+    data: bytes, where: str = "<manifest>", error: type[BundleError] = BundleError
+) -> dict[str, Any]:
+    """Parse manifest bytes strictly: size and depth limits, one JSON object, no duplicate keys,
+    no NaN/Infinity. Every refusal is ``error``."""
+    parsed = parse_untrusted_json(
+        data, where=where, error=error, max_bytes=MAX_MANIFEST_BYTES, what="manifest"
     )
     if not isinstance(parsed, dict):
-        raise ValueError("the manifest is not a JSON object")
+        raise error(f"{where}: the manifest is not a JSON object")
     return parsed
 
 
@@ -229,18 +227,19 @@ def bundle_digest(manifest: dict[str, Any]) -> str:
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """Read and strictly parse ``folder/manifest.json`` (NOT verified; see :func:`verify_bundle`).
 
+    At most :data:`MAX_MANIFEST_BYTES` are read.
+
     Raises
     ------
     BundleError
-        If the file is missing or is not a JSON object.
+        If the file is missing, too large, or is not a JSON object.
     """
     path = Path(folder) / MANIFEST_NAME
     try:
-        return _parse_manifest(path.read_bytes())
-    except OSError as exc:
-        raise BundleError(f"{path}: cannot read the manifest ({exc.strerror})") from exc
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BundleError(f"{path}: not a valid manifest ({exc})") from exc
+        data = read_bounded(path, MAX_MANIFEST_BYTES, BundleError, "manifest")
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path}: cannot read the manifest (missing)") from exc
+    return _parse_manifest(data, str(path))
 
 
 def _file_digest(path: Path) -> tuple[str, int]:
@@ -397,14 +396,23 @@ def sign_bundle(folder: str | Path, private_key: Ed25519PrivateKey) -> Path:
 
 def _check_signature(folder: Path, trusted_public_key: Ed25519PublicKey) -> dict[str, Any]:
     sig_path, manifest_path = folder / SIGNATURE_NAME, folder / MANIFEST_NAME
-    for path in (sig_path, manifest_path):
-        if path.is_symlink() or not path.is_file():
-            raise BundleSignatureError(f"{path}: missing (or not a regular file); the bundle is not signed")
+    blobs: dict[Path, bytes] = {}
+    for path, limit, what in (
+        (sig_path, MAX_SIGNATURE_BYTES, "signature"),
+        (manifest_path, MAX_MANIFEST_BYTES, "manifest"),
+    ):
+        try:  # bounded reads: an oversized file is refused before it is parsed (or fully read)
+            blobs[path] = read_bounded(path, limit, BundleSignatureError, what)
+        except FileNotFoundError as exc:
+            raise BundleSignatureError(f"{path}: missing; the bundle is not signed") from exc
+    record = parse_untrusted_json(
+        blobs[sig_path], where=str(sig_path), error=BundleSignatureError, max_bytes=MAX_SIGNATURE_BYTES,
+        max_depth=2, what="signature record",
+    )  # fmt: skip
     try:
-        record = _parse_manifest(sig_path.read_bytes())
         alg, signed_by, encoded = record["alg"], record["key_id"], record["signature"]
         signature = base64.b64decode(encoded, validate=True)
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, binascii.Error) as exc:
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
         raise BundleSignatureError(f"{sig_path}: unreadable signature record ({exc})") from exc
     if alg != SIGNATURE_ALGORITHM:
         raise BundleSignatureError(f"{sig_path}: algorithm {alg!r} is not {SIGNATURE_ALGORITHM!r}")
@@ -414,12 +422,7 @@ def _check_signature(folder: Path, trusted_public_key: Ed25519PublicKey) -> dict
             f"{folder}: signed by key {signed_by}, but the trusted key is {trusted_id}; "
             "install the publisher's public key or fetch a bundle from the trusted publisher"
         )
-    try:
-        manifest = _parse_manifest(manifest_path.read_bytes())
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BundleSignatureError(
-            f"{manifest_path}: not valid JSON, cannot be the signed manifest ({exc})"
-        ) from exc
+    manifest = _parse_manifest(blobs[manifest_path], str(manifest_path), BundleSignatureError)
     try:
         trusted_public_key.verify(signature, canonical_manifest_bytes(manifest))
     except InvalidSignature as exc:
@@ -510,22 +513,40 @@ def verify_bundle(
 
 
 # --- device cache ------------------------------------------------------------------------------
+BundleValidator = Callable[[Path, dict[str, Any]], object]
+"""``validate(folder, verified_manifest)``: a full check run on the staged copy before it becomes
+current (e.g. :func:`pft.core.bundle.load_bundle`); raising refuses the install."""
+
+
 @dataclass(frozen=True)
 class InstalledBundle:
-    """What ``current.json`` records: the installed bundle's digest, version and folder."""
+    """An installed bundle: its digest (the folder's name), version and folder."""
 
     digest: str
     bundle_version: int
     path: Path
 
 
-class TrustedBundleCache:
-    """The bundles a device trusts, one folder per digest, plus ``current.json`` naming the current one.
+@dataclass(frozen=True)
+class _Altered:
+    """A digest-named folder in the cache whose signed manifest no longer verifies."""
 
-    A candidate is verified (with rollback protection against the current bundle), copied to a
-    temporary folder, verified again there, renamed to ``<cache_root>/<digest>/`` and only then
-    made current (atomic ``current.json``). If any step fails the typed error is raised and the
-    previous bundle stays current and loadable. One writer per cache root.
+    digest: str
+    claimed_version: int | None  # what its (unverified) manifest says, when it says anything
+    reason: str
+
+
+class TrustedBundleCache:
+    """The bundles a device trusts, one folder per digest; the current one is DERIVED from them.
+
+    There is no install pointer to edit or delete: the current bundle is the installed folder with
+    the highest ``bundle_version`` whose signed manifest verifies (and whose digest is its name),
+    so rollback protection rests on signed data only. A candidate is verified (signature, files,
+    not older than anything installed), copied to a temporary folder, verified again there,
+    checked by ``validator`` (the full load a device will do: shapes, dtypes, finite values,
+    config), and only then renamed to ``<cache_root>/<digest>/``, which makes it current. If any
+    step fails the typed error is raised and the previous bundle stays current and loadable. One
+    writer per cache root.
 
     Parameters
     ----------
@@ -535,45 +556,85 @@ class TrustedBundleCache:
         The publisher's Ed25519 key.
     keep:
         How many installed bundles to keep (current included, at least 1).
+    validator:
+        Run on the staged copy before it becomes current; see :data:`BundleValidator`.
     """
 
     def __init__(
-        self, cache_root: str | Path, trusted_public_key: Ed25519PublicKey, *, keep: int = 2
+        self,
+        cache_root: str | Path,
+        trusted_public_key: Ed25519PublicKey,
+        *,
+        keep: int = 2,
+        validator: BundleValidator | None = None,
     ) -> None:
         self.cache_root = Path(cache_root)
         self.trusted_public_key = trusted_public_key
         self.keep = max(1, keep)
+        self.validator = validator
 
     # reading ---------------------------------------------------------------------------------
+    def _scan(self) -> tuple[list[InstalledBundle], list[_Altered]]:
+        """The installed folders whose signed manifest verifies, and those that no longer do."""
+        verified: list[InstalledBundle] = []
+        altered: list[_Altered] = []
+        if not self.cache_root.is_dir():
+            return verified, altered
+        for entry in sorted(self.cache_root.iterdir()):
+            if not _is_digest(entry.name):
+                continue
+            try:
+                if entry.is_symlink() or not entry.is_dir():
+                    raise BundleTamperedError(f"{entry}: not a plain folder")
+                manifest = _check_signature(entry, self.trusted_public_key)
+                version = manifest.get("bundle_version")
+                if not isinstance(version, int) or isinstance(version, bool):
+                    raise BundleTamperedError(f"{entry}: no integer bundle_version")
+                if bundle_digest(manifest) != entry.name:
+                    raise BundleTamperedError(
+                        f"{entry}: its manifest is not the one installed under this name"
+                    )
+            except BundleError as exc:
+                altered.append(_Altered(entry.name, _claimed_version(entry), str(exc)))
+                continue
+            verified.append(InstalledBundle(digest=entry.name, bundle_version=version, path=entry))
+        return verified, altered
+
     def installed(self) -> InstalledBundle | None:
-        """The record of the current bundle, or None if nothing was installed yet.
+        """The current bundle (highest verified version), or None if nothing was installed yet.
+
+        Only the signed manifests are checked here (cheap); :meth:`load_current` verifies files.
 
         Raises
         ------
-        BundleError
-            If ``current.json`` exists but is unreadable (it is written atomically, so this means
-            someone altered it).
+        BundleTamperedError
+            An installed folder that is (or may be) the newest no longer verifies: someone altered
+            the cache on this device. Installing that version (or a newer one) again repairs it.
         """
-        path = self.cache_root / CURRENT_NAME
-        if not path.exists():
-            return None
-        try:
-            record = _parse_manifest(path.read_bytes())
-            digest, version = record["digest"], record["bundle_version"]
-            if not isinstance(digest, str) or len(digest) != 64 or not isinstance(version, int):
-                raise ValueError("bad digest or version")
-            int(digest, 16)
-        except (OSError, UnicodeDecodeError, ValueError, KeyError) as exc:
-            raise BundleError(f"{path}: unreadable cache record ({exc}); reinstall a bundle") from exc
-        return InstalledBundle(digest=digest, bundle_version=version, path=self.cache_root / digest)
+        verified, altered = self._scan()
+        newest = max(verified, key=lambda b: b.bundle_version, default=None)
+        for bad in altered:
+            if newest is None or bad.claimed_version is None or bad.claimed_version >= newest.bundle_version:
+                raise BundleTamperedError(
+                    f"{self.cache_root}: installed bundle {bad.digest[:16]} no longer verifies "
+                    f"({bad.reason}); it was altered on this device - install the current release again"
+                )
+            logger.warning(
+                "%s: an older installed bundle no longer verifies (%s)", self.cache_root, bad.reason
+            )
+        if newest is not None and sum(b.bundle_version == newest.bundle_version for b in verified) > 1:
+            raise BundleTamperedError(
+                f"{self.cache_root}: two installed bundles claim version {newest.bundle_version}"
+            )
+        return newest
 
     def current(self) -> Path | None:
-        """The folder of the current bundle (not re-verified; see :meth:`load_current`), or None."""
+        """The folder of the current bundle (files not re-verified; see :meth:`load_current`), or None."""
         record = self.installed()
         return record.path if record is not None else None
 
     def load_current(self) -> tuple[Path, dict[str, Any]]:
-        """Verify the current bundle again and return its folder and manifest.
+        """Verify the current bundle again (signature and every file) and return its folder and manifest.
 
         Raises
         ------
@@ -585,12 +646,24 @@ class TrustedBundleCache:
             raise BundleError(f"{self.cache_root}: no bundle installed yet")
         manifest = verify_bundle(record.path, self.trusted_public_key)
         if bundle_digest(manifest) != record.digest:
-            raise BundleTamperedError(f"{record.path}: content does not match the digest in {CURRENT_NAME}")
+            raise BundleTamperedError(f"{record.path}: content does not match its installed digest")
         return record.path, manifest
+
+    def _floor(self) -> tuple[int | None, str | None]:
+        """The rollback floor: the highest version installed (verified, or claimed by an altered
+        folder), and the digest that version was installed under."""
+        verified, altered = self._scan()
+        best: tuple[int, str] | None = None
+        for version, digest in [(b.bundle_version, b.digest) for b in verified] + [
+            (a.claimed_version, a.digest) for a in altered if a.claimed_version is not None
+        ]:
+            if best is None or version > best[0]:
+                best = (version, digest)
+        return (best[0], best[1]) if best is not None else (None, None)
 
     # installing ------------------------------------------------------------------------------
     def install(self, candidate_folder: str | Path) -> Path:
-        """Verify and install a candidate bundle, making it current.
+        """Verify, validate and install a candidate bundle, making it current.
 
         Parameters
         ----------
@@ -606,20 +679,24 @@ class TrustedBundleCache:
         ------
         BundleSignatureError, BundleTamperedError, BundleUnsignedFileError, BundleRollbackError
             The candidate was refused; the current bundle is unchanged.
+        Exception
+            Whatever the ``validator`` raises (e.g. ``UnsafeWeightsError``, ``BundleError``); the
+            current bundle is unchanged.
         """
         candidate = Path(candidate_folder)
         self.cache_root.mkdir(parents=True, exist_ok=True)
-        record = self.installed()
-        min_version = record.bundle_version if record else None
-        current_digest = record.digest if record else None
+        min_version, floor_digest = self._floor()
         manifest = verify_bundle(
-            candidate, self.trusted_public_key, min_version=min_version, current_digest=current_digest
+            candidate, self.trusted_public_key, min_version=min_version, current_digest=floor_digest
         )
         digest = bundle_digest(manifest)
         target = self.cache_root / digest
-        if record is not None and digest == record.digest and target.is_dir():
-            self.load_current()  # same bundle again: nothing to do if the installed copy is intact
-            return target
+        if target.is_dir() and not target.is_symlink():
+            try:  # the same bundle again: nothing to do if the installed copy is intact
+                if verify_bundle(target, self.trusted_public_key) == manifest:
+                    return target
+            except BundleError as exc:
+                logger.warning("%s: reinstalling an altered copy (%s)", target, exc)
 
         staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.cache_root))
         try:
@@ -627,11 +704,13 @@ class TrustedBundleCache:
                 _copy_durably(candidate / name, staging / name)
             # The candidate may have changed after the first check: verify the copy we will keep.
             copied = verify_bundle(
-                staging, self.trusted_public_key, min_version=min_version, current_digest=current_digest
+                staging, self.trusted_public_key, min_version=min_version, current_digest=floor_digest
             )
             if bundle_digest(copied) != digest:
                 raise BundleTamperedError(f"{candidate}: the bundle changed while it was being installed")
-            if target.exists():  # a leftover of an interrupted install of the same content
+            if self.validator is not None:  # the full load, BEFORE the bundle can become current
+                self.validator(staging, copied)
+            if target.exists() or target.is_symlink():  # an altered copy, or an interrupted install
                 trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=self.cache_root))
                 os.replace(target, trash / "old")
                 shutil.rmtree(trash, ignore_errors=True)
@@ -640,30 +719,39 @@ class TrustedBundleCache:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        previous = record.digest if record is not None else None
-        record_json = {
-            "digest": digest,
-            "bundle_version": int(manifest["bundle_version"]),
-            "previous": previous,
-        }
-        atomic_write_text(
-            self.cache_root / CURRENT_NAME, json.dumps(record_json, indent=2, sort_keys=True) + "\n"
-        )
         logger.info("installed bundle version %s (%s)", manifest["bundle_version"], digest[:16])
-        self._prune(keep_digests=[d for d in (digest, previous) if d][: self.keep])
+        self._prune(current=digest)
         return target
 
-    def _prune(self, keep_digests: list[str]) -> None:
-        """Remove older bundle folders and leftovers of interrupted installs."""
+    def _prune(self, current: str) -> None:
+        """Keep the current bundle and the next ``keep - 1`` newest verified ones; remove the rest
+        (older or altered bundles, leftovers of interrupted installs, the legacy pointer file)."""
+        verified, _ = self._scan()
+        older = sorted((b for b in verified if b.digest != current), key=lambda b: -b.bundle_version)
+        keep = {current, *(b.digest for b in older[: self.keep - 1])}
         for entry in self.cache_root.iterdir():
-            if entry.name == CURRENT_NAME or entry.name in keep_digests:
+            if entry.name in keep:
                 continue
             ours = _is_digest(entry.name) or entry.name.startswith((".incoming-", ".trash-"))
             if ours and entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
-            elif entry.name.startswith(f".{CURRENT_NAME}.") and entry.name.endswith(".tmp"):
+            elif entry.name == _LEGACY_POINTER or (
+                entry.name.startswith(f".{_LEGACY_POINTER}.") and entry.name.endswith(".tmp")
+            ):
                 with contextlib.suppress(OSError):
                     entry.unlink()
+
+
+_LEGACY_POINTER = "current.json"  # written by earlier releases; never read, removed on install
+
+
+def _claimed_version(folder: Path) -> int | None:
+    """The ``bundle_version`` an (unverified) manifest claims, if it can be read at all."""
+    try:
+        version = read_manifest(folder).get("bundle_version")
+    except BundleError:
+        return None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
 
 
 def _is_digest(name: str) -> bool:

@@ -37,7 +37,7 @@ from pft.core.results import markdown_table, plot_per_subject, summarise_method,
 from pft.core.signing import bundle_digest, load_public_key
 from pft.server.audit import AuditLog, RunAudit
 from pft.server.publish import bundle_arrays
-from pft.server.rounds import Exchange, QuorumError, exchange, wait_for_nodes
+from pft.server.rounds import Exchange, NodeIdentities, QuorumError, exchange, wait_for_nodes
 
 logger = logging.getLogger("pft.server")
 
@@ -128,22 +128,22 @@ def run_federation(grid: Grid, spec: ServerSpec, audit: RunAudit | None = None) 
     )
     audit.event("run.nodes", nodes=nodes)
     history: list[Exchange] = []
+    # who speaks for which person: a node claiming another's subject index is refused
+    identities = NodeIdentities(len(spec.subjects) or None)
 
     config = _same_config
-    asked = exchange(grid, nodes, "query", config({"bundle-digest": digest}), spec.round_timeout_s)
+
+    def ask(nodes_: list[int], kind: str, content: Callable[[int], RecordDict]) -> Exchange:
+        return exchange(grid, nodes_, kind, content, spec.round_timeout_s, validate=identities.check)
+
+    asked = ask(nodes, "query", config({"bundle-digest": digest}))
     history.append(asked)
     audit.exchange(0, asked)
     asked.require(spec.min_nodes)
     have = [n for n, m in asked.replies.items() if m["bundle-current"] == 1.0]
     need = [n for n in asked.replies if n not in have]
     if need:
-        sent = exchange(
-            grid,
-            need,
-            "train.install",
-            _same_config({"bundle-version": version}, arrays),
-            spec.round_timeout_s,
-        )
+        sent = ask(need, "train.install", config({"bundle-version": version}, arrays))
         history.append(sent)
         audit.exchange(0, sent)
         have += [n for n, m in sent.replies.items() if int(m["bundle-version"]) == version]
@@ -158,12 +158,10 @@ def run_federation(grid: Grid, spec: ServerSpec, audit: RunAudit | None = None) 
             raise QuorumError(
                 f"round {round_no}: {len(active)} node(s) hold the bundle, quorum is {spec.min_nodes}"
             )
-        trained = exchange(
-            grid,
+        trained = ask(
             active,
             "train",
             config({"pft-config": spec.pft.model_dump_json(), "seed": spec.seed, "round": round_no}),
-            spec.round_timeout_s,
         )
         history.append(trained)
         audit.exchange(round_no, trained)
@@ -175,8 +173,7 @@ def run_federation(grid: Grid, spec: ServerSpec, audit: RunAudit | None = None) 
         per_method = {m: {} for m in spec.methods}
         costs = {m: [] for m in spec.methods}
         for method in spec.methods:
-            scored = exchange(
-                grid,
+            scored = ask(
                 active,
                 "evaluate",
                 config(
@@ -186,7 +183,6 @@ def run_federation(grid: Grid, spec: ServerSpec, audit: RunAudit | None = None) 
                         "method-settings": json.dumps(spec.method_settings),
                     }
                 ),
-                spec.round_timeout_s,
             )
             history.append(scored)
             audit.exchange(round_no, scored)
@@ -287,6 +283,12 @@ def write_report(out_dir: Path, results: dict[str, Any]) -> Path:
     ]
     for e in federation["exchanges"]:
         lines.append(f"| `{e['type']}` | {e['ok']} | {len(e['failed'])} | {e['seconds']} |")
+    failures = [
+        (e["type"], node, reason) for e in federation["exchanges"] for node, reason in e["failed"].items()
+    ]
+    if failures:  # why a site failed belongs in the report, not only in the audit log
+        lines += ["", "Failures (node id: reason as the node or the server gave it):", ""]
+        lines += [f"- `{kind}`, node {node}: {reason}" for kind, node, reason in failures]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

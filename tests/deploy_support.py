@@ -92,7 +92,7 @@ class Deployment:
             command += ["--database", str(self.database)]
         return command
 
-    def start_superlink(self, name: str = "superlink", timeout: float = 30) -> None:
+    def start_superlink(self, name: str = "superlink", timeout: float = 90) -> None:
         """Write the ``flwr`` connection, start the SuperLink, wait until it serves TLS."""
         home = self.root / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ class Deployment:
         self.start(name, self.superlink_command())
         self.wait_tls(name, timeout)
 
-    def wait_tls(self, name: str = "superlink", timeout: float = 30) -> float:
+    def wait_tls(self, name: str = "superlink", timeout: float = 90) -> float:
         """Wait until the SuperLink accepts a TLS connection; returns the seconds waited."""
         context = ssl.create_default_context(cafile=str(self.ca.cert))
         t0 = time.monotonic()
@@ -156,10 +156,14 @@ class Deployment:
         ca_cert: Path | None = None,
         retries: int = 0,
         max_wait_s: float = 15,
+        supervised: bool = False,
     ) -> subprocess.Popen[bytes]:
-        """Start a SuperNode with TLS and node authentication (``retries`` 0: retry forever)."""
-        command = [
-            str(BIN / "flower-supernode"),
+        """Start a SuperNode with TLS and node authentication (``retries`` 0: retry forever).
+
+        ``supervised``: as the kit runs a site, ``pft deploy supernode -- ARGS`` (exits non-zero
+        when its executor cannot run ClientApps) instead of ``flower-supernode ARGS``.
+        """
+        arguments = [
             "--superlink", f"127.0.0.1:{self.port}",
             "--root-certificates", str(ca_cert or self.ca.cert),
             "--auth-supernode-private-key", str(key.private_key),
@@ -167,8 +171,10 @@ class Deployment:
             "--port", str(free_port()),
         ]  # fmt: skip
         if retries:
-            command += ["--max-retries", str(retries), "--max-wait-time", str(max_wait_s)]
-        return self.start(name, command)
+            arguments += ["--max-retries", str(retries), "--max-wait-time", str(max_wait_s)]
+        if supervised:
+            return self.start(name, [str(BIN / "pft"), "deploy", "supernode", "--", *arguments])
+        return self.start(name, [str(BIN / "flower-supernode"), *arguments])
 
     def start_run(self, spec: Path) -> int:
         """``flwr run REPO CONNECTION --run-config pft-spec=...``; returns the run id."""

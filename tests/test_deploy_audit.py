@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -20,7 +21,7 @@ from pft.core.signing import (
     write_manifest_files,
     write_signing_key_pair,
 )
-from pft.server.audit import AuditLog, AuditLogError, RunAudit, read_audit_log
+from pft.server.audit import AuditLog, AuditLogError, RunAudit, read_audit_log, verify_audit_log
 from pft.server.rounds import Exchange
 
 
@@ -130,3 +131,65 @@ def test_pft_server_publish_audits_the_release(tmp_path: Path) -> None:
     shown = runner.invoke(server_app, ["audit", "--audit-log", str(audit), "--event", "bundle.published"])
     assert json.loads(shown.output.strip())["digest"] == event["digest"]
     assert os.stat(tmp_path / "v2" / "manifest.json").st_size > 0
+
+
+# --- tamper evidence: a hash chain and an anchor (issue 19) --------------------------------------
+def _log_with(tmp_path: Path, n: int = 4) -> AuditLog:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append("run.started", run_id=1)
+    for k in range(n - 2):
+        log.append("exchange", run_id=1, round=k, failures={})
+    log.append("run.finished", run_id=1, status="failed", reason="QuorumError: 1 node")
+    return log
+
+
+def _verify(log: AuditLog) -> list[str]:
+    return verify_audit_log(log.path).problems
+
+
+def test_an_untouched_log_verifies(tmp_path: Path) -> None:
+    log = _log_with(tmp_path)
+    checked = verify_audit_log(log.path)
+    assert checked.ok and checked.records == 4
+    lines = log.path.read_bytes().split(b"\n")[:-1]
+    assert checked.head == hashlib.sha256(lines[-1]).hexdigest()  # oracle: the last line's hash
+    assert json.loads(lines[1])["prev"] == hashlib.sha256(lines[0]).hexdigest()
+    assert json.loads((tmp_path / "audit.jsonl.head").read_text())["seq"] == 3
+    done = CliRunner().invoke(server_app, ["audit", "--audit-log", str(log.path), "--verify"])
+    assert done.exit_code == 0 and "verified 4 record(s)" in done.output
+
+
+def test_a_failed_run_edited_to_completed_is_detected(tmp_path: Path) -> None:
+    log = _log_with(tmp_path)
+    text = log.path.read_text().replace('"status":"failed"', '"status":"completed"')
+    log.path.write_text(text)
+    assert any("edited" in p for p in _verify(log))
+    done = CliRunner().invoke(server_app, ["audit", "--audit-log", str(log.path), "--verify"])
+    assert done.exit_code == 1 and "NOT verified" in done.output
+
+
+def test_a_middle_line_edited_or_removed_is_detected(tmp_path: Path) -> None:
+    log = _log_with(tmp_path, 5)
+    lines = log.path.read_text().splitlines(keepends=True)
+    log.path.write_text("".join([*lines[:2], lines[2].replace('"round":1', '"round":7'), *lines[3:]]))
+    assert any("line 4" in p and "edited" in p for p in _verify(log))
+    log.path.write_text("".join(lines[:2] + lines[3:]))
+    assert any("seq" in p for p in _verify(log))
+
+
+def test_the_deleted_last_line_is_detected_by_the_anchor(tmp_path: Path) -> None:
+    log = _log_with(tmp_path)
+    lines = log.path.read_text().splitlines(keepends=True)
+    log.path.write_text("".join(lines[:-1]))  # the run.finished line removed: the chain alone holds
+    assert any("removed from the end" in p for p in _verify(log))
+    (tmp_path / "audit.jsonl.head").unlink()  # and the anchor deleted too
+    assert any("no anchor" in p for p in _verify(log))
+
+
+def test_a_torn_line_from_a_crash_still_verifies(tmp_path: Path) -> None:
+    log = _log_with(tmp_path, 2)
+    with log.path.open("ab") as handle:  # a writer killed mid-line
+        handle.write(b'{"ts":"2026-01-01T00:00:00.000000Z","event":"b","n":')
+    log.append("after", n=1)  # chains from the last whole record
+    checked = verify_audit_log(log.path)
+    assert checked.ok and checked.records == 3, checked.problems

@@ -10,6 +10,7 @@ from __future__ import annotations
 import configparser
 import json
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,11 @@ import yaml
 
 from pft.client.flower_app import NodeSpec
 from pft.server.app import ServerSpec
+from pft.server.supervise import HELPERS
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 REPO = DEPLOY.parent
+BIN = Path(sys.executable).parent
 
 
 def _compose(name: str) -> dict[str, Any]:
@@ -142,8 +145,38 @@ def test_systemd_hardening(name: str) -> None:
     assert service["ReadWritePaths"].split()
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in service["Environment"]
     command = shlex.split(service["ExecStart"])
-    assert command[0].startswith("/opt/pft/venv/bin/flower-")
+    assert command[0].startswith("/opt/pft/venv/bin/")
     assert "--insecure" not in command and "--allow-runtime-dependency-installation" not in command
+
+
+ROLES = {
+    "pft-superlink.service": "superlink",
+    "pft-superexec.service": "superexec",
+    "pft-supernode.service": "supernode",
+}
+
+
+@pytest.mark.parametrize("name", list(ROLES))
+def test_systemd_units_put_flowers_helpers_on_path(name: str) -> None:
+    """Issue 19: Flower starts flower-superexec / flwr-serverapp / flwr-clientapp BY NAME; a unit
+    without the venv on PATH crashed on the first run. Every helper the role starts must be in the
+    folder PATH names first, which is the folder the unit's own commands come from."""
+    service = _unit(name)
+    settings = dict(item.split("=", 1) for item in shlex.split(service["Environment"]))
+    first = settings["PATH"].split(":")[0]
+    commands = [shlex.split(service[key])[0] for key in ("ExecStartPre", "ExecStart") if key in service]
+    assert all(Path(c).parent == Path(first) for c in commands), commands
+    for helper in HELPERS[ROLES[name]]:
+        assert (BIN / helper).exists(), f"{helper} is not a command this environment installs"
+    if ROLES[name] == "supernode":  # supervised: a SuperNode whose executor dies exits non-zero
+        assert shlex.split(service["ExecStart"])[1:4] == ["deploy", "supernode", "--"]
+    else:  # refused before starting when a helper is missing
+        assert shlex.split(service["ExecStartPre"])[1:] == ["deploy", "check", ROLES[name]]
+
+
+def test_site_image_runs_the_supervised_supernode() -> None:
+    dockerfile = (DEPLOY / "site" / "supernode.Dockerfile").read_text()
+    assert 'ENTRYPOINT ["pft", "deploy", "supernode", "--"]' in dockerfile
 
 
 def test_systemd_superlink_and_superexec() -> None:
@@ -161,7 +194,8 @@ def test_systemd_superlink_and_superexec() -> None:
 
 def test_systemd_supernode() -> None:
     service = _unit("pft-supernode.service")
-    node = _flags(shlex.split(service["ExecStart"])[1:])
+    command = shlex.split(service["ExecStart"])
+    node = _flags(command[command.index("--") + 1 :])
     assert node["--auth-supernode-private-key"].startswith("/etc/pft/")
     assert node["--root-certificates"].startswith("/etc/pft/")
     config = dict(item.split("=", 1) for item in shlex.split(node["--node-config"]))

@@ -49,6 +49,7 @@ TINY = ExperimentConfig.model_validate(
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(1800),  # the first test also prepares the kit (stages 1-2 and a release)
     pytest.mark.skipif(not (BIN / "flower-superexec").exists(), reason="flwr is not installed"),
 ]
 
@@ -123,13 +124,16 @@ def _node_keys(kit: dict[str, Any], name: str) -> pki.NodeKeyFiles:
     return pki.NodeKeyFiles(private_key=keys / name, public_key=keys / f"{name}.pub")
 
 
+@pytest.mark.reliability(6)
 def test_superlink_restart_mid_run(deployment: Deployment, kit: dict[str, Any]) -> None:
     dep = deployment
     out = dep.root / "out"
     spec = _spec(kit, out, min_nodes=2, rounds=2, round_timeout_s=60, connect_timeout_s=60)
     node_spec = json.loads(spec.read_text())["node"]
     for i, name in enumerate(("ward1", "ward2")):
-        dep.start_supernode(name, _node_keys(kit, name), f'partition-id={i} pft-spec="{spec}"')
+        dep.start_supernode(
+            name, _node_keys(kit, name), f'partition-id={i} pft-spec="{spec}"', supervised=True
+        )
     run_id = dep.start_run(spec)
     t_run = time.monotonic()
     stores = [Path(node_spec["state_root"]) / s / STATE_FILE for s in node_spec["subjects"]]
@@ -188,6 +192,7 @@ def test_superlink_restart_mid_run(deployment: Deployment, kit: dict[str, Any]) 
     assert stamps == sorted(stamps) and all(s.endswith("Z") for s in stamps)
 
 
+@pytest.mark.reliability(8)
 def test_quorum_never_reached_fails_clearly(deployment: Deployment, kit: dict[str, Any]) -> None:
     dep = deployment
     spec = _spec(

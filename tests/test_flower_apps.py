@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,25 +16,31 @@ from flower_support import incoming
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from pft.client.egress import EgressViolationError, check_reply, describe_outgoing, metrics_reply
-from pft.client.flower_app import install, query
+from pft.client.flower_app import install, make_client_app, query
 from pft.client.store import generate_key_file
 from pft.core.bundle import save_bundle
 from pft.core.errors import (
+    BundleError,
     BundleRollbackError,
     BundleSignatureError,
     BundleTamperedError,
     BundleUnsignedFileError,
+    UnsafeWeightsError,
 )
 from pft.core.models import Classifier, FeatureExtractor, ModelConfig, StyleNormalizer, Translator
+from pft.core.safe_weights import load_safetensors, save_safetensors
 from pft.core.signing import (
     bundle_digest,
     generate_signing_key,
     load_public_key,
     load_signing_key,
+    sign_bundle,
     verify_bundle,
+    write_manifest_files,
     write_signing_key_pair,
 )
 from pft.server.publish import bundle_arrays, publish_bundle
+from pft.server.rounds import NodeIdentities, ReplyIdentityError
 
 CFG = ModelConfig(width=8, image_size=32, num_classes=2, translator_hidden=16)
 
@@ -42,11 +50,19 @@ def _metrics(values: dict[str, object]) -> RecordDict:
 
 
 # --- egress allow-list ---------------------------------------------------------------------------
+EVALUATE = {
+    "f1": 55.5,
+    "accuracy": 60.0,
+    "eval-frames": 96,
+    "adapt-iterations": 30,
+    "adapt-seconds": 0.5,
+    "subject-index": 1,
+}
+
+
 def test_valid_metrics_pass() -> None:
-    got = check_reply(
-        "evaluate", _metrics({"f1": 55.5, "accuracy": 60.0, "eval-frames": 96, "subject-index": 1})
-    )
-    assert got == {"f1": 55.5, "accuracy": 60.0, "eval-frames": 96.0, "subject-index": 1.0}
+    got = check_reply("evaluate", _metrics(EVALUATE))
+    assert got == {k: float(v) for k, v in EVALUATE.items()}
 
 
 @pytest.mark.parametrize(
@@ -60,11 +76,26 @@ def test_valid_metrics_pass() -> None:
         ({"eval-frames": 0}, "positive count"),
         ({"loss": 0.3}, "not allow-listed"),
         ({"translator.weight": [0.1, 0.2]}, "not allow-listed"),
+        # issue 19: a reply is a schema, not just finite numbers
+        ({"adapt-iterations": 1e300}, "outside"),
+        ({"adapt-seconds": 1e12}, "outside"),
+        ({"subject-index": 1e9}, "outside"),
+        ({"subject-index": 1.5}, "must be an integer"),
+        ({"eval-frames": 2.5}, "positive count"),
     ],
 )
 def test_bad_metrics_are_rejected(values: dict[str, object], match: str) -> None:
     with pytest.raises(EgressViolationError, match=match):
-        check_reply("evaluate", _metrics(values))
+        check_reply("evaluate", _metrics({**EVALUATE, **values}))
+
+
+@pytest.mark.parametrize("kind", ["query", "train.install", "train", "evaluate"])
+def test_a_reply_missing_a_key_or_empty_is_rejected(kind: str) -> None:
+    """Issue 19: one empty metrics reply crashed the ServerApp with a KeyError."""
+    with pytest.raises(EgressViolationError, match="missing"):
+        check_reply(kind, _metrics({}))
+    with pytest.raises(EgressViolationError, match="missing"):
+        check_reply(kind, _metrics({"subject-index": 0}))
 
 
 def test_replies_with_arrays_or_config_records_are_rejected() -> None:
@@ -81,13 +112,14 @@ def test_a_node_cannot_build_a_reply_outside_the_allow_list() -> None:
     message = incoming(RecordDict(), "train")
     with pytest.raises(EgressViolationError):
         metrics_reply(message, {"neutral-frames": 40, "loss": float("nan")})
-    reply = metrics_reply(message, {"neutral-frames": 40, "adapt-iterations": 30})
+    train = {"neutral-frames": 40, "adapt-iterations": 30, "adapt-seconds": 0.25, "subject-index": 0}
+    reply = metrics_reply(message, train)
     described = describe_outgoing(reply)
     assert described["records"] == {
         "metrics": {
             "kind": "MetricRecord",
-            "keys": ["adapt-iterations", "neutral-frames"],
-            "values": {"adapt-iterations": 30.0, "neutral-frames": 40.0},
+            "keys": sorted(train),
+            "values": {k: float(v) for k, v in train.items()},
         }
     }
 
@@ -195,3 +227,144 @@ def test_node_installs_signed_bundle_and_refuses_tampered_extra_and_rollback(wor
     with pytest.raises(BundleTamperedError, match="outside"):
         install(message, _context(world))
     assert _ask(world, digest2) == {"bundle-current": 1.0, "bundle-version": 2.0, "subject-index": 0.0}
+
+
+# --- a validly signed bundle the node cannot load never becomes current (issue 19) ----------------
+def _signed_variant(world: dict[str, Path], name: str, version: int, change: Callable[[Path], None]) -> Path:
+    """Release ``version``, change its files, and have the publisher sign the result."""
+    folder = world["root"] / name
+    publish_bundle(world["source"], folder, version, load_signing_key(world["key"]))
+    change(folder)
+    (folder / "manifest.sig").unlink()
+    manifest = {k: v for k, v in json.loads((folder / "manifest.json").read_text()).items() if k != "files"}
+    write_manifest_files(folder, manifest)
+    sign_bundle(folder, load_signing_key(world["key"]))
+    return folder
+
+
+def _rewrite_weights(file: str, change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
+    def apply(folder: Path) -> None:
+        tensors = load_safetensors(folder / file)
+        change(tensors)
+        save_safetensors(tensors, folder / file)
+
+    return apply
+
+
+def _first_weight(tensors: dict[str, torch.Tensor]) -> str:
+    return next(k for k, v in tensors.items() if v.is_floating_point() and v.numel() > 1)
+
+
+def _nan(tensors: dict[str, torch.Tensor]) -> None:
+    key = _first_weight(tensors)
+    tensors[key] = tensors[key].clone().index_fill_(0, torch.tensor([0]), float("nan"))
+
+
+def _half(tensors: dict[str, torch.Tensor]) -> None:
+    key = _first_weight(tensors)
+    tensors[key] = tensors[key].half()
+
+
+def _int64(tensors: dict[str, torch.Tensor]) -> None:
+    key = _first_weight(tensors)
+    tensors[key] = tensors[key].long()
+
+
+def _wrong_shape(tensors: dict[str, torch.Tensor]) -> None:
+    key = _first_weight(tensors)
+    tensors[key] = torch.zeros(*tensors[key].shape[:-1], tensors[key].shape[-1] + 1)
+
+
+def _pickle(folder: Path) -> None:
+    torch.save({"weight": torch.zeros(2)}, folder / "T.safetensors")
+
+
+def _config_change(change: Callable[[dict[str, object]], None]) -> Callable[[Path], None]:
+    def apply(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        change(config)
+        (folder / "config.json").write_text(json.dumps(config))
+
+    return apply
+
+
+UNLOADABLE: dict[str, tuple[Callable[[Path], None], type[Exception]]] = {
+    "pickled weights": (_pickle, UnsafeWeightsError),
+    "NaN weights": (_rewrite_weights("C.safetensors", _nan), BundleError),
+    "float16 weights": (_rewrite_weights("T.safetensors", _half), BundleError),
+    "int64 weights": (_rewrite_weights("C.safetensors", _int64), BundleError),
+    "wrong shapes": (_rewrite_weights("C.safetensors", _wrong_shape), BundleError),
+    "NaN style statistics": (_rewrite_weights("styles.safetensors", _nan), BundleError),
+    "class names missing": (_config_change(lambda c: c.pop("class_names")), BundleError),
+    "config not an object": (lambda f: (f / "config.json").write_text("[1, 2]"), BundleError),
+    "torn config": (lambda f: (f / "config.json").write_text('{"model_config": {'), BundleError),
+}
+
+
+@pytest.mark.parametrize("case", list(UNLOADABLE))
+def test_node_refuses_a_signed_bundle_it_cannot_load_and_keeps_the_good_one(
+    world: dict[str, Path], case: str
+) -> None:
+    change, error = UNLOADABLE[case]
+    good = _release(world, 2)
+    install(_install_message(good, world["pub"]), _context(world))
+    digest2 = bundle_digest(verify_bundle(good, load_public_key(world["pub"])))
+    bad = _signed_variant(world, "bad", 3, change)
+    verify_bundle(bad, load_public_key(world["pub"]))  # the publisher's signature is valid
+    with pytest.raises(error):
+        install(_install_message(bad, world["pub"]), _context(world))
+    assert _ask(world, digest2) == {"bundle-current": 1.0, "bundle-version": 2.0, "subject-index": 0.0}
+    # the good release is still accepted (it is not refused as a rollback of the bad one)
+    reply = install(_install_message(good, world["pub"]), _context(world))
+    assert check_reply("train.install", reply.content)["bundle-version"] == 2.0
+
+
+# --- error replies: a code and a fixed message, checked and audited (issue 19) --------------------
+def test_a_failing_handler_sends_a_fixed_error_and_audits_it(world: dict[str, Path]) -> None:
+    state = world["root"] / "site-state"
+    context = _context(world)
+    context.node_config["state-dir"] = str(state)
+    app = make_client_app()
+    train_message = incoming(
+        RecordDict({"config": ConfigRecord({"pft-config": "{}", "seed": 0, "round": 1})}), "train"
+    )
+    reply = app(train_message, context)  # no bundle installed: the handler raises BundleError
+    assert reply.has_error() and reply.error.code == 1200
+    reason = reply.error.reason or ""
+    assert reason == "no usable bundle on the node (refused, missing or not loadable)"
+    assert "S001" not in reason and str(world["root"]) not in reason  # no person id, no local path
+    audit = [json.loads(line) for line in (state / "egress.jsonl").read_text().splitlines()]
+    assert [(e["type"], e["code"], e["error"]) for e in audit] == [("train", 1200, reason)]
+
+
+def test_a_reply_outside_the_allow_list_never_leaves(world: dict[str, Path]) -> None:
+    def leak(message: Message, context: Context, call_next: Any) -> Message:
+        reply = call_next(message, context)
+        reply.content["metrics"]["subject-id"] = 1.0  # e.g. a handler that adds a key
+        return reply
+
+    log = world["root"] / "egress.jsonl"
+    app = make_client_app(mods=[leak])
+    context = _context(world)
+    context.node_config["egress-log"] = str(log)
+    query_message = incoming(RecordDict({"config": ConfigRecord({"bundle-digest": "0" * 64})}), "query")
+    reply = app(query_message, context)
+    assert reply.has_error() and reply.error.code == 1101
+    assert json.loads(log.read_text())["records"] == {}
+    # and a well-formed reply passes the same guard unchanged
+    ok = make_client_app()(query_message, context)
+    assert check_reply("query", ok.content)["bundle-current"] == 0.0
+
+
+def test_a_node_cannot_claim_another_nodes_subject() -> None:
+    """Issue 19: a node claiming another's subject index used to overwrite its results."""
+    ids = NodeIdentities(subjects=3)
+    ids.check(101, {"subject-index": 0.0})
+    ids.check(202, {"subject-index": 1.0})
+    ids.check(101, {"subject-index": 0.0})  # the same claim again is fine
+    with pytest.raises(ReplyIdentityError, match="already held by node 101"):
+        ids.check(303, {"subject-index": 0.0})
+    with pytest.raises(ReplyIdentityError, match="now claims subject-index 1, earlier 0"):
+        ids.check(101, {"subject-index": 1.0})
+    with pytest.raises(ReplyIdentityError, match="outside"):
+        ids.check(303, {"subject-index": 3.0})

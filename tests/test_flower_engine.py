@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
-from pft.client.egress import ALLOWED_METRICS, make_egress_audit_mod
-from pft.client.flower_app import make_client_app
+from pft.client.egress import ALLOWED_METRICS, make_egress_audit_mod, make_egress_guard_mod
+from pft.client.flower_app import evaluate, install, make_client_app, query, train
 from pft.client.ledger import LEDGER_FILE
 from pft.client.personal_state import STATE_FILE
 from pft.simulations.experiment import ExperimentConfig, ExperimentResult, run_experiment
@@ -69,6 +72,7 @@ def test_flower_engine_equals_in_process_engine(both_engines: tuple[Any, Any, Pa
 
 
 @pytest.mark.slow
+@pytest.mark.reliability(14)
 def test_only_allow_listed_metrics_leave_a_node(both_engines: tuple[Any, Any, Path]) -> None:
     _, flower, audit = both_engines
     entries = [json.loads(line) for line in audit.read_text().splitlines()]
@@ -129,3 +133,57 @@ def test_client_resources_are_checked() -> None:
             client_resources(bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_gpus"):
         client_resources(1, 1.5)
+
+
+# --- issue 19: hostile replies never crash the ServerApp; a node cannot speak for another --------
+def _hostile(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Node 1's own modified app: its evaluate replies claim node 0's person, come back empty, or
+    absurd - outside any node-side guard, as a hostile site would send them."""
+    reply = call_next(message, context)
+    if int(context.node_config.get("partition-id", 0)) != 1 or message.metadata.message_type != "evaluate":
+        return reply
+    method = str(message.content["config"]["method"])
+    metrics = dict(reply.content["metrics"])
+    if method == "source_only":
+        metrics["subject-index"] = 0.0  # another node's subject
+    elif method == "pft":
+        metrics = {}  # an empty metrics reply (used to crash the ServerApp with a KeyError)
+    else:
+        metrics["adapt-iterations"] = 1e300
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+
+
+@pytest.fixture(scope="module")
+def hostile_run(
+    both_engines: tuple[ExperimentResult, ExperimentResult, Path], tmp_path_factory: pytest.TempPathFactory
+) -> ExperimentResult:
+    loop, _, _ = both_engines
+    root = loop.out_dir.parent  # the same cache: only the federation runs again
+    app = ClientApp(mods=[_hostile, make_egress_guard_mod()])
+    app.query()(query)
+    app.train("install")(install)
+    app.train()(train)
+    app.evaluate()(evaluate)
+    return run_flower_simulation(TINY, root / "hostile", root / "cache", client_app=app, min_nodes=1)
+
+
+@pytest.mark.slow
+@pytest.mark.reliability(7)
+@pytest.mark.reliability(9)
+def test_hostile_replies_are_failures_with_reasons_and_the_run_completes(
+    both_engines: tuple[ExperimentResult, ExperimentResult, Path], hostile_run: ExperimentResult
+) -> None:
+    loop = both_engines[0]
+    results = hostile_run.results
+    honest = sorted(loop.results["methods"]["pft"]["per_subject"])[0]  # node 0's person
+    for method in TINY.methods:
+        got = results["methods"][method]["per_subject"]
+        assert got == {honest: loop.results["methods"][method]["per_subject"][honest]}, method
+    evaluations = [e for e in results["federation"]["exchanges"] if e["type"] == "evaluate"]
+    reasons = [next(iter(e["failed"].values())) for e in evaluations]
+    assert all(e["ok"] == 1 and len(e["failed"]) == 1 for e in evaluations)
+    assert "claims subject-index 0" in reasons[0]  # it said it was subject 1 before
+    assert "missing" in reasons[1]
+    assert "outside" in reasons[2]
+    report = (hostile_run.out_dir / "report.md").read_text()
+    assert "claims subject-index 0" in report and "missing" in report  # the reasons reach the report

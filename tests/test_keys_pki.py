@@ -160,6 +160,21 @@ def test_cli_commands(tmp_path: Path) -> None:
     ).exit_code
 
 
+def test_store_key_command_never_replaces_a_key_without_force(tmp_path: Path) -> None:
+    """Issue 19: the documented one-liner silently replaced a site's store key (orphaning its stores)."""
+    runner = CliRunner()
+    path = tmp_path / "etc" / "store.key"
+    result = runner.invoke(keys_app, ["store", "--out", str(path)])
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(path.read_bytes()) == 32
+    key = path.read_bytes()
+    again = runner.invoke(keys_app, ["store", "--out", str(path)])
+    assert again.exit_code == 1 and "refusing to replace a store key" in again.output
+    assert path.read_bytes() == key
+    forced = runner.invoke(keys_app, ["store", "--out", str(path), "--force"])
+    assert forced.exit_code == 0 and path.read_bytes() != key
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

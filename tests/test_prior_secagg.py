@@ -22,6 +22,7 @@ from pft.client.egress import EgressViolationError, check_prior_reply, make_egre
 from pft.client.flower_app import node_from_context
 from pft.client.ledger import LEDGER_FILE, PrivacyBudget, PrivacyLedger
 from pft.client.prior_app import PriorConsentError, make_prior_client_app, prior_egress_guard
+from pft.client.store import StoreKey
 from pft.core.bundle import load_bundle
 from pft.core.errors import SecureAggregationHaltedError
 from pft.core.prior import PriorUpdateConfig, update_release
@@ -80,9 +81,16 @@ def _read(folder: Path, name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _exhaust(state_dir: Path, budget: PrivacyBudget) -> int:
+def _ledger(fed: PriorFederation, subject: str, budget: PrivacyBudget | None = None) -> PrivacyLedger:
+    """A node's privacy ledger, opened with the node's store key (it is encrypted, bound to the person)."""
+    key = StoreKey.from_file(json.loads(fed.spec.read_text())["node"]["store_key_file"])
+    path = fed.nodes_dir / subject / LEDGER_FILE
+    return PrivacyLedger.open(path, budget or PrivacyBudget(), key=key, owner=subject)
+
+
+def _exhaust(fed: PriorFederation, subject: str, budget: PrivacyBudget) -> int:
     """Spend the node's budget so that one more UPDATE release does not fit; returns the entries."""
-    ledger = PrivacyLedger.open(state_dir / LEDGER_FILE, budget)
+    ledger = _ledger(fed, subject, budget)
     spend = update_release(PriorUpdateConfig(noise_multiplier=2.0))
     while ledger.epsilon("person", update_release(UPDATE)) <= budget.epsilon:
         ledger.record(spend, "adaptation", note="earlier adaptations")
@@ -174,7 +182,7 @@ def test_all_survive_sum_is_the_plaintext_mean_and_only_masked_vectors_leave(
         assert vector.shape == quantised.shape and not np.allclose(vector, quantised, atol=2)
         assert not np.allclose(vector * STEP - 1, plain[subject], atol=1e-3)
         # the release is in the device's ledger, with its parameters and cumulative epsilon
-        entries = json.loads((fed.nodes_dir / subject / LEDGER_FILE).read_text())["entries"]
+        entries = _ledger(fed, subject).as_list()
         assert [e["kind"] for e in entries] == ["prior_update"]
         assert entries[0]["release"]["noise_multiplier"] == 1.0
         assert entries[0]["release"]["privacy_unit"] == "person"
@@ -189,7 +197,7 @@ def test_a_dropout_above_threshold_still_gives_the_survivors_mean(
     budget = PrivacyBudget(epsilon=8.0)
     fed = _federation(prepared, "dropout", budget=budget)
     broke = prep.targets[2]
-    spent = _exhaust(fed.nodes_dir / broke, budget)  # its budget cannot afford the update
+    spent = _exhaust(fed, broke, budget)  # its budget cannot afford the update
     report = run_prior_federation(fed, _app(fed))
     assert report["participants"] == 5 and report["survivors"] == 4
     plain = _plain_updates(fed)
@@ -197,7 +205,7 @@ def test_a_dropout_above_threshold_still_gives_the_survivors_mean(
     _check_aggregate(report, plain)
     # refused BEFORE anything was sent: no masked vector left, the ledger is unchanged
     assert not any("masked" in e for e in _read(fed.nodes_dir / broke, "sent"))
-    assert len(json.loads((fed.nodes_dir / broke / LEDGER_FILE).read_text())["entries"]) == spent
+    assert len(_ledger(fed, broke, budget)) == spent
 
 
 @pytest.mark.slow
@@ -206,7 +214,7 @@ def test_too_few_survivors_halt_cleanly_without_a_bundle(prepared: tuple[Prepare
     budget = PrivacyBudget(epsilon=8.0)
     fed = _federation(prepared, "halt", budget=budget)
     for subject in prep.targets[:3]:  # 3 of 5 drop; the threshold is round(0.6 * 5) = 3
-        _exhaust(fed.nodes_dir / subject, budget)
+        _exhaust(fed, subject, budget)
     with pytest.raises(SecureAggregationHaltedError, match="collect_masked_vectors"):
         run_prior_federation(fed, _app(fed))
     report = json.loads((fed.out_dir / "prior_report.json").read_text())

@@ -140,6 +140,7 @@ def _record_gradient(
 
 @pytest.mark.parametrize("unit", ["frame", "video", "person"])
 @pytest.mark.parametrize("bias_only", [False, True])
+@pytest.mark.reliability(11)
 def test_per_record_gradients_equal_microbatch_gradients(unit: PrivacyUnit, bias_only: bool) -> None:
     features, vids, tidx = _data()
     parts = _parts()
@@ -216,6 +217,7 @@ def test_per_sample_style_term_gives_the_batch_style_gradient_for_the_output_bia
 
 # --- Poisson sampling of records ----------------------------------------------------------------
 @pytest.mark.parametrize(("unit", "records"), [("frame", 30), ("video", 3), ("person", 1)])
+@pytest.mark.reliability(11)
 def test_poisson_sampling_includes_each_record_with_rate_q(unit: PrivacyUnit, records: int) -> None:
     features, vids, tidx = _data()
     q = 0.3
@@ -310,6 +312,7 @@ def test_plan_release_states_unit_and_group_bound() -> None:
 
 
 # --- the run ------------------------------------------------------------------------------------
+@pytest.mark.reliability(11)
 def test_dp_adaptation_runs_fixed_steps_keeps_c_frozen_and_is_deterministic() -> None:
     features, vids, tidx = _data()
     parts = _parts()

@@ -90,8 +90,23 @@ def test_no_passphrase_option_and_one_key_source(world: SdkWorld, tmp_path: Path
     key = tmp_path / "k.txt"
     key.write_text("x")
     res = runner.invoke(
-        client_app, ["enroll", *common, "--passphrase-file", str(key), "--passphrase-env", "X", "x.mp4"]
+        client_app,
+        ["enroll", *common, "--owner", "u", "--passphrase-file", str(key), "--passphrase-env", "X", "x.mp4"],
     )
     assert res.exit_code == 1 and "give one of" in res.output
     res = runner.invoke(client_app, ["info", *common])
     assert res.exit_code == 1 and "no bundle installed" in res.output
+
+
+def test_the_owner_is_never_a_shared_default(world: SdkWorld, tmp_path: Path) -> None:
+    """Issue 19: with a default owner and a shared site key, one user's store copied into another's
+    decrypted as theirs. The owner must be named; a key without an owner is refused."""
+    common = ["--state", str(tmp_path / "s"), "--public-key", str(world.public_pem)]
+    key = tmp_path / "k.txt"
+    key.write_text("x")
+    res = runner.invoke(client_app, ["enroll", *common, "--passphrase-file", str(key), "x.mp4"])
+    assert res.exit_code == 2 and "--owner" in res.output
+    res = runner.invoke(client_app, ["export", *common, "--passphrase-file", str(key), "--out", "m.onnx"])
+    assert res.exit_code == 2 and "--owner" in res.output
+    res = runner.invoke(client_app, ["info", *common, "--passphrase-file", str(key)])
+    assert res.exit_code == 1 and "give --owner" in res.output

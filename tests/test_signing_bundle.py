@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -234,8 +235,8 @@ def test_install_verify_and_upgrade(tmp_path: Path, key: Any) -> None:
     v2 = make_bundle(tmp_path / "v2", 2, key)
     installed2 = cache.install(v2)
     assert cache.current() == installed2 and installed.exists()  # the previous one is kept
-    record = json.loads((tmp_path / "cache" / "current.json").read_text())
-    assert record == {"digest": installed2.name, "bundle_version": 2, "previous": installed.name}
+    record = cache.installed()
+    assert record is not None and (record.digest, record.bundle_version) == (installed2.name, 2)
     v3 = make_bundle(tmp_path / "v3", 3, key)
     cache.install(v3)
     assert not installed.exists()  # keep=2: the oldest is pruned
@@ -312,3 +313,92 @@ def test_install_leaves_the_candidate_untouched(tmp_path: Path, key: Any) -> Non
     before = snapshot(candidate)
     signing.TrustedBundleCache(tmp_path / "cache", key.public_key()).install(candidate)
     assert snapshot(candidate) == before
+
+
+# --- the install pointer is derived from signed data (issue 19) ----------------------------------
+def _legacy_pointer(cache_root: Path, folder: Path, version: int) -> None:
+    """What an install pointer looked like: unsigned JSON naming the current digest."""
+    record = {"digest": folder.name, "bundle_version": version, "previous": None}
+    (cache_root / "current.json").write_text(json.dumps(record))
+
+
+def test_editing_or_deleting_an_install_pointer_does_not_reopen_rollback(tmp_path: Path, key: Any) -> None:
+    root = tmp_path / "cache"
+    cache = signing.TrustedBundleCache(root, key.public_key())
+    v1 = cache.install(make_bundle(tmp_path / "v1", 1, key))
+    v2 = cache.install(make_bundle(tmp_path / "v2", 2, key))
+    _legacy_pointer(root, v1, 1)  # "point back" at v1
+    assert cache.current() == v2
+    with pytest.raises(BundleRollbackError):
+        cache.install(tmp_path / "v1")
+    (root / "current.json").unlink()  # or delete the pointer
+    assert cache.current() == v2
+    with pytest.raises(BundleRollbackError):
+        cache.install(tmp_path / "v1")
+
+
+def test_an_altered_current_bundle_is_not_replaced_by_an_older_one(tmp_path: Path, key: Any) -> None:
+    root = tmp_path / "cache"
+    cache = signing.TrustedBundleCache(root, key.public_key())
+    cache.install(make_bundle(tmp_path / "v1", 1, key))
+    v2 = cache.install(make_bundle(tmp_path / "v2", 2, key))
+    manifest = (v2 / "manifest.json").read_text()
+    (v2 / "manifest.json").write_text(manifest.replace('"created_by": "test"', '"created_by": "edit"'))
+    with pytest.raises(BundleTamperedError, match="altered on this device"):
+        cache.current()  # not silently the older v1
+    with pytest.raises(BundleRollbackError):
+        cache.install(tmp_path / "v1")
+    assert cache.install(tmp_path / "v2") == v2  # the same release again repairs it
+    assert cache.load_current()[0] == v2
+
+
+def test_a_validator_runs_on_the_staged_copy_before_it_becomes_current(tmp_path: Path, key: Any) -> None:
+    seen: list[Path] = []
+
+    def refuse(folder: Path, manifest: dict[str, Any]) -> None:
+        seen.append(folder)
+        raise BundleError("cannot load this bundle")
+
+    root = tmp_path / "cache"
+    signing.TrustedBundleCache(root, key.public_key()).install(make_bundle(tmp_path / "v1", 1, key))
+    strict = signing.TrustedBundleCache(root, key.public_key(), validator=refuse)
+    before = snapshot(root)
+    with pytest.raises(BundleError, match="cannot load"):
+        strict.install(make_bundle(tmp_path / "v2", 2, key))
+    assert seen and seen[0].name.startswith(".incoming-")
+    assert snapshot(root) == before and strict.load_current()[1]["bundle_version"] == 1
+
+
+# --- size and nesting limits before any parse (issue 19) ----------------------------------------
+def _peak_bytes(action: Callable[[], object]) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    with contextlib.suppress(BundleError):
+        action()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def test_an_oversized_manifest_is_refused_in_bounded_memory(tmp_path: Path, key: Any) -> None:
+    bundle = make_bundle(tmp_path / "b", 1, key)
+    with (bundle / "manifest.json").open("r+b") as handle:  # 64 MB, sparse: cheap to make
+        handle.truncate(64 << 20)
+    with pytest.raises(BundleSignatureError, match="larger than"):
+        signing.verify_bundle(bundle, key.public_key())
+    with pytest.raises(BundleError, match="larger than"):
+        signing.read_manifest(bundle)
+    assert _peak_bytes(lambda: signing.verify_bundle(bundle, key.public_key())) < 16 << 20
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "manifest.sig"])
+def test_deeply_nested_json_is_a_typed_refusal(tmp_path: Path, key: Any, name: str) -> None:
+    bundle = make_bundle(tmp_path / "b", 1, key)
+    depth = 1500 if name == "manifest.sig" else 100_000  # the signature record is capped at 4 KB
+    (bundle / name).write_text("[" * depth + "]" * depth)  # beyond the parser's recursion limit
+    with pytest.raises(BundleSignatureError, match="nested deeper"):
+        signing.verify_bundle(bundle, key.public_key())
+    (bundle / name).write_text('{"a": ' * 40 + "1" + "}" * 40)  # parses, but deeper than allowed
+    with pytest.raises(BundleSignatureError, match="nested deeper"):
+        signing.verify_bundle(bundle, key.public_key())

@@ -123,3 +123,12 @@ def test_numpy_without_pickle(tmp_path: Path) -> None:
     with pytest.raises(UnsafeWeightsError, match=r"not a \.npy"):
         load_numpy_array(raw)
     assert not marker.exists()
+
+
+def test_deeply_nested_header_is_a_typed_refusal(tmp_path: Path) -> None:
+    """Issue 19: a nested header used to escape as an untyped RecursionError."""
+    for header in (b'{"a":' + b"[" * 50_000 + b"]" * 50_000 + b"}", b'{"a":' + b"[" * 8 + b"]" * 8 + b"}"):
+        path = tmp_path / "nested.safetensors"
+        path.write_bytes(struct.pack("<Q", len(header)) + header)
+        with pytest.raises(UnsafeWeightsError, match="nested deeper"):
+            load_safetensors(path)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import stat
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pft.client.store import EncryptedStore, StoreKey, generate_key_file, pack_payload, unpack_payload
-from pft.core.errors import StoreAuthenticationError, StoreError
+from pft.core.errors import StoreAuthenticationError, StoreError, StoreRollbackError
 
 # Cheap scrypt for tests; the default (n=2**15) is exercised once below.
 FAST = {"n": 2**10, "r": 8, "p": 1}
@@ -79,13 +82,18 @@ def test_round_trip_with_default_scrypt_passphrase(tmp_path: Path) -> None:
 def test_ciphertext_is_plain_aes_gcm_over_the_container(tmp_path: Path, raw_key: StoreKey) -> None:
     """Oracle: decrypt by hand with the documented layout and compare with the container bytes."""
     store = EncryptedStore(tmp_path / "s.store", raw_key)
+    store.save(payload(1), owner="alice")
     store.save(payload(2), owner="alice")
     blob = store.path.read_bytes()
-    assert blob[:8] == b"PFTSTORE" and blob[8] == 1 and blob[9] == 0
+    assert blob[:8] == b"PFTSTORE" and blob[8] == 2 and blob[9] == 0
     salt, nonce = blob[13:29], blob[29:41]
+    assert struct.unpack("<Q", blob[57:65]) == (2,)  # the generation counter: the second save
+    assert (tmp_path / "s.store.counter").read_text() == "2 1\n"  # newest, and the one in .prev
     key = raw_key.derive(salt, 0, 0, 0)
-    aad = b'{"format": "pft-store/1", "owner": "alice", "purpose": "s.store"}' + blob[:49]
-    plaintext = AESGCM(key).decrypt(nonce, blob[49:], aad)
+    binding = b'{"format": "pft-store/2", "owner": "alice", "purpose": "s.store"}'
+    assert blob[41:49] == hmac.new(key, b"pft-store key check", hashlib.sha256).digest()[:8]
+    assert blob[49:57] == hmac.new(key, b"pft-store binding check" + binding, hashlib.sha256).digest()[:8]
+    plaintext = AESGCM(key).decrypt(nonce, blob[65:], binding + blob[:65])
     assert plaintext == pack_payload(payload(2))
     assert_payload_equal(unpack_payload(plaintext, "x"), payload(2))
 
@@ -199,3 +207,89 @@ def test_stale_temporaries_are_cleaned(tmp_path: Path, raw_key: StoreKey) -> Non
     stale.write_bytes(os.urandom(100))
     store.save({"x": 1}, owner="u")
     assert not stale.exists()
+
+
+# --- generations bound to a counter; nothing the right key opens is ever overwritten (issue 19) --
+def test_an_older_ciphertext_copied_over_the_current_one_is_refused(
+    tmp_path: Path, raw_key: StoreKey
+) -> None:
+    store = EncryptedStore(tmp_path / "s.store", raw_key)
+    store.save(payload(1), owner="alice")
+    first = store.path.read_bytes()
+    store.save(payload(2), owner="alice")
+    store.save(payload(3), owner="alice")
+    store.path.write_bytes(first)  # a backup of generation 1 put back in place
+    result = store.read(owner="alice")
+    assert result.recovered_from_backup and "older copy" in (result.failure or "")
+    assert_payload_equal(result.payload, payload(2))  # the kept previous generation, not generation 1
+    store.backup_path.write_bytes(first)  # and over the previous generation too
+    with pytest.raises(StoreRollbackError, match="older copy"):
+        store.read(owner="alice")
+    # the next save still goes forward (generation 4), and reads back as current
+    store.save(payload(4), owner="alice")
+    again = store.read(owner="alice")
+    assert not again.recovered_from_backup and again.generation == 4
+
+
+@pytest.mark.parametrize("mistake", ["passphrase", "owner"])
+def test_a_mistyped_passphrase_or_owner_never_destroys_the_state(tmp_path: Path, mistake: str) -> None:
+    path = tmp_path / "personal.store"
+    right = EncryptedStore(path, StoreKey.from_passphrase("right", **FAST))
+    right.save(payload(1), owner="alice")
+    right.save(payload(2), owner="alice")
+    path.write_bytes(path.read_bytes()[:30])  # the current generation is torn; .prev (generation 1) is good
+    wrong_key = StoreKey.from_passphrase("wrogn", **FAST) if mistake == "passphrase" else right.key
+    owner = "alice" if mistake == "passphrase" else "alcie"
+    wrong = EncryptedStore(path, wrong_key)
+    for attempt in range(2):  # two saves (or two enrolls) with the mistake
+        with pytest.raises(StoreAuthenticationError, match="refusing to overwrite"):
+            wrong.save(payload(10 + attempt), owner=owner)
+    result = EncryptedStore(path, StoreKey.from_passphrase("right", **FAST)).read(owner="alice")
+    assert_payload_equal(result.payload, payload(1))
+
+
+def test_update_is_one_transaction_under_the_lock(tmp_path: Path, raw_key: StoreKey) -> None:
+    import threading
+
+    path = tmp_path / "counter.store"
+    EncryptedStore(path, raw_key).save({"n": 0, "who": []}, owner="u")
+
+    def bump(k: int) -> None:
+        store = EncryptedStore(path, StoreKey.from_bytes(bytes(range(32))))  # one per writer
+        for _ in range(5):
+            store.update(lambda p: {"n": p["n"] + 1, "who": [*p["who"], k]}, owner="u")  # type: ignore[index]
+
+    threads = [threading.Thread(target=bump, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    final = EncryptedStore(path, raw_key).load(owner="u")
+    assert final["n"] == 20 and sorted(final["who"]) == sorted(list(range(4)) * 5)
+
+
+def test_mirror_mode_loses_nothing_when_one_copy_is_damaged(tmp_path: Path, raw_key: StoreKey) -> None:
+    store = EncryptedStore(tmp_path / "l.store", raw_key, backup="mirror")
+    store.save(payload(1), owner="alice")
+    store.save(payload(2), owner="alice")
+    assert store.backup_path.name == "l.store.copy"
+    assert store.backup_path.read_bytes() == store.path.read_bytes()
+    store.path.write_bytes(store.path.read_bytes()[:100])  # torn main copy
+    result = store.read(owner="alice")
+    assert result.recovered_from_backup and result.generation == 2
+    assert_payload_equal(result.payload, payload(2))  # the newest generation, not one behind
+    store.save(payload(3), owner="alice")  # heals both copies
+    store.backup_path.write_bytes(b"")
+    assert_payload_equal(store.load(owner="alice"), payload(3))
+    store.path.write_bytes(b"")
+    with pytest.raises(StoreAuthenticationError, match="mirror copy failed too"):
+        store.load(owner="alice")
+
+
+def test_a_store_key_file_is_never_replaced_silently(tmp_path: Path) -> None:
+    path = generate_key_file(tmp_path / "store.key")
+    key = path.read_bytes()
+    with pytest.raises(FileExistsError, match="refusing to replace a store key"):
+        generate_key_file(path)
+    assert path.read_bytes() == key
+    assert generate_key_file(path, overwrite=True).read_bytes() != key

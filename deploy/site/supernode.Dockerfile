@@ -13,4 +13,5 @@ RUN python -m pip install --no-cache-dir torch==2.13.0 --index-url https://downl
  && python -m pip install --no-cache-dir .
 ENV FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 USER app
-ENTRYPOINT ["flower-supernode"]
+# Supervised: exits non-zero when its executor cannot run ClientApps (restart: unless-stopped).
+ENTRYPOINT ["pft", "deploy", "supernode", "--"]
