@@ -7,10 +7,10 @@
   seed): the "upper bound" is none, and no method comparison on this run means much;
 - ``one_class``: a method predicts one class for every eval frame of a subject whose eval frames
   show more than one class (one finding per method, listing the subjects);
-- ``few_frames``: a target subject with fewer usable ``adapt`` frames than
-  ``CheckConfig.min_adapt_frames`` or fewer ``eval`` frames of some class than
-  ``CheckConfig.min_eval_frames_per_class`` (its F1 rests on a handful of frames), or skipped
-  altogether (no usable adapt or eval frames);
+- ``few_frames``: target subjects skipped altogether (no usable adapt or eval frames), with fewer
+  usable ``adapt`` frames than ``CheckConfig.min_adapt_frames``, or with fewer ``eval`` frames of
+  some class than ``CheckConfig.min_eval_frames_per_class`` (their F1 rests on a handful of
+  frames) - one finding per kind and run, listing the subjects;
 - ``unchecked``: the run has no per-subject confusion matrices (the Flower engine's nodes send
   only allow-listed metrics), so the one-class and per-class-frame checks could not run.
 """
@@ -68,6 +68,15 @@ class Finding:
     def line(self) -> str:
         """``[profile seed S] message``: the line printed and written into reports."""
         return f"[{self.profile} seed {self.seed}] {self.message}"
+
+
+SHOWN_SUBJECTS = 8
+"""At most this many subjects are named in a finding's message (all are in ``Finding.subjects``)."""
+
+
+def _names(items: list[str]) -> str:
+    shown = ", ".join(items[:SHOWN_SUBJECTS])
+    return shown + (f" and {len(items) - SHOWN_SUBJECTS} more" if len(items) > SHOWN_SUBJECTS else "")
 
 
 def run_confusions(results: Mapping[str, Any], method: str) -> dict[str, np.ndarray]:
@@ -133,7 +142,7 @@ def check_run(results: Mapping[str, Any], config: CheckConfig | None = None) -> 
                     profile,
                     seed,
                     f"{method} predicts one class ({', '.join(repr(n) for n in names)}) for every eval frame "
-                    f"of {len(stuck)}/{len(confusions)} subject(s): {', '.join(stuck)}",
+                    f"of {len(stuck)}/{len(confusions)} subject(s): {_names(stuck)}",
                     method,
                     tuple(stuck),
                 )
@@ -141,27 +150,58 @@ def check_run(results: Mapping[str, Any], config: CheckConfig | None = None) -> 
 
     frames: Mapping[str, Mapping[str, int]] = results.get("frames", {})
     scored = {s for entry in methods.values() for s in entry["per_subject"]}
-    for subject in sorted(set(frames) | set(eval_counts)):
-        problems: list[str] = []
-        counts = frames.get(subject, {})
-        if subject in frames and subject not in scored:
-            problems.append("skipped (no usable adapt or eval frames)")
-        elif "adapt" in counts and int(counts["adapt"]) < config.min_adapt_frames:
-            problems.append(f"{int(counts['adapt'])} adapt frames (< {config.min_adapt_frames})")
-        if subject in eval_counts:
-            low = [
-                f"{classes[k] if k < len(classes) else k}: {int(n)}"
-                for k, n in enumerate(eval_counts[subject])
-                if n < config.min_eval_frames_per_class
-            ]
-            if low:
-                problems.append(
-                    f"eval frames per class below {config.min_eval_frames_per_class} ({', '.join(low)})"
-                )
-        if problems:
-            findings.append(
-                Finding("few_frames", profile, seed, f"{subject}: {'; '.join(problems)}", None, (subject,))
+    skipped = sorted(s for s in frames if s not in scored)
+    few_adapt = {
+        s: int(c["adapt"])
+        for s, c in sorted(frames.items())
+        if s in scored and "adapt" in c and int(c["adapt"]) < config.min_adapt_frames
+    }
+    few_eval = {
+        s: ", ".join(
+            f"{classes[k] if k < len(classes) else k} {int(n)}"
+            for k, n in enumerate(counts)
+            if n < config.min_eval_frames_per_class
+        )
+        for s, counts in sorted(eval_counts.items())
+        if (counts < config.min_eval_frames_per_class).any()
+    }
+    n_targets = len(set(frames) | set(eval_counts))
+    if skipped:
+        findings.append(
+            Finding(
+                "few_frames",
+                profile,
+                seed,
+                f"{len(skipped)}/{n_targets} target subject(s) skipped (no usable adapt or eval frames): "
+                + _names(skipped),
+                None,
+                tuple(skipped),
             )
+        )
+    if few_adapt:
+        findings.append(
+            Finding(
+                "few_frames",
+                profile,
+                seed,
+                f"{len(few_adapt)}/{n_targets} subject(s) with fewer than {config.min_adapt_frames} usable "
+                "adapt frames: " + _names([f"{s} ({n})" for s, n in few_adapt.items()]),
+                None,
+                tuple(few_adapt),
+            )
+        )
+    if few_eval:
+        findings.append(
+            Finding(
+                "few_frames",
+                profile,
+                seed,
+                f"{len(few_eval)}/{n_targets} subject(s) with fewer than {config.min_eval_frames_per_class} "
+                "eval frames of a class: " + _names([f"{s} ({low})" for s, low in few_eval.items()]),
+                None,
+                tuple(few_eval),
+            )
+        )
 
     if methods and not any_confusion:
         findings.append(

@@ -114,15 +114,22 @@ def test_few_frames_fires_for_adapt_eval_and_skipped_subjects() -> None:
         0, {"source_only": {"S1": few_eval, "S2": FAIR}, "oracle": {"S1": few_eval, "S2": GOOD}}, adapt=12
     )
     run["frames"]["S9"] = {"oracle": 96}  # no usable adapt frames: run_experiment skipped it
-    findings = check_run(run)
-    assert [f.kind for f in findings] == ["few_frames"] * 3
-    by_subject = {f.subjects[0]: f.message for f in findings}
-    assert "12 adapt frames (< 16)" in by_subject["S1"] and "neutral: 8" in by_subject["S1"]
-    assert "12 adapt frames" in by_subject["S2"] and "eval frames" not in by_subject["S2"]
-    assert "skipped" in by_subject["S9"]
-    assert check_run(run, CheckConfig(min_adapt_frames=12, min_eval_frames_per_class=8)) == [
-        f for f in findings if f.subjects == ("S9",)
-    ]
+    skipped, adapt, evaluation = check_run(run)
+    assert {f.kind for f in (skipped, adapt, evaluation)} == {"few_frames"}
+    assert skipped.subjects == ("S9",) and "1/3 target subject(s) skipped" in skipped.message
+    assert adapt.subjects == ("S1", "S2") and adapt.message.endswith("usable adapt frames: S1 (12), S2 (12)")
+    assert evaluation.subjects == ("S1",) and evaluation.message.endswith(
+        "eval frames of a class: S1 (neutral 8)"
+    )
+    assert check_run(run, CheckConfig(min_adapt_frames=12, min_eval_frames_per_class=8)) == [skipped]
+
+
+def test_few_frames_is_one_finding_per_kind_naming_at_most_eight_subjects() -> None:
+    names = [f"S{k:02d}" for k in range(12)]
+    run = _run(0, {"source_only": dict.fromkeys(names, FAIR), "oracle": dict.fromkeys(names, GOOD)}, adapt=10)
+    (finding,) = check_run(run)
+    assert len(finding.subjects) == 12
+    assert finding.message.endswith("S07 (10) and 4 more") and "S08" not in finding.message
 
 
 def test_runs_without_confusion_matrices_say_what_was_not_checked() -> None:
