@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from pft.cli.bench import bench_app
+from pft.cli.benchmark import benchmark
 from pft.cli.bundle import bundle_app
 from pft.cli.client import client_app
 from pft.cli.cohort import cohort_app
@@ -49,6 +50,7 @@ def main(
 
 app.command("simulate")(simulate)
 app.command("ablate")(ablate)
+app.command("benchmark")(benchmark)
 app.add_typer(cohort_app, name="cohort", help="Make, preview and inspect the synthetic face-video cohort.")
 app.add_typer(
     data_app, name="data", help="Run the video pipeline on a dataset folder: check files, preview crops."

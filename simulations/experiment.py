@@ -41,7 +41,7 @@ from pft.core.methods import (
     TargetData,
     target_images,
 )
-from pft.core.metrics import accuracy, macro_f1
+from pft.core.metrics import accuracy, confusion_matrix, macro_f1
 from pft.core.models import Classifier, FeatureExtractor, ModelConfig
 from pft.core.pairing import Strategy
 from pft.core.personalize import SourceModel
@@ -57,6 +57,7 @@ from pft.core.training import (
     pretrain_translator,
     train_source,
 )
+from pft.simulations.analysis import analyse_runs, dp_description, statistics_markdown, summary_lines
 from pft.simulations.batched import BatchedConfig, run_pft_batched
 from pft.simulations.embedding import plot_embedding
 from pft.simulations.gap_analysis import SubjectGap, markdown_correlations, plot_gaps, subject_gaps
@@ -141,7 +142,8 @@ class ExperimentResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
-        """A one-line summary: PFT vs source-only (and the oracle), subjects won, where to look."""
+        """A summary: PFT vs source-only (and the oracle), subjects won, where to look; then the CIs,
+        the paired test against source-only, DP (if any) and the warnings, one line each."""
         methods = self.results["methods"]
         parts = [f"{self.results['profile']} seed {self.results['seed']}:"]
         for name, entry in methods.items():
@@ -154,7 +156,8 @@ class ExperimentResult:
                 f"better on {wins}/{len(pft['per_subject'])} subjects"
             )
         parts.append(f"| {self.out_dir}")
-        return " ".join(parts)
+        # the CI over subjects, the paired test, DP and the checks' warnings (pft.simulations.analysis)
+        return "\n".join([" ".join(parts), *summary_lines(analyse_runs([self.results]))])
 
 
 @contextmanager
@@ -423,6 +426,7 @@ def run_experiment(
     split_records, sources, targets = prepared.split_records, prepared.sources, prepared.targets
 
     per_method: dict[str, dict[str, dict[str, float]]] = {m: {} for m in config.methods}
+    confusion: dict[str, dict[str, list[list[int]]]] = {m: {} for m in config.methods}  # rows true
     costs: dict[str, list[tuple[int, float]]] = {m: [] for m in config.methods}
     releases: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in config.methods}  # DP, if any
     embeddings: dict[str, np.ndarray] = {}
@@ -455,6 +459,7 @@ def run_experiment(
                     "f1": macro_f1(y, pred, len(classes)),
                     "accuracy": accuracy(y, pred),
                 }
+                confusion[method][subject] = confusion_matrix(y, pred, len(classes)).tolist()
                 costs[method].append((outcome.iterations, outcome.seconds))
                 if outcome.privacy is not None:
                     releases[method][subject] = outcome.privacy
@@ -483,6 +488,10 @@ def run_experiment(
             if per_method[m]
         },
         "subjects": {"source": len(sources), "target": len(targets)},
+        # per method and subject (rows true class, columns predicted), and usable frames per split:
+        # what pft.simulations.checks and the benchmark's per-class statistics read
+        "confusion": {m: c for m, c in confusion.items() if c},
+        "frames": {s: {k: len(v) for k, v in frames[s].items()} for s in targets},
         "rejected_videos": [{"path": str(p), "reason": r} for p, r in store.rejected],
         "timings_s": timings,
         "bundle": str(bundle_dir),
@@ -524,8 +533,9 @@ def _write_report(
     bars = plot_per_subject(results, out_dir / "per_subject_f1.png")
     data = results.get("data")
     where = f"`{data['layout']}` dataset {data['root']}" if data else f"`{results['profile']}` cohort"
+    dp = dp_description(results)
     lines = [
-        f"# SFDA-PFT on the {where} (seed {results['seed']})",
+        f"# SFDA-PFT on the {where} (seed {results['seed']})" + (f" - {dp}" if dp else ""),
         "",
         *(
             [f"**Pairing fell back**: {results['pairing_fallback']}.", ""]
@@ -547,7 +557,7 @@ def _write_report(
             f"| `{name}` | {entry['mean_f1']:.2f} | {entry['std_f1']:.2f} | "
             f"{entry['adapt_iterations']:.1f} | {entry['adapt_seconds']:.3f} |"
         )
-    lines += ["", f"![per-subject F1]({bars.name})", ""]
+    lines += ["", f"![per-subject F1]({bars.name})", "", *statistics_markdown(results), ""]
     if config.embedding_plot and embeddings and sources:
         k = int(embeddings["_subject"][0])
         subject = targets[k]
