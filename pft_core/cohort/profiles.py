@@ -1,4 +1,4 @@
-"""Cohort profiles: classes, sizes and every difficulty knob of the synthetic cohort (COHORT.md).
+"""Cohort profiles: classes, sizes and every difficulty knob of the synthetic cohort (docs/cohort.md).
 
 A profile mimics one of the paper's datasets (BioVid, StressID, BAH, Aff-Wild2) in its classes,
 its subtlety and its size. All knobs that shape the personalisation gap (how many subjects have a
