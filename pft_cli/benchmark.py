@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from pft.cli.progress import console
+from pft.cli.progress import console, plain_lines, stage_line
 
 PROFILE_NAMES = ("biovid", "stressid", "bah", "affwild2")
 
@@ -45,6 +45,20 @@ def overall_display(
     run in progress (the same row, re-labelled at each stage). Yields ``(stage_factory, on_run)``."""
     if not enabled:
         yield (lambda _d, _t: lambda _a, _b: None), (lambda _d, _t, _l: None)
+        return
+    if plain_lines():  # a log, not a terminal: one line per stage and per run
+        import time
+
+        started = time.monotonic()
+
+        def plain_stage(description: str, total: int) -> Callable[[int, int], None]:
+            stage_line(f"  {description}", total, started)
+            return lambda _a, _b: None
+
+        def plain_run(done: int, total: int, label: str) -> None:
+            stage_line(f"benchmark: {done}/{total} runs done ({label})", None, started)
+
+        yield plain_stage, plain_run
         return
     from rich.progress import (
         BarColumn,

@@ -14,11 +14,38 @@ if TYPE_CHECKING:
 console = Console(stderr=True)
 
 
+def plain_lines() -> bool:
+    """Whether progress goes to a log, not a terminal (a batch job, ``nohup``, CI): then one line
+    per stage is printed instead of a live display, which rich does not draw off a terminal."""
+    return not console.is_terminal
+
+
+def stage_line(description: str, total: int | None, started: float) -> None:
+    """One progress line for a log: ``[     12 s] stage 1: source model F, C (12 steps)``."""
+    import time
+
+    steps = f" ({total} steps)" if total is not None else ""
+    console.print(
+        f"[{time.monotonic() - started:7.0f} s] {description}{steps}", markup=False, highlight=False
+    )
+
+
 @contextmanager
 def stage_bars(enabled: bool = True) -> Iterator[Callable[[str, int], Callable[[int, int], None]]]:
     """Yield a factory ``bar(description, total) -> step(done, total)``: one bar per stage."""
     if not enabled:
         yield lambda _d, _t: lambda _a, _b: None
+        return
+    if plain_lines():
+        import time
+
+        started = time.monotonic()
+
+        def plain(description: str, total: int) -> Callable[[int, int], None]:
+            stage_line(description, total, started)
+            return lambda _a, _b: None
+
+        yield plain
         return
     from rich.progress import (
         BarColumn,

@@ -112,7 +112,13 @@ def test_a_node_cannot_build_a_reply_outside_the_allow_list() -> None:
     message = incoming(RecordDict(), "train")
     with pytest.raises(EgressViolationError):
         metrics_reply(message, {"neutral-frames": 40, "loss": float("nan")})
-    train = {"neutral-frames": 40, "adapt-iterations": 30, "adapt-seconds": 0.25, "subject-index": 0}
+    train = {
+        "neutral-frames": 40,
+        "adapt-iterations": 30,
+        "adapt-seconds": 0.25,
+        "subject-index": 0,
+        "pairing-fallback": 0,
+    }
     reply = metrics_reply(message, train)
     described = describe_outgoing(reply)
     assert described["records"] == {

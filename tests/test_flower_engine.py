@@ -16,8 +16,9 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from pft.client.egress import ALLOWED_METRICS, make_egress_audit_mod, make_egress_guard_mod
 from pft.client.flower_app import evaluate, install, make_client_app, query, train
-from pft.client.ledger import LEDGER_FILE
+from pft.client.ledger import LEDGER_FILE, PrivacyBudget, PrivacyLedger
 from pft.client.personal_state import STATE_FILE
+from pft.client.store import StoreKey
 from pft.simulations.experiment import ExperimentConfig, ExperimentResult, run_experiment
 from pft.simulations.flower_engine import client_resources, run_flower_simulation
 
@@ -118,7 +119,10 @@ def test_flower_dp_run_writes_node_ledgers_and_a_privacy_summary(root: Path) -> 
     assert sorted(ledgers) == subjects
     for subject in subjects:
         ledger = flower.out_dir / "flower" / "nodes" / subject / LEDGER_FILE
-        entries = json.loads(ledger.read_text())["entries"]
+        key = StoreKey.from_file(flower.out_dir / "flower" / "keys" / "store.key")
+        opened = PrivacyLedger.open(ledger, PrivacyBudget(), key=key, owner=subject)
+        assert opened.problem is None
+        entries = opened.as_list()
         assert [e["kind"] for e in entries] == ["adaptation"]
         assert entries[0]["release"]["epsilon"] == privacy["per_subject"][subject]
         assert entries[0]["cumulative_epsilon"] == ledgers[subject]

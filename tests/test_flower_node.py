@@ -24,7 +24,7 @@ from sdk_support import SdkWorld, shared_world
 
 from pft.client.egress import ALLOWED_METRICS, check_reply
 from pft.client.flower_app import evaluate, install, train, train_metrics
-from pft.client.ledger import LEDGER_FILE, PrivacyBudget
+from pft.client.ledger import LEDGER_FILE, PrivacyBudget, PrivacyLedger
 from pft.client.personal_state import STATE_FILE, STATE_FORMAT, personal_store
 from pft.client.sdk import ClientConfig, Personalizer
 from pft.client.store import StoreKey, generate_key_file
@@ -34,6 +34,7 @@ from pft.core.errors import PersonalStateMismatchError, PrivacyBudgetExceededErr
 from pft.core.metrics import macro_f1
 from pft.core.personalize import PersonalizeConfig
 from pft.core.privacy import DPConfig
+from pft.core.seeding import subject_seed
 from pft.core.signing import load_public_key
 from pft.server.publish import bundle_arrays
 
@@ -91,16 +92,30 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
+def _node_ledger(node: dict[str, Any]) -> list[dict[str, Any]]:
+    """The entries of the node's privacy ledger (encrypted with its store key, bound to its person)."""
+    key = StoreKey.from_file(node["root"] / "store.key")
+    return PrivacyLedger.open(node["state"] / LEDGER_FILE, BUDGET, key=key, owner=node["subject"]).as_list()
+
+
 def _sdk_enrollment(world: SdkWorld, state: Path) -> Personalizer:
-    """What an app does: the SDK's video path on the same neutral videos, settings and seed."""
+    """What an app does: the SDK's video path on the same neutral videos, settings and seed (its
+    DP ledger is encrypted with the app's own key, for the same person id)."""
     config = ClientConfig(
         video=VIDEO,
         crop=CROP,
         detector="annotated",
-        personalize=PFT.model_copy(update={"seed": SEED * 1000 + INDEX}),
+        personalize=PFT.model_copy(update={"seed": subject_seed(SEED, INDEX)}),
         privacy_budget=BUDGET,
     )
-    p = Personalizer.from_bundle(world.bundle_v1, world.public_pem, state_dir=state, config=config)
+    p = Personalizer.from_bundle(
+        world.bundle_v1,
+        world.public_pem,
+        state_dir=state,
+        config=config,
+        key=StoreKey.from_passphrase("the app's own passphrase"),
+        owner="app-user",
+    )
     p.enroll(world.target_videos("adapt"))
     return p
 
@@ -123,7 +138,7 @@ def test_clientapp_train_equals_the_sdk(node: dict[str, Any], tmp_path: Path) ->
         t0 = app.bundle.translator.state_dict()
         assert any(not torch.equal(app_t[k], t0[k]) for k in t0)
         # the same privacy-ledger entry, on the node's disk and in its personal state
-        node_ledger = json.loads((node["state"] / LEDGER_FILE).read_text())["entries"]
+        node_ledger = _node_ledger(node)
         app_ledger = app.privacy_ledger
         assert len(node_ledger) == len(app_ledger) == 1
         drop_time = [{k: v for k, v in e.items() if k != "at"} for e in (node_ledger[0], app_ledger[0])]
@@ -204,7 +219,7 @@ def test_node_refuses_a_dp_run_over_its_budget(node: dict[str, Any]) -> None:
     before = (node["state"] / STATE_FILE).read_bytes()
     with pytest.raises(PrivacyBudgetExceededError, match="nothing was run"):
         train(message, node["context"])
-    assert len(json.loads((node["state"] / LEDGER_FILE).read_text())["entries"]) == 1
+    assert len(_node_ledger(node)) == 1
     assert (node["state"] / STATE_FILE).read_bytes() == before
 
 
