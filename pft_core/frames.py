@@ -183,8 +183,11 @@ class FrameStore:
             video = self.videos.get(record.path)
             if video is None:
                 continue
-            try:
-                entries = [sidecar_frame(record.path, int(i)) for i in video.frame_indices]
+            classes = self._frame_classes(record, video)
+            keep = classes >= 0 if record.frame_labels is not None else np.ones(len(classes), bool)
+            try:  # the same frames as crops_and_labels: per-frame labelled records keep labelled ones
+                kept = video.frame_indices[keep]
+                entries = [sidecar_frame(record.path, int(i)) for i in kept]
             except (PFTError, OSError, ValueError):
                 return None
             for entry in entries:

@@ -30,9 +30,42 @@ _case_outcomes: dict[int, list[tuple[str, str]]] = {}
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
+    for marker in item.iter_markers("reliability"):  # travels with the report (xdist workers too)
+        report.user_properties.append(("reliability", int(marker.args[0])))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """In the process that prints the summary (the xdist controller, or the only process)."""
     if report.when == "call" or report.outcome != "passed":
-        for marker in item.iter_markers("reliability"):
-            _case_outcomes.setdefault(int(marker.args[0]), []).append((item.nodeid, report.outcome))
+        for key, case in report.user_properties:
+            if key == "reliability":
+                _case_outcomes.setdefault(int(case), []).append((report.nodeid, report.outcome))
+
+
+# --- parallel runs (pytest-xdist, `-n 2 --dist loadgroup` in pyproject's addopts) ------------------
+# The modules that start Flower's runtimes, Ray or real SuperLink/SuperNode processes run on ONE
+# worker, one after another (they would fight over the cores and Ray's session folder); the rest of
+# the suite shares the other worker's time.
+FEDERATION_MODULES = frozenset(
+    {
+        "test_batched_bench.py",
+        "test_cli_bad_input.py",
+        "test_deploy_config.py",
+        "test_deploy_restart.py",
+        "test_deploy_supervise.py",
+        "test_flower_deployment.py",
+        "test_flower_engine.py",
+        "test_keys_pki.py",
+        "test_prior_secagg.py",
+        "test_reliability_cases.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in FEDERATION_MODULES:
+            item.add_marker(pytest.mark.xdist_group("federation"))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

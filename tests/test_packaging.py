@@ -5,6 +5,7 @@ the device: no Ray, no Flower simulation engine, no Opacus, matplotlib or scikit
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import os
 import re
 import subprocess
 import sys
@@ -79,8 +80,11 @@ def test_only_the_pft_namespace_is_importable(tmp_path: Path) -> None:
         "from pft.core.frames import FrameStore\n"
         "print(json.dumps(found))\n"
     )
+    # what is installed, not what an earlier test put on PYTHONPATH (Flower's Ray backend sets
+    # os.environ["PYTHONPATH"] to the driver's sys.path - the repository root under pytest - and keeps it)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
-        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == (

@@ -142,6 +142,11 @@ def test_a_whole_session_writes_only_inside_state_dir(tmp_path_factory: pytest.T
         ".torch-cache",  # torch's import-time cache folder, kept in here (see pft.client.sdk)
         "bundles",
         "personal.store",
+        "personal.store.counter",  # the generation high-water mark (an older copy is refused)
         "personal.store.lock",
         "personal.store.prev",
+        "privacy_ledger.store",  # the encrypted ledger, created before the first personal state
+        "privacy_ledger.store.copy",  # its mirror (a torn copy loses no release)
+        "privacy_ledger.store.counter",
+        "privacy_ledger.store.lock",
     ]
