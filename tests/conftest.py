@@ -42,32 +42,6 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
                 _case_outcomes.setdefault(int(case), []).append((report.nodeid, report.outcome))
 
 
-# --- parallel runs (pytest-xdist, `-n 2 --dist loadgroup` in pyproject's addopts) ------------------
-# The modules that start Flower's runtimes, Ray or real SuperLink/SuperNode processes run on ONE
-# worker, one after another (they would fight over the cores and Ray's session folder); the rest of
-# the suite shares the other worker's time.
-FEDERATION_MODULES = frozenset(
-    {
-        "test_batched_bench.py",
-        "test_cli_bad_input.py",
-        "test_deploy_config.py",
-        "test_deploy_restart.py",
-        "test_deploy_supervise.py",
-        "test_flower_deployment.py",
-        "test_flower_engine.py",
-        "test_keys_pki.py",
-        "test_prior_secagg.py",
-        "test_reliability_cases.py",
-    }
-)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.name in FEDERATION_MODULES:
-            item.add_marker(pytest.mark.xdist_group("federation"))
-
-
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not _case_outcomes:
         return
