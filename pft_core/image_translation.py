@@ -52,18 +52,21 @@ _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 # --- the generator ---------------------------------------------------------------------------------
 class GeneratorConfig(FrozenConfig):
-    """G's size: ``channels`` wide, ``blocks`` residual blocks, at the crop's resolution.
+    """G's size: ``channels`` wide, ``blocks`` residual blocks, working at ``1 / stride`` of the
+    crop's resolution (the first convolution strides, the residual is upsampled bilinearly).
 
     The last convolution starts at ``init_std`` (not zero, so every layer gets a gradient at
     step 1), so ``G(x) ~= x`` at the start: the methods start from the source model."""
 
     channels: int = Field(12, ge=1)
     blocks: int = Field(2, ge=1)
+    stride: int = Field(2, ge=1)
     init_std: float = Field(1e-3, ge=0)
 
 
 class ImageGenerator(nn.Module):
-    """G: ``G(x, y) = x + r(x, y)``, r a residual convolutional net (3x3 convolutions, ReLU).
+    """G: ``G(x, y) = x + up(r(x, y))``, r a residual convolutional net (3x3 convolutions, ReLU)
+    at ``1 / stride`` of the resolution, ``up`` a bilinear upsampling to the image's size.
 
     With ``num_classes > 0`` (DSFDA) the requested class ``y`` enters as one-hot constant maps
     concatenated to the image; otherwise (SFIT, SFDA-IT) G sees the image only. Images are
@@ -74,7 +77,7 @@ class ImageGenerator(nn.Module):
         super().__init__()
         c = config.channels
         self.num_classes = num_classes
-        self.inp = nn.Conv2d(3 + num_classes, c, 3, 1, 1)
+        self.inp = nn.Conv2d(3 + num_classes, c, 3, config.stride, 1)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, c, 3, 1, 1), nn.ReLU(), nn.Conv2d(c, c, 3, 1, 1))
             for _ in range(config.blocks)
@@ -95,7 +98,10 @@ class ImageGenerator(nn.Module):
         h = F_nn.relu(self.inp(h))
         for block in self.blocks:
             h = F_nn.relu(h + block(h))
-        return x + self.out(h)
+        r = self.out(h)
+        if r.shape[-2:] != x.shape[-2:]:
+            r = F_nn.interpolate(r, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return x + r
 
     def param_count(self) -> int:
         """Number of parameters."""

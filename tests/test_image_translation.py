@@ -112,6 +112,7 @@ def test_generator_starts_near_the_identity_and_conditions_on_the_class() -> Non
     g = seeded_generator(GeneratorConfig(), 0, num_classes=3)
     with torch.no_grad():
         y0, y1 = g(x, torch.tensor([0, 0])), g(x, torch.tensor([1, 1]))
+    assert y0.shape == x.shape  # the half-resolution residual is upsampled back
     assert float((y0 - x).abs().max()) < 0.05 and not torch.equal(y0, y1)
     with pytest.raises(ValueError, match="class-conditioned"):
         g(x)
@@ -136,7 +137,7 @@ def _image_parts(num_classes: int = 0) -> tuple[ModelParts, torch.Tensor, torch.
         f(source)
     f.eval()
     images = source[:24] * 0.4 + 0.3
-    g = seeded_generator(GeneratorConfig(channels=4, blocks=1, init_std=0.05), 1, num_classes)
+    g = seeded_generator(GeneratorConfig(channels=4, blocks=1, stride=1, init_std=0.05), 1, num_classes)
     with torch.no_grad():
         features = f(images)
     return ModelParts(classifier=c, extractor=f, generator=g), images, features
@@ -211,7 +212,9 @@ def test_generator_runs_change_only_g_and_do_their_job() -> None:
         method: object
         if name == "dsfda":
             parts.classifier = Classifier(CFG.model_copy(update={"num_classes": 3})).eval()
-            parts.generator = seeded_generator(GeneratorConfig(channels=4, blocks=1, init_std=0.3), 1, 3)
+            parts.generator = seeded_generator(
+                GeneratorConfig(channels=4, blocks=1, stride=1, init_std=0.3), 1, 3
+            )
             method = _method_with_only("dsfda", "lambda_expr", parts, features)
         else:
             method = _generator_methods(parts, features)[name][0]
