@@ -417,8 +417,9 @@ class TranslatorSupervision:
 
 
 # --- configs -----------------------------------------------------------------------------------------
-GENERATOR_ADAPT = AdaptConfig(max_iterations=100, min_iterations=50, batch_size=32, lr=1e-3)
-"""G's training: 100 steps of batch 32 on the 64x64 crops (F's forward and backward every step)."""
+GENERATOR_ADAPT = AdaptConfig(max_iterations=60, min_iterations=30, batch_size=32, lr=2e-3)
+"""G's training: at most 60 steps (at least 30) of batch 32 on the 64x64 crops, Adam 2e-3 - F's
+forward and backward run every step, so this is what an image-space row costs (docs/baselines.md)."""
 
 TRANSLATOR_ADAPT = AdaptConfig(max_iterations=200, min_iterations=50, batch_size=64, lr=1e-3)
 """T's adaptation stage (SFDA-IT, DSFDA): on cached features, as the model-based baselines."""
