@@ -25,6 +25,9 @@ METHOD_NAMES: tuple[str, ...] = (
     "neutral_norm",
     "neutral_norm_matched",
     "adabn",
+    "sfda_it",
+    "sfit",
+    "dsfda",
 )
 #: what ``pft simulate`` runs without ``--methods``
 DEFAULT_METHOD_NAMES: tuple[str, ...] = ("source_only", "pft", "oracle")

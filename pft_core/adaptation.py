@@ -90,7 +90,8 @@ class Convergence:
 
 @dataclass
 class ModelParts:
-    """The model a method adapts: C always; T, F and style codes where the method uses them.
+    """The model a method adapts: C always; T, F, style codes and an image generator G (the
+    image-space methods, ``pft.core.image_translation``) where the method uses them.
 
     ``style_target`` is the person's normalised style code, ``style_reference`` the reference
     source subject's; ``targets`` what stage 3 pulls the person's frames toward (the reference's
@@ -103,10 +104,12 @@ class ModelParts:
     style_target: Tensor | None = None
     style_reference: Tensor | None = None
     targets: ReferenceTargets | None = None
+    generator: nn.Module | None = None
 
     def modules(self) -> list[nn.Module]:
-        """The parts present, in the order F, T, C."""
-        return [m for m in (self.extractor, self.translator, self.classifier) if m is not None]
+        """The parts present, in the order G, F, T, C."""
+        parts = (self.generator, self.extractor, self.translator, self.classifier)
+        return [m for m in parts if m is not None]
 
     def to(self, device: torch.device) -> ModelParts:
         """Move modules (in place) and tensors to ``device``; returns self."""

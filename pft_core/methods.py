@@ -21,6 +21,7 @@ from pft.core.adaptation import (
     AdaptationData,
     AdaptationMethod,
     AdaptationTrainer,
+    AdaptResult,
     ModelParts,
     predict,
 )
@@ -30,12 +31,27 @@ from pft.core.baselines import (
     NRCConfig,
     SHOTConfig,
     TPDSConfig,
+    TranslatorInit,
     baseline_translator,
     reestimate_batchnorm,
 )
 from pft.core.config import FrozenConfig
 from pft.core.data import VideoRecord
 from pft.core.frames import FrameSet, FrameStore
+from pft.core.image_translation import (
+    DSFDAConfig,
+    ExpressionGeneration,
+    SFDAITConfig,
+    SFITConfig,
+    SourceStyleTranslation,
+    TargetToSourceTranslation,
+    TranslatorDistillation,
+    TranslatorSupervision,
+    crops_to_images,
+    expression_projection,
+    seeded_generator,
+    translated_features,
+)
 from pft.core.models import FeatureExtractor, style_code
 from pft.core.oracle import OracleConfig, fine_tune_oracle
 from pft.core.pairing import match_reference
@@ -46,13 +62,17 @@ from pft.core.training import extract_features
 class MethodSettings(FrozenConfig):
     """Per-method settings: PFT's stage 3, the oracle's supervised fine-tuning (F's last block and
     C, ``pft.core.oracle``) and the baselines' (SHOT, NRC, TPDS: see ``pft.core.baselines``;
-    AdaBN's batch size for re-estimating BatchNorm)."""
+    SFDA-IT, SFIT, DSFDA: see ``pft.core.image_translation``; AdaBN's batch size for re-estimating
+    BatchNorm)."""
 
     pft: PersonalizeConfig = PersonalizeConfig()
     oracle: OracleConfig = OracleConfig()
     shot: SHOTConfig = SHOTConfig()
     nrc: NRCConfig = NRCConfig()
     tpds: TPDSConfig = TPDSConfig()
+    sfda_it: SFDAITConfig = SFDAITConfig()
+    sfit: SFITConfig = SFITConfig()
+    dsfda: DSFDAConfig = DSFDAConfig()
     adabn_batch_size: int = Field(256, ge=2)
     seed: int = Field(0, ge=0)
 
@@ -103,7 +123,7 @@ def target_images(
     return TargetImages(extractor, crops(adapt_records), crops(eval_records), oracle)
 
 
-IMAGE_METHODS = frozenset({"adabn", "oracle"})
+IMAGE_METHODS = frozenset({"adabn", "oracle", "sfda_it", "sfit", "dsfda"})
 """Methods that re-run F on face crops (their ``TargetData.images`` must be set)."""
 
 
@@ -213,22 +233,39 @@ def _reference(model: SourceModel, neutral: FrameSet, seed: int) -> str:
 BaselineConfig = SHOTConfig | NRCConfig | TPDSConfig
 
 
-def _run_translator_baseline(
-    model: SourceModel, target: TargetData, config: BaselineConfig, seed: int
-) -> MethodOutcome:
-    """Adapt a copy of T with a model-based SFDA method on the NEUTRAL ``adapt`` frames; C frozen."""
-    neutral = target.adapt
+def _translator_parts(
+    model: SourceModel, neutral: FrameSet, init: TranslatorInit, seed: int
+) -> tuple[ModelParts, AdaptationData]:
+    """A copy of T (``init``), the person's and the matched reference's style codes, C; and the
+    person's neutral features as the trainer's data."""
     reference = _reference(model, neutral, seed)
-    translator = baseline_translator(model.translator, config.init)
     parts = ModelParts(
         classifier=model.classifier,
-        translator=translator,
+        translator=baseline_translator(model.translator, init),
         style_target=style_code(neutral.features, neutral.frame_stats, model.normalizer).detach(),
         style_reference=model.styles.codes[reference],
     )
     data = AdaptationData(neutral.features, video_ids=neutral.video_ids, time_index=neutral.time_index)
-    method: AdaptationMethod = config.method(neutral.features)
+    return parts, data
+
+
+def _adapt_translator_baseline(
+    model: SourceModel, target: TargetData, config: BaselineConfig, seed: int
+) -> tuple[ModelParts, AdaptationMethod, AdaptResult]:
+    """A copy of T adapted with a model-based SFDA method on the NEUTRAL ``adapt`` frames; C frozen."""
+    parts, data = _translator_parts(model, target.adapt, config.init, seed)
+    method: AdaptationMethod = config.method(target.adapt.features)
     result = AdaptationTrainer(config.adapt.model_copy(update={"seed": seed})).fit(method, parts, data)
+    return parts, method, result
+
+
+def _run_translator_baseline(
+    model: SourceModel, target: TargetData, config: BaselineConfig, seed: int
+) -> MethodOutcome:
+    """Adapt a copy of T with a model-based SFDA method on the NEUTRAL ``adapt`` frames; C frozen."""
+    parts, method, result = _adapt_translator_baseline(model, target, config, seed)
+    translator = parts.translator
+    assert translator is not None
     with torch.no_grad():
         assert parts.style_target is not None and parts.style_reference is not None
         translated = translator(target.eval.features, parts.style_target, parts.style_reference)
@@ -306,6 +343,144 @@ def run_adabn(model: SourceModel, target: TargetData, settings: MethodSettings, 
     return MethodOutcome(logits, 0, seconds, converged=True)
 
 
+# --- data-based SFDA: image-space generators (pft.core.image_translation; docs/baselines.md) ----------
+def _adapt_images(target: TargetData, name: str) -> tuple[TargetImages, Tensor, Tensor]:
+    """The person's crops and F's inputs of their ``adapt`` and ``eval`` crops (rows checked
+    against the FrameSets)."""
+    images = target.images
+    if images is None:
+        raise ValueError(
+            f"{target.subject}: {name} needs the face crops (TargetData.images; build it with "
+            "pft.core.methods.target_images)"
+        )
+    for split, crops, frames in (("adapt", images.adapt, target.adapt), ("eval", images.eval, target.eval)):
+        if len(crops) != len(frames):
+            raise ValueError(f"{target.subject}: {len(crops)} {split} crops for {len(frames)} {split} frames")
+    extractor = images.extractor
+    return images, crops_to_images(extractor, images.adapt), crops_to_images(extractor, images.eval)
+
+
+def _param_count(*modules: torch.nn.Module) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def run_sfda_it(model: SourceModel, target: TargetData, settings: MethodSettings, seed: int) -> MethodOutcome:
+    """SFDA-IT (Hou & Zheng 2021): G translates the person's neutral crops to the source style
+    (F's BatchNorm statistics, the source prediction kept), then T is adapted so ``C(T(F(x)))``
+    matches ``C(F(G(x)))``; ``C(T(F(x)))`` on the eval frames. F and C frozen."""
+    images, x_adapt, _ = _adapt_images(target, "sfda_it")
+    cfg, neutral = settings.sfda_it, target.adapt
+    t0 = time.perf_counter()
+    extractor, classifier = images.extractor.eval(), model.classifier.eval()
+    with torch.no_grad():
+        source_logits = classifier(neutral.features)
+    generator = seeded_generator(cfg.generator, seed)
+    g_parts = ModelParts(classifier=classifier, extractor=extractor, generator=generator)
+    g_data = AdaptationData(x_adapt, video_ids=neutral.video_ids, time_index=neutral.time_index)
+    g_method = SourceStyleTranslation(source_logits, cfg.lambda_bn, cfg.lambda_kd, cfg.temperature)
+    g_result = AdaptationTrainer(cfg.generator_adapt.model_copy(update={"seed": seed})).fit(
+        g_method, g_parts, g_data
+    )
+    with torch.no_grad():
+        teacher = classifier(translated_features(generator, extractor, x_adapt))
+    parts, data = _translator_parts(model, neutral, cfg.init, seed)
+    method = TranslatorDistillation(teacher, cfg.temperature)
+    result = AdaptationTrainer(cfg.adapt.model_copy(update={"seed": seed})).fit(method, parts, data)
+    logits = predict(method, parts, target.eval.features)
+    assert parts.translator is not None
+    return MethodOutcome(
+        logits,
+        g_result.iterations + result.iterations,
+        time.perf_counter() - t0,
+        converged=g_result.converged and result.converged,
+        trainable_parameters=_param_count(generator, parts.translator),
+    )
+
+
+def run_sfit(model: SourceModel, target: TargetData, settings: MethodSettings, seed: int) -> MethodOutcome:
+    """SFIT (Hou & Zheng, CVPR 2021): the adapted target model is the project's SHOT (T adapted,
+    C frozen); G translates the person's neutral crops so that the source model on ``G(x)`` agrees
+    with it on ``x`` (distillation, relationship preservation, F's BatchNorm statistics); the source
+    model on the translated eval crops, ``C(F(G(x)))``. F and C frozen."""
+    images, x_adapt, x_eval = _adapt_images(target, "sfit")
+    cfg, neutral = settings.sfit, target.adapt
+    t0 = time.perf_counter()
+    shot_parts, _, shot_result = _adapt_translator_baseline(model, target, cfg.shot, seed)
+    translator, s_t, s_r = shot_parts.require_translation()
+    extractor, classifier = images.extractor.eval(), model.classifier.eval()
+    with torch.no_grad():
+        target_features = translator(neutral.features, s_t, s_r)
+        target_logits = classifier(target_features)
+    generator = seeded_generator(cfg.generator, seed)
+    g_parts = ModelParts(classifier=classifier, extractor=extractor, generator=generator)
+    g_data = AdaptationData(x_adapt, video_ids=neutral.video_ids, time_index=neutral.time_index)
+    g_method = TargetToSourceTranslation(
+        target_logits, target_features, cfg.lambda_kd, cfg.lambda_rp, cfg.lambda_bn, cfg.temperature
+    )
+    g_result = AdaptationTrainer(cfg.generator_adapt.model_copy(update={"seed": seed})).fit(
+        g_method, g_parts, g_data
+    )
+    with torch.no_grad():
+        translated = translated_features(generator, extractor, x_eval)
+        logits = classifier(translated)
+    return MethodOutcome(
+        logits,
+        shot_result.iterations + g_result.iterations,
+        time.perf_counter() - t0,
+        translated,
+        converged=shot_result.converged and g_result.converged,
+        trainable_parameters=_param_count(generator, translator),
+    )
+
+
+def run_dsfda(model: SourceModel, target: TargetData, settings: MethodSettings, seed: int) -> MethodOutcome:
+    """DSFDA (Sharafi et al. 2025): a class-conditioned G generates the person's missing
+    non-neutral crops from their neutral ones (expression from the source model, identity kept,
+    self-supervised reconstruction); T is adapted with cross-entropy on the neutral frames and
+    the generated ones; ``C(T(F(x)))`` on the eval frames. F and C frozen."""
+    images, x_adapt, _ = _adapt_images(target, "dsfda")
+    cfg, neutral = settings.dsfda, target.adapt
+    num_classes = model.classifier.fc.out_features
+    if not 0 <= cfg.neutral_class < num_classes:
+        raise ValueError(f"dsfda: neutral_class {cfg.neutral_class} is not one of {num_classes} classes")
+    t0 = time.perf_counter()
+    extractor, classifier = images.extractor.eval(), model.classifier.eval()
+    generator = seeded_generator(cfg.generator, seed, num_classes)
+    g_parts = ModelParts(classifier=classifier, extractor=extractor, generator=generator)
+    g_data = AdaptationData(x_adapt, video_ids=neutral.video_ids, time_index=neutral.time_index)
+    g_method = ExpressionGeneration(
+        neutral.features,
+        expression_projection(classifier),
+        num_classes,
+        cfg.neutral_class,
+        cfg.lambda_expr,
+        cfg.lambda_id,
+        cfg.lambda_rec,
+    )
+    g_result = AdaptationTrainer(cfg.generator_adapt.model_copy(update={"seed": seed})).fit(
+        g_method, g_parts, g_data
+    )
+    draw = torch.Generator().manual_seed(seed)
+    features, labels = [neutral.features], [torch.full((len(neutral),), cfg.neutral_class, dtype=torch.long)]
+    for _ in range(cfg.generated_per_frame):
+        requested = g_method.requested(len(neutral), draw)
+        features.append(translated_features(generator, extractor, x_adapt, requested))
+        labels.append(requested)
+    parts, _ = _translator_parts(model, neutral, cfg.init, seed)
+    data = AdaptationData(torch.cat(features), labels=torch.cat(labels))
+    method = TranslatorSupervision()
+    result = AdaptationTrainer(cfg.adapt.model_copy(update={"seed": seed})).fit(method, parts, data)
+    logits = predict(method, parts, target.eval.features)
+    assert parts.translator is not None
+    return MethodOutcome(
+        logits,
+        g_result.iterations + result.iterations,
+        time.perf_counter() - t0,
+        converged=g_result.converged and result.converged,
+        trainable_parameters=_param_count(generator, parts.translator),
+    )
+
+
 METHODS: dict[str, Runner] = {
     "source_only": run_source_only,
     "pft": run_pft,
@@ -317,4 +492,7 @@ METHODS: dict[str, Runner] = {
     "neutral_norm": run_neutral_norm,
     "neutral_norm_matched": run_neutral_norm_matched,
     "adabn": run_adabn,
+    "sfda_it": run_sfda_it,
+    "sfit": run_sfit,
+    "dsfda": run_dsfda,
 }

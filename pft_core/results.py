@@ -22,8 +22,7 @@ METHOD_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Source-only", ("source_only",)),
     ("Simple baselines", ("neutral_calibration", "neutral_norm", "neutral_norm_matched", "adabn")),
     ("SFDA (model-based)", ("shot", "nrc", "tpds")),
-    # the paper's data-based SFDA methods (DSFDA, SFIT, SFDA-IT: image translation) are not
-    # implemented here; a method added under one of these names lands in this group
+    # the paper's data-based SFDA methods: image-space generators (pft.core.image_translation)
     ("SFDA (data-based)", ("dsfda", "sfit", "sfda_it")),
     ("SFDA-PFT (ours)", ("pft",)),
     ("Oracle", ("oracle",)),

@@ -11,7 +11,8 @@ torch's tensor storage is not in it).
 
 The cohort, crops, features, F, C and T0 come from ``run_experiment`` (cached, so a second bench is
 fast); methods then run here one subject at a time with the same seeds as the experiment
-(``pft.core.seeding.subject_seed(seed, k)`` for the k-th target), with the face crops attached for AdaBN.
+(``pft.core.seeding.subject_seed(seed, k)`` for the k-th target), with the face crops attached for
+the methods that re-run F (AdaBN, the oracle, the image-space SFDA-IT, SFIT and DSFDA).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def _targets(config: ExperimentConfig, cache_root: Path, bundle: Any) -> list[tu
         if "adapt" not in splits or "eval" not in splits:
             continue
         sets = {name: store.frame_set(rs, extractor, f_hash) for name, rs in splits.items()}
-        images = target_images(store, extractor, splits["adapt"], splits["eval"])
+        images = target_images(store, extractor, splits["adapt"], splits["eval"], splits.get("oracle", []))
         out.append((k, TargetData(subject, sets["adapt"], sets.get("oracle"), sets["eval"], images)))
     return out
 

@@ -39,6 +39,19 @@ RUN_FIELDS = {
     "settings": {
         "pft": {"adapt": {"max_iterations": 30, "min_iterations": 30}},
         "oracle": {"adapt": {"max_iterations": 5, "min_iterations": 5}},
+        # the image-space rows, only run by the leak test below (which runs every method)
+        "sfda_it": {
+            "generator_adapt": {"max_iterations": 3, "min_iterations": 3},
+            "adapt": {"max_iterations": 3, "min_iterations": 3},
+        },
+        "sfit": {
+            "generator_adapt": {"max_iterations": 3, "min_iterations": 3},
+            "shot": {"adapt": {"max_iterations": 3, "min_iterations": 3}},
+        },
+        "dsfda": {
+            "generator_adapt": {"max_iterations": 3, "min_iterations": 3},
+            "adapt": {"max_iterations": 3, "min_iterations": 3},
+        },
     },
 }
 METHOD_LIST = ["source_only", "pft", "oracle", "neutral_norm"]
