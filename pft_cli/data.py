@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 
 from pft.cli.choices import LAYOUT_NAMES
@@ -52,7 +51,10 @@ class LandmarkChoice(StrEnum):
 
 
 LayoutOption = Annotated[
-    str, typer.Option("--layout", "-l", help=f"One of: {', '.join(sorted(LAYOUT_NAMES))}.")
+    str,
+    typer.Option(
+        "--layout", "-l", help=f"One of: {', '.join(sorted(LAYOUT_NAMES))}, or a registered layout."
+    ),
 ]
 DetectorOption = Annotated[DetectorChoice, typer.Option(help="Face detector.")]
 LandmarkOption = Annotated[LandmarkChoice, typer.Option(help="Landmark detector (for eye alignment).")]
@@ -157,6 +159,8 @@ def check(
     ] = False,
 ) -> None:
     """Scan a dataset, run every video through the pipeline, and report what was rejected and why."""
+    from pydantic import ValidationError
+
     from pft.core.data.pipeline import FaceCropConfig
     from pft.core.data.video import VideoConfig
 
@@ -212,6 +216,7 @@ def crops(
     """Write a sheet of face crops: one row per video, evenly spaced frames along it."""
     import cv2
     import numpy as np
+    from pydantic import ValidationError
 
     from pft.core.atomic import atomic_write_bytes
     from pft.core.data.pipeline import FaceCropConfig
