@@ -473,7 +473,7 @@ def method_names() -> tuple[str, ...]:
 
 def method_spec(name: str) -> MethodSpec:
     """What is known of method ``name`` (entry points read first); ``KeyError`` if unknown."""
-    if name not in method_names():
+    if name not in METHODS and name not in method_names():  # entry points read for another name
         raise KeyError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
     return replace(_SPECS[name], runner=METHODS[name]) if name in _SPECS else MethodSpec(METHODS[name])
 

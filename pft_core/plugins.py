@@ -13,9 +13,11 @@ dataset layouts (``--data``)  :func:`pft.core.data.register_layout`        ``pft
 
 An entry point's name is the name it registers; its object is what the call takes (a
 :class:`pft.core.methods.MethodSpec` or a runner, a :class:`pft.core.cohort.ProfileSpec`, a loader).
-Each group is read once per process, the first time its registry is asked for a name (validating
-an ``ExperimentConfig``, ``--methods all``, a Flower node scoring a method), never at ``pft --help``.
-A plug-in that fails to load stops the command with a :class:`PluginError` naming it.
+Each group is read once per process, the first time its registry is asked for a name that is not
+built in or for the whole list (validating an ``ExperimentConfig`` or a ``CohortConfig`` that names
+one, a registered method's settings, ``--methods all``, a Flower node scoring a method), never at
+``pft --help``; a run of built-in names only does not read them. A plug-in that fails to load
+stops the command with a :class:`PluginError` naming it.
 """
 
 from __future__ import annotations

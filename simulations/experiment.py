@@ -102,7 +102,9 @@ class ExperimentConfig(FrozenConfig):
     @field_validator("profile")
     @classmethod
     def _known_profile(cls, value: str) -> str:
-        known = profile_names()  # the built-ins and the registered profiles (entry points read)
+        if value in BUILTIN_PROFILES:
+            return value
+        known = profile_names()  # the registered profiles too (entry points read)
         if value not in known:
             raise ValueError(f"unknown cohort profile {value!r}; choose one of {sorted(known)}")
         return value
@@ -110,7 +112,9 @@ class ExperimentConfig(FrozenConfig):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        known = method_names()  # the built-ins and the registered methods (entry points read)
+        known = tuple(METHODS)
+        if any(m not in known for m in value):
+            known = method_names()  # the registered methods too (entry points read)
         unknown = [m for m in value if m not in known]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(known)}")

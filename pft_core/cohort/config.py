@@ -49,7 +49,9 @@ class CohortConfig(FrozenConfig):
     @field_validator("profile")
     @classmethod
     def _known_profile(cls, value: str) -> str:
-        known = profile_names()  # the built-ins and the registered profiles (entry points read)
+        if value in BUILTIN_PROFILES:
+            return value
+        known = profile_names()  # the registered profiles too (entry points read)
         if value not in known:
             raise ValueError(f"unknown cohort profile {value!r}; choose one of {sorted(known)}")
         return value

@@ -316,6 +316,6 @@ def profile_names() -> tuple[str, ...]:
 
 def get_profile(name: str) -> ProfileSpec:
     """The profile called ``name`` (one of :func:`profile_names`)."""
-    if name not in profile_names():
+    if name not in PROFILES and name not in profile_names():  # entry points read for another name
         raise ValueError(f"unknown cohort profile {name!r}; choose one of {sorted(PROFILES)}")
     return PROFILES[name]

@@ -437,7 +437,7 @@ def load_dataset(root: str | Path, layout: str, **options: Any) -> DatasetIndex:
         Unknown layout, a missing folder or file, or no videos where the layout expects them.
     """
     root = Path(root).expanduser().resolve()
-    if layout not in layout_names():
+    if layout not in LOADERS and layout not in layout_names():  # entry points read for another name
         raise DatasetLayoutError(f"unknown layout {layout!r}; choose one of {sorted(LOADERS)}")
     if not root.is_dir():
         raise DatasetLayoutError(f"{layout}: dataset root {root} is not a folder")
