@@ -10,6 +10,7 @@ registration undone after its test.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -41,12 +42,15 @@ from pft.core.methods import (
     TargetData,
     method_input,
     method_names,
+    method_spec,
     register_method,
     run_source_only,
 )
+from pft.core.models import ModelConfig
 from pft.core.plugins import PluginError, reload_entry_points
 from pft.core.results import markdown_table, ordered_methods
 from pft.simulations.experiment import ExperimentConfig
+from pft.simulations.synthetic_world import synthetic_model, synthetic_subject
 
 PLUGIN_SOURCE = Path(__file__).parent / "plugins" / "pft_example_plugin"
 FIELDS: dict[str, Any] = {
@@ -380,3 +384,39 @@ def test_a_broken_entry_point_stops_with_its_name(
         method_names()
     with pytest.raises(PluginError):  # read again on the next call, not skipped
         method_names()
+    # a run of built-in names never imports the plug-ins, so it is not stopped by a broken one
+    config = ExperimentConfig(methods=("source_only", "pft"), settings=MethodSettings(seed=1))
+    assert config.resolved().cohort.profile == "biovid"
+    with pytest.raises(PluginError, match="no_such_module_anywhere"):  # one that names another
+        ExperimentConfig(methods=("source_only", "broken"))
+
+
+def test_the_example_method_keeps_the_protocol(
+    installed: Path, clean_registries: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plug-in's runner on a seeded synthetic source model: it trains (its own settings), is
+    seeded, leaves the shipped model as it was, and predicts each eval frame on its own (the first
+    half's logits do not depend on the second half)."""
+    monkeypatch.syspath_prepend(str(installed))
+    reload_entry_points()
+    spec = method_spec("neutral_bias")
+    config = ModelConfig(width=8, translator_hidden=32)
+    model = synthetic_model(0, config)
+    adapt, held = synthetic_subject(0, 0, config), synthetic_subject(1, 0, config, frames=40)
+
+    def frames(s: Any, label: int) -> FrameSet:
+        n = len(s.features)
+        return FrameSet(s.features, s.frame_stats, torch.full((n,), label), s.video_ids, s.time_index, None)
+
+    target = TargetData("S1", frames(adapt, 0), None, frames(held, 1))
+    settings = MethodSettings.model_validate({"neutral_bias": {"adapt": {"max_iterations": 9}}})
+    shipped = {k: v.clone() for k, v in model.classifier.state_dict().items()}
+    outcome = spec.runner(model, target, settings, 7)
+    assert outcome.iterations == 9 and outcome.logits.shape == (40, config.num_classes)
+    assert all(torch.equal(v, model.classifier.state_dict()[k]) for k, v in shipped.items())
+    source = run_source_only(model, target, settings, 7).logits
+    assert not torch.allclose(outcome.logits, source)  # it adapted C's bias
+    assert torch.equal(spec.runner(model, target, settings, 7).logits, outcome.logits)  # seeded
+    first = torch.arange(40) < 20
+    shorter = dataclasses.replace(target, eval=target.eval.select(first))
+    assert torch.allclose(spec.runner(model, shorter, settings, 7).logits, outcome.logits[:20])
