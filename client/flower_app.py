@@ -50,7 +50,16 @@ from pft.core.data import FaceCropConfig, VideoConfig, VideoRecord, load_dataset
 from pft.core.data.cache import state_dict_sha256
 from pft.core.errors import BundleTamperedError, PFTError
 from pft.core.frames import FrameSet, FrameStore
-from pft.core.methods import IMAGE_METHODS, METHODS, MethodSettings, TargetData, TargetImages, target_images
+from pft.core.methods import (
+    METHODS,
+    MethodSettings,
+    TargetData,
+    TargetImages,
+    method_input,
+    method_names,
+    needs_images,
+    target_images,
+)
 from pft.core.metrics import accuracy, macro_f1
 from pft.core.personalize import PersonalizeConfig
 from pft.core.seeding import subject_seed
@@ -339,14 +348,15 @@ def evaluate(message: Message, context: Context) -> Message:
             iterations = int(personalizer.enrollment.get("iterations", 0))
             seconds = float(personalizer.enrollment.get("adapt_seconds", 0.0))
         else:  # the source model and the research baselines (e.g. the oracle)
-            if method not in METHODS or "adapt" not in splits:
+            if method not in method_names() or "adapt" not in splits:  # registered ones included
                 raise PFTError(f"node {node.index}: cannot run method {method!r} here")
             settings = MethodSettings.model_validate_json(str(config["method-settings"]))
             target = TargetData(node.subject, splits["adapt"], splits.get("oracle"), held_out)
-            if method in IMAGE_METHODS:
+            if needs_images(method):
                 target.images = node.images(personalizer)
             seed = subject_seed(_int(config, "seed"), node.index)
-            outcome = METHODS[method](personalizer.source_model, target, settings, seed)
+            given = method_input(method, target)
+            outcome = METHODS[method](personalizer.source_model, given, settings, seed)
             logits, iterations, seconds = outcome.logits, outcome.iterations, outcome.seconds
         classes = len(personalizer.class_names)
     y = held_out.labels.numpy()

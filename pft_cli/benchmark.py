@@ -9,9 +9,8 @@ from typing import Annotated
 
 import typer
 
+from pft.cli.choices import PROFILE_NAMES
 from pft.cli.progress import console, plain_lines, stage_line
-
-PROFILE_NAMES = ("biovid", "stressid", "bah", "affwild2")
 
 
 def _csv(text: str) -> list[str]:
@@ -98,7 +97,11 @@ def overall_display(
 
 def benchmark(
     profiles: Annotated[
-        str, typer.Option(help=f"Comma-separated profiles ({', '.join(PROFILE_NAMES)}) or 'all'.")
+        str,
+        typer.Option(
+            help=f"Comma-separated profiles ({', '.join(PROFILE_NAMES)}, or registered ones) or 'all' "
+            "(the four built-in ones)."
+        ),
     ] = "all",
     seeds: Annotated[
         str,
@@ -109,7 +112,10 @@ def benchmark(
     ] = "0,1,2",
     methods: Annotated[
         str | None,
-        typer.Option(help="Comma-separated methods or 'all' (default: source_only,pft,oracle)."),
+        typer.Option(
+            help="Comma-separated methods, registered ones included (docs/extending.md), or 'all' "
+            "(default: source_only,pft,oracle)."
+        ),
     ] = None,
     out: Annotated[
         Path, typer.Option(help="Benchmark folder: runs/, benchmark.json, report.md, plots.")
@@ -154,7 +160,7 @@ def benchmark(
 
     from pft.cli.simulate import load_config_file, with_dp
     from pft.core.errors import PFTError
-    from pft.core.methods import METHODS
+    from pft.core.methods import method_names
     from pft.simulations.analysis import summary_lines
     from pft.simulations.benchmark import BenchmarkConfig, run_benchmark
     from pft.simulations.experiment import DEFAULT_METHODS
@@ -166,7 +172,11 @@ def benchmark(
     if dp_epsilon is not None:
         base = with_dp(base, dp_epsilon, dp_delta, dp_unit, dp_accountant)
     chosen_methods = (
-        list(METHODS) if methods == "all" else _csv(methods) if methods is not None else list(DEFAULT_METHODS)
+        list(method_names())
+        if methods == "all"
+        else _csv(methods)
+        if methods is not None
+        else list(DEFAULT_METHODS)
     )
     overrides = {
         "methods": chosen_methods,

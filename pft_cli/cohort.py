@@ -26,7 +26,9 @@ def _folder_size(folder: Path) -> int:
 @cohort_app.command("make")
 def make(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the cohort into.")],
-    profile: Annotated[str, typer.Option(help="biovid, stressid, bah or affwild2.")] = "biovid",
+    profile: Annotated[
+        str, typer.Option(help="biovid, stressid, bah, affwild2 or a registered profile (docs/extending.md).")
+    ] = "biovid",
     source_subjects: Annotated[int | None, typer.Option(help="Source subjects (default: profile's).")] = None,
     target_subjects: Annotated[int | None, typer.Option(help="Target subjects (default: profile's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed; same seed, same cohort.")] = 0,

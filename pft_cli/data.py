@@ -51,7 +51,10 @@ class LandmarkChoice(StrEnum):
 
 
 LayoutOption = Annotated[
-    str, typer.Option("--layout", "-l", help=f"One of: {', '.join(sorted(LAYOUT_NAMES))}.")
+    str,
+    typer.Option(
+        "--layout", "-l", help=f"One of: {', '.join(sorted(LAYOUT_NAMES))}, or a registered layout."
+    ),
 ]
 DetectorOption = Annotated[DetectorChoice, typer.Option(help="Face detector.")]
 LandmarkOption = Annotated[LandmarkChoice, typer.Option(help="Landmark detector (for eye alignment).")]

@@ -84,7 +84,11 @@ def with_dp(base: dict[str, Any], epsilon: float, delta: float, unit: str, accou
 
 def simulate(
     profile: Annotated[
-        str, typer.Option(help=f"Cohort profile: {', '.join(PROFILE_NAMES)}, or 'all' for every profile.")
+        str,
+        typer.Option(
+            help=f"Cohort profile: {', '.join(PROFILE_NAMES)}, a registered one (docs/extending.md), "
+            "or 'all' for the four built-in profiles."
+        ),
     ] = "biovid",
     seed: Annotated[
         int, typer.Option(help="Seed of the cohort and every stage (same seed, same numbers).")
@@ -95,7 +99,8 @@ def simulate(
     methods: Annotated[
         str | None,
         typer.Option(
-            help=f"Comma-separated methods ({', '.join(METHOD_NAMES)}) or 'all'. "
+            help=f"Comma-separated methods ({', '.join(METHOD_NAMES)}, or registered ones: "
+            "docs/extending.md) or 'all' (registered ones included). "
             f"Default: {','.join(DEFAULT_METHOD_NAMES)}."
         ),
     ] = None,
@@ -170,7 +175,8 @@ def simulate(
         ),
     ] = None,
     layout: Annotated[
-        str, typer.Option(help="With --data: generic, biovid, stressid, bah or affwild2.")
+        str,
+        typer.Option(help="With --data: generic, biovid, stressid, bah, affwild2 or a registered layout."),
     ] = "generic",
     split: Annotated[
         Path | None, typer.Option(help="With --data: a split file (JSON) overriding the seeded split.")
@@ -193,7 +199,7 @@ def simulate(
     require_extra("simulate", "sim", "matplotlib", "sklearn", *flower)
     from pydantic import ValidationError
 
-    from pft.core.methods import METHODS
+    from pft.core.methods import method_names
     from pft.simulations.experiment import PROFILES, run_experiment
 
     try:
@@ -223,7 +229,7 @@ def simulate(
     method_list = None
     if methods is not None:
         method_list = (
-            tuple(METHODS) if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
+            method_names() if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
         )
     profiles = list(PROFILES) if profile == "all" and data is None else [profile]
     for name in profiles:

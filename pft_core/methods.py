@@ -3,18 +3,21 @@
 A runner takes the source model, one target person's data and the settings, adapts on what the
 method is allowed to see (PFT: the person's NEUTRAL ``adapt`` frames; the oracle: the labelled
 ``oracle`` frames; source-only: nothing) and returns logits on the held-out ``eval`` frames.
+
+The registry :data:`METHODS` holds the built-in runners and those added from outside the package
+with :func:`register_method` or the ``pft.methods`` entry-point group (docs/extending.md).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from pft.core.adaptation import (
@@ -56,14 +59,26 @@ from pft.core.models import FeatureExtractor, style_code
 from pft.core.oracle import OracleConfig, fine_tune_oracle
 from pft.core.pairing import match_reference
 from pft.core.personalize import PersonalizeConfig, SourceModel, pairing_query, personalize
+from pft.core.plugins import METHODS_GROUP, PluginError, check_name, load_entry_points
+from pft.core.results import METHOD_GROUPS, register_row
 from pft.core.training import extract_features
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class MethodSettings(FrozenConfig):
     """Per-method settings: PFT's stage 3, the oracle's supervised fine-tuning (F's last block and
     C, ``pft.core.oracle``) and the baselines' (SHOT, NRC, TPDS: see ``pft.core.baselines``;
     SFDA-IT, SFIT, DSFDA: see ``pft.core.image_translation``; AdaBN's batch size for re-estimating
-    BatchNorm)."""
+    BatchNorm).
+
+    A method registered with a config model (:func:`register_method`) takes its settings under its
+    own name (``settings: {my_method: {...}}`` in a config file), validated by that model; read
+    them with :meth:`method_config`.
+    """
+
+    # extra keys are allowed only for registered methods' settings (checked in _registered)
+    model_config = ConfigDict(frozen=True, extra="allow", protected_namespaces=())
 
     pft: PersonalizeConfig = PersonalizeConfig()
     oracle: OracleConfig = OracleConfig()
@@ -75,6 +90,49 @@ class MethodSettings(FrozenConfig):
     dsfda: DSFDAConfig = DSFDAConfig()
     adabn_batch_size: int = Field(256, ge=2)
     seed: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _registered(cls, data: Any) -> Any:
+        """Validate every key that is not a field by the config model of the method of that name."""
+        if not isinstance(data, dict):
+            return data
+        extra = [k for k in data if k not in cls.model_fields]
+        if not extra:
+            return data
+        names = method_names()  # reads the entry points the first time
+        out = dict(data)
+        for key in extra:
+            model = _SPECS[key].config if key in names and key in _SPECS else None
+            if model is None:
+                with_settings = sorted(n for n, spec in _SPECS.items() if spec.config is not None)
+                raise ValueError(
+                    f"unknown setting {key!r}: not a MethodSettings field, and no registered method "
+                    f"of that name has a config model (registered with one: {with_settings})"
+                )
+            value = data[key]
+            out[key] = value if isinstance(value, model) else model.model_validate(value)
+        return out
+
+    def method_config(self, name: str, model: type[M]) -> M:
+        """The settings of registered method ``name``: those given, else ``model()``'s defaults."""
+        given = (self.model_extra or {}).get(name)
+        if given is None:
+            return model()
+        if not isinstance(given, model):
+            raise TypeError(f"the settings of {name!r} are a {type(given).__name__}, not a {model.__name__}")
+        return given
+
+    def with_defaults(self, methods: Sequence[str]) -> MethodSettings:
+        """These settings with the defaults of every method in ``methods`` that has a config model
+        and no settings here (so a run's resolved config records what each method ran with)."""
+        extra = self.model_extra or {}
+        missing = {
+            m: spec.config()
+            for m in methods
+            if (spec := _SPECS.get(m)) is not None and spec.config is not None and m not in extra
+        }
+        return self.model_copy(update=missing) if missing else self
 
 
 @dataclass
@@ -124,7 +182,8 @@ def target_images(
 
 
 IMAGE_METHODS = frozenset({"adabn", "oracle", "sfda_it", "sfit", "dsfda"})
-"""Methods that re-run F on face crops (their ``TargetData.images`` must be set)."""
+"""Built-in methods that re-run F on face crops (their ``TargetData.images`` must be set); for
+any method, registered ones included, ask :func:`needs_images`."""
 
 
 @dataclass
@@ -481,7 +540,7 @@ def run_dsfda(model: SourceModel, target: TargetData, settings: MethodSettings, 
     )
 
 
-METHODS: dict[str, Runner] = {
+METHODS: dict[str, Runner] = {  # built-ins first, then registered methods
     "source_only": run_source_only,
     "pft": run_pft,
     "oracle": run_oracle,
@@ -496,3 +555,118 @@ METHODS: dict[str, Runner] = {
     "sfit": run_sfit,
     "dsfda": run_dsfda,
 }
+
+#: the methods that ship with the package (in the order of :data:`METHODS`)
+BUILTIN_METHODS: tuple[str, ...] = tuple(METHODS)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method to register: its runner and what the experiment needs to know about it.
+
+    Attributes
+    ----------
+    runner:
+        ``runner(model, target, settings, seed) -> MethodOutcome`` (:data:`Runner`).
+    config:
+        A pydantic model of the method's settings (``settings.<name>`` in an experiment config,
+        validated by it; read with ``settings.method_config(name, config)``), or ``None``.
+    needs_images:
+        The runner re-runs F on face crops: ``target.images`` is set for it.
+    source_free:
+        The runner adapts without labels of the target (the default). Only a method that is not
+        source-free is given the target's labelled ``oracle`` frames; it is reported as an upper
+        bound (never bold in the table).
+    group:
+        The row group of the paper-style table it is listed in (e.g. ``"SFDA (model-based)"``;
+        ``pft.core.results.METHOD_GROUPS``); default ``"Other"``.
+    """
+
+    runner: Runner
+    config: type[BaseModel] | None = None
+    needs_images: bool = False
+    source_free: bool = True
+    group: str = "Other"
+
+
+_SPECS: dict[str, MethodSpec] = {
+    name: MethodSpec(
+        runner,
+        needs_images=name in IMAGE_METHODS,
+        source_free=name != "oracle",
+        group=next((g for g, members in METHOD_GROUPS if name in members), "Other"),
+    )
+    for name, runner in METHODS.items()
+}
+
+
+def register_method(
+    name: str,
+    runner: Runner | MethodSpec,
+    config_model: type[BaseModel] | None = None,
+    *,
+    needs_images: bool = False,
+    source_free: bool = True,
+    group: str = "Other",
+    replace: bool = False,
+) -> None:
+    """Add a method to :data:`METHODS`: ``pft simulate --methods NAME``, ``pft benchmark`` and
+    ``run_experiment`` then run it like the built-in ones (docs/extending.md).
+
+    ``runner`` is a :data:`Runner` (the keyword arguments describe it, see :class:`MethodSpec`) or
+    a whole :class:`MethodSpec`. A built-in name or a :class:`MethodSettings` field cannot be
+    taken; another registered name only with ``replace=True`` (registering the same runner again
+    does nothing).
+    """
+    check_name("method", name)
+    spec = (
+        runner
+        if isinstance(runner, MethodSpec)
+        else MethodSpec(runner, config_model, needs_images, source_free, group)
+    )
+    if not callable(spec.runner):
+        raise PluginError(f"method {name!r}: the runner {spec.runner!r} is not callable")
+    if spec.config is not None and not (isinstance(spec.config, type) and issubclass(spec.config, BaseModel)):
+        raise PluginError(f"method {name!r}: the config model must be a pydantic BaseModel class")
+    if name in BUILTIN_METHODS or name in MethodSettings.model_fields:
+        raise PluginError(f"method name {name!r} is taken by the package")
+    if name in _SPECS and _SPECS[name] != spec and not replace:
+        raise PluginError(f"method {name!r} is already registered (pass replace=True to replace it)")
+    _SPECS[name] = spec
+    METHODS[name] = spec.runner
+    register_row(name, spec.group, upper_bound=not spec.source_free)
+
+
+def _register_entry_point(name: str, obj: object) -> None:
+    if not (isinstance(obj, MethodSpec) or callable(obj)):
+        raise PluginError(f"a pft.methods entry point must be a MethodSpec or a runner, got {obj!r}")
+    register_method(name, obj)
+
+
+def method_names() -> tuple[str, ...]:
+    """Every method's name: the built-ins, then the registered ones (entry points read first)."""
+    load_entry_points(METHODS_GROUP, _register_entry_point)
+    return tuple(METHODS)
+
+
+def method_spec(name: str) -> MethodSpec:
+    """What is known of method ``name`` (entry points read first); ``KeyError`` if unknown."""
+    if name not in METHODS and name not in method_names():  # entry points read for another name
+        raise KeyError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    return replace(_SPECS[name], runner=METHODS[name]) if name in _SPECS else MethodSpec(METHODS[name])
+
+
+def needs_images(name: str) -> bool:
+    """Whether method ``name`` re-runs F on face crops (``TargetData.images`` must be set)."""
+    return method_spec(name).needs_images
+
+
+def method_input(name: str, target: TargetData) -> TargetData:
+    """What method ``name`` is given of a target: a source-free method gets no ``oracle`` frames
+    (nor their crops); only a method registered as not source-free (the oracle) sees them."""
+    if not method_spec(name).source_free or (target.oracle is None and target.images is None):
+        return target
+    images = target.images
+    if images is not None and images.oracle is not None:
+        images = replace(images, oracle=None)
+    return replace(target, oracle=None, images=images)

@@ -28,6 +28,24 @@ METHOD_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Oracle", ("oracle",)),
 )
 UPPER_BOUNDS = frozenset({"oracle"})
+#: registered methods (``pft.core.methods.register_method``): name -> its row group
+_REGISTERED_GROUPS: dict[str, str] = {}
+_REGISTERED_UPPER_BOUNDS: set[str] = set()
+
+
+def register_row(name: str, group: str = "Other", upper_bound: bool = False) -> None:
+    """List a registered method in ``group`` of the table (after the group's built-in rows; a new
+    group name comes before the oracle's); an ``upper_bound`` is never bold, like the oracle."""
+    _REGISTERED_GROUPS[name] = group
+    if upper_bound:
+        _REGISTERED_UPPER_BOUNDS.add(name)
+    else:
+        _REGISTERED_UPPER_BOUNDS.discard(name)
+
+
+def is_upper_bound(name: str) -> bool:
+    """Whether method ``name`` is an upper bound (labelled target data: never bold)."""
+    return name in UPPER_BOUNDS or name in _REGISTERED_UPPER_BOUNDS
 
 
 def summarise_method(
@@ -57,9 +75,15 @@ def ordered_methods(names: Sequence[str]) -> list[tuple[str, str]]:
     """(group, method) pairs in the paper's row order."""
     rows: list[tuple[str, str]] = []
     seen: set[str] = set()
-    for group, members in METHOD_GROUPS:
-        for name in members:
-            if name in names:
+    known = [g for g, _ in METHOD_GROUPS]
+    new_groups = list(
+        dict.fromkeys(g for g in _REGISTERED_GROUPS.values() if g not in known and g != "Other")
+    )
+    groups = [*METHOD_GROUPS[:-1], *((g, ()) for g in new_groups), METHOD_GROUPS[-1]]  # Oracle last
+    for group, members in groups:
+        added = tuple(n for n in names if _REGISTERED_GROUPS.get(n) == group and n not in members)
+        for name in (*members, *added):
+            if name in names and name not in seen:
                 rows.append((group, name))
                 seen.add(name)
     rows.extend(("Other", n) for n in names if n not in seen)
@@ -85,7 +109,7 @@ def markdown_table(results: Mapping[str, Any], digits: int = 2) -> str:
 
     best: dict[str, float] = {}
     for column in columns:
-        values = [cell(m, column) for _, m in rows if m not in UPPER_BOUNDS]
+        values = [cell(m, column) for _, m in rows if not is_upper_bound(m)]
         values = [v for v in values if not np.isnan(v)]
         best[column] = max(values) if values else float("nan")
 
@@ -101,7 +125,7 @@ def markdown_table(results: Mapping[str, Any], digits: int = 2) -> str:
         for column in columns:
             value = cell(method, column)
             text = "-" if np.isnan(value) else f"{value:.{digits}f}"
-            if method not in UPPER_BOUNDS and not np.isnan(value) and value == best[column]:
+            if not is_upper_bound(method) and not np.isnan(value) and value == best[column]:
                 text = f"**{text}**"
             cells.append(text)
         lines.append(f"| {shown_group} | `{method}` | " + " | ".join(cells) + " |")

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from pft.core.atomic import atomic_write_text
+from pft.core.cohort import profile_names
 from pft.core.config import FrozenConfig
 from pft.core.errors import PFTError
 from pft.simulations.analysis import StatsConfig, analyse_runs
@@ -66,6 +67,10 @@ class BenchmarkConfig(FrozenConfig):
     def _profiles(cls, value: tuple[Profile, ...]) -> tuple[Profile, ...]:
         if not value:
             raise ValueError("at least one profile is needed")
+        known = PROFILES if all(p in PROFILES for p in value) else profile_names()  # registered too
+        unknown = [p for p in value if p not in known]
+        if unknown:
+            raise ValueError(f"unknown cohort profile(s) {unknown}; choose from {sorted(known)}")
         return tuple(dict.fromkeys(value))
 
     @field_validator("seeds")

@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from pft.core.bundle import load_bundle, save_bundle
-from pft.core.cohort import CohortConfig, load_manifest
+from pft.core.cohort import BUILTIN_PROFILES, CohortConfig, load_manifest, profile_names
 from pft.core.config import FrozenConfig
 from pft.core.data import DatasetIndex, FaceCropConfig, VideoConfig, VideoRecord
 from pft.core.data.cache import state_dict_sha256
@@ -34,11 +34,13 @@ from pft.core.domain import TrainingDomain
 from pft.core.frames import FrameSet, FrameStore
 from pft.core.machine import describe_machine
 from pft.core.methods import (
-    IMAGE_METHODS,
     METHODS,
     MethodOutcome,
     MethodSettings,
     TargetData,
+    method_input,
+    method_names,
+    needs_images,
     target_images,
 )
 from pft.core.metrics import accuracy, confusion_matrix, macro_f1
@@ -63,8 +65,11 @@ from pft.simulations.embedding import plot_embedding
 from pft.simulations.gap_analysis import SubjectGap, markdown_correlations, plot_gaps, subject_gaps
 from pft.simulations.workspace import default_cache_root, ensure_cohort, experiment_index
 
-Profile = Literal["biovid", "stressid", "bah", "affwild2"]
-PROFILES: tuple[Profile, ...] = ("biovid", "stressid", "bah", "affwild2")
+#: a cohort profile's name: a built-in one or one registered (``pft.core.cohort.register_profile``)
+Profile = str
+#: the built-in profiles (what ``--profile all`` runs); :func:`pft.core.cohort.profile_names` has
+#: the registered ones too
+PROFILES: tuple[Profile, ...] = BUILTIN_PROFILES
 DEFAULT_METHODS: tuple[str, ...] = ("source_only", "pft", "oracle")
 
 
@@ -94,12 +99,25 @@ class ExperimentConfig(FrozenConfig):
     data: DataSource | None = None
     """A real dataset folder instead of the synthetic cohort (``pft simulate --data``)."""
 
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str) -> str:
+        if value in BUILTIN_PROFILES:
+            return value
+        known = profile_names()  # the registered profiles too (entry points read)
+        if value not in known:
+            raise ValueError(f"unknown cohort profile {value!r}; choose one of {sorted(known)}")
+        return value
+
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [m for m in value if m not in METHODS]
+        known = tuple(METHODS)
+        if any(m not in known for m in value):
+            known = method_names()  # the registered methods too (entry points read)
+        unknown = [m for m in value if m not in known]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(known)}")
         if not value:
             raise ValueError("at least one method is needed")
         return tuple(dict.fromkeys(value))
@@ -119,7 +137,7 @@ class ExperimentConfig(FrozenConfig):
                 "cohort": CohortConfig.model_validate(cohort.model_dump()),
                 "source_train": self.source_train.model_copy(update={"seed": self.seed}),
                 "pretrain": self.pretrain.model_copy(update={"seed": self.seed}),
-                "settings": self.settings.model_copy(update={"seed": self.seed}),
+                "settings": self.settings.with_defaults(self.methods).model_copy(update={"seed": self.seed}),
                 "data": None if self.data is None else self.data.with_seed(self.seed),
             }
         )
@@ -442,7 +460,7 @@ def run_experiment(
             if target is None:
                 log(f"{subject}: skipped (no usable adapt or eval frames)")
                 continue
-            if IMAGE_METHODS & set(config.methods):  # methods that need pixels, not cached features
+            if any(needs_images(m) for m in config.methods):  # methods that need pixels, not features
                 own = split_records[subject]
                 target.images = target_images(
                     store, extractor, own["adapt"], own["eval"], own.get("oracle", [])
@@ -451,7 +469,9 @@ def run_experiment(
                 outcome: MethodOutcome = (
                     batched_pft[subject]
                     if method == "pft" and subject in batched_pft
-                    else METHODS[method](model, target, config.settings, subject_seed(config.seed, k))
+                    else METHODS[method](
+                        model, method_input(method, target), config.settings, subject_seed(config.seed, k)
+                    )
                 )
                 pred = outcome.logits.argmax(1).numpy()
                 y = target.eval.labels.numpy()

@@ -44,14 +44,18 @@ def test_startup_loads_none_of_the_heavy_packages(args: list[str], tmp_path: Pat
 
 
 def test_help_names_are_the_registries_names() -> None:
-    from pft.core.data.datasets import LOADERS
-    from pft.core.methods import METHODS
+    """The help lists the built-in names (it says that registered ones are accepted too, and
+    cannot read plug-ins without importing them); each registry starts with exactly those."""
+    from pft.core.cohort.profiles import BUILTIN_PROFILES
+    from pft.core.cohort.profiles import PROFILES as PROFILE_REGISTRY
+    from pft.core.data.datasets import BUILTIN_LAYOUTS, LOADERS
+    from pft.core.methods import BUILTIN_METHODS, METHODS
     from pft.simulations.experiment import DEFAULT_METHODS, PROFILES
 
-    assert tuple(METHODS) == METHOD_NAMES
+    assert BUILTIN_METHODS == METHOD_NAMES == tuple(METHODS)[: len(METHOD_NAMES)]
     assert DEFAULT_METHODS == DEFAULT_METHOD_NAMES
-    assert PROFILES == PROFILE_NAMES
-    assert tuple(LOADERS) == LAYOUT_NAMES
+    assert PROFILES == BUILTIN_PROFILES == PROFILE_NAMES == tuple(PROFILE_REGISTRY)[: len(PROFILE_NAMES)]
+    assert BUILTIN_LAYOUTS == LAYOUT_NAMES == tuple(LOADERS)[: len(LAYOUT_NAMES)]
 
 
 def test_a_command_without_its_extra_exits_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
 
 from pydantic import Field, field_validator
 
-from pft.core.cohort.profiles import ClipCounts, ProfileSpec, get_profile
+from pft.core.cohort.profiles import BUILTIN_PROFILES, ClipCounts, ProfileSpec, get_profile, profile_names
 from pft.core.config import FrozenConfig
 
 #: Version of what the generator draws for a given config (renderer, animation, profiles). It is
@@ -36,7 +35,8 @@ class CohortConfig(FrozenConfig):
     through the same pipeline, for cohorts of tens of thousands of subjects.
     """
 
-    profile: Literal["biovid", "stressid", "bah", "affwild2"] = "biovid"
+    profile: str = "biovid"
+    """A built-in profile (biovid, stressid, bah, affwild2) or a registered one."""
     seed: int = Field(default=0, ge=0)
     source_subjects: int | None = Field(default=None, ge=1)
     target_subjects: int | None = Field(default=None, ge=1)
@@ -46,6 +46,16 @@ class CohortConfig(FrozenConfig):
     light: bool = False
     workers: int | None = Field(default=None, ge=1)
 
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str) -> str:
+        if value in BUILTIN_PROFILES:
+            return value
+        known = profile_names()  # the registered profiles too (entry points read)
+        if value not in known:
+            raise ValueError(f"unknown cohort profile {value!r}; choose one of {sorted(known)}")
+        return value
+
     @field_validator("frame_size")
     @classmethod
     def _even(cls, value: int) -> int:
@@ -54,8 +64,12 @@ class CohortConfig(FrozenConfig):
         return value
 
     def config_hash(self) -> str:
-        """A stable short hash of the config and :data:`GENERATOR_VERSION` (the cohort cache key)."""
-        blob = json.dumps({"generator": GENERATOR_VERSION, **self.model_dump(mode="json")}, sort_keys=True)
+        """A stable short hash of the config and :data:`GENERATOR_VERSION` (the cohort cache key);
+        for a registered profile, of its whole spec too (a changed knob is a new cohort)."""
+        fields = {"generator": GENERATOR_VERSION, **self.model_dump(mode="json")}
+        if self.profile not in BUILTIN_PROFILES:
+            fields["profile_spec"] = self.spec.model_dump(mode="json")
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property

@@ -5,16 +5,21 @@ its subtlety and its size. All knobs that shape the personalisation gap (how man
 resting face that leans toward an expressive class, how strongly, how expressive people are, how
 much capture conditions vary) live here as data, so the gap can be tuned without touching the
 renderer.
+
+:data:`PROFILES` holds the four built-in profiles and those added from outside the package with
+:func:`register_profile` or the ``pft.profiles`` entry-point group (docs/extending.md).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from pft.core.config import FrozenConfig
+from pft.core.plugins import NAME_PATTERN, PROFILES_GROUP, PluginError, check_name, load_entry_points
 
+#: the built-in profiles' names (a registered profile may have any other valid name)
 ProfileName = Literal["biovid", "stressid", "bah", "affwild2"]
 
 #: The facial actions the renderer draws (FACS-like action units, each 0..1).
@@ -111,9 +116,15 @@ class ClipCounts(FrozenConfig):
 
 
 class ProfileSpec(FrozenConfig):
-    """Everything that defines a profile: classes, sizes and difficulty knobs."""
+    """Everything that defines a profile: classes, sizes and difficulty knobs.
 
-    name: ProfileName
+    ``classes[0]`` is the neutral class (the one a person's ``adapt`` videos show); every other
+    class needs its entry in ``expressions``. A variant of a built-in profile is
+    ``PROFILES["biovid"].model_copy(update={"name": "my_variant", ...})`` passed to
+    :func:`register_profile`.
+    """
+
+    name: str
     classes: tuple[str, ...]
     source_subjects: int
     target_subjects: int
@@ -137,6 +148,22 @@ class ProfileSpec(FrozenConfig):
     capture: CaptureSpec = Field(default_factory=CaptureSpec)
     clips: ClipCounts = Field(default_factory=ClipCounts)
     light_clips: ClipCounts = Field(default_factory=lambda: ClipCounts(train=1, adapt=2, oracle=1, eval=1))
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_PATTERN.match(value):
+            raise ValueError(f"profile name {value!r}: lower-case letters, digits and '_', a letter first")
+        return value
+
+    @model_validator(mode="after")
+    def _expressions(self) -> ProfileSpec:
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"profile {self.name}: needs a neutral class and at least one other, no repeats")
+        missing = [c for c in self.classes[1:] if c not in self.expressions]
+        if missing:
+            raise ValueError(f"profile {self.name}: no expression spec for class(es) {missing}")
+        return self
 
 
 PROFILES: dict[str, ProfileSpec] = {
@@ -251,9 +278,44 @@ PROFILES: dict[str, ProfileSpec] = {
 }
 
 
+#: the profiles that ship with the package (the paper's four datasets)
+BUILTIN_PROFILES: tuple[str, ...] = tuple(PROFILES)
+
+
+def register_profile(spec: ProfileSpec, *, replace: bool = False) -> None:
+    """Add cohort profile ``spec`` under ``spec.name``: ``pft cohort make``, ``pft simulate
+    --profile NAME`` and ``pft benchmark --profiles NAME`` then make its cohort (docs/extending.md).
+
+    A built-in name cannot be taken; another registered name only with ``replace=True``
+    (registering an equal spec again does nothing). The cohort cache key holds a registered
+    profile's whole spec, so changing a knob makes a new cohort.
+    """
+    if not isinstance(spec, ProfileSpec):
+        raise PluginError(f"a cohort profile must be a ProfileSpec, got {type(spec).__name__}")
+    check_name("profile", spec.name)
+    if spec.name in BUILTIN_PROFILES:
+        raise PluginError(f"profile name {spec.name!r} is taken by the package")
+    if spec.name in PROFILES and PROFILES[spec.name] != spec and not replace:
+        raise PluginError(f"profile {spec.name!r} is already registered (pass replace=True to replace it)")
+    PROFILES[spec.name] = spec
+
+
+def _register_entry_point(name: str, obj: object) -> None:
+    if not isinstance(obj, ProfileSpec):
+        raise PluginError(f"a pft.profiles entry point must be a ProfileSpec, got {obj!r}")
+    if obj.name != name:
+        raise PluginError(f"the entry point is named {name!r} but its profile {obj.name!r}")
+    register_profile(obj)
+
+
+def profile_names() -> tuple[str, ...]:
+    """Every profile's name: the built-ins, then the registered ones (entry points read first)."""
+    load_entry_points(PROFILES_GROUP, _register_entry_point)
+    return tuple(PROFILES)
+
+
 def get_profile(name: str) -> ProfileSpec:
-    """The profile called ``name`` (one of :data:`PROFILES`)."""
-    try:
-        return PROFILES[name]
-    except KeyError:
-        raise ValueError(f"unknown cohort profile {name!r}; choose one of {sorted(PROFILES)}") from None
+    """The profile called ``name`` (one of :func:`profile_names`)."""
+    if name not in PROFILES and name not in profile_names():  # entry points read for another name
+        raise ValueError(f"unknown cohort profile {name!r}; choose one of {sorted(PROFILES)}")
+    return PROFILES[name]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pft.core.data.datasets import DatasetIndex, VideoRecord, load_dataset
+from pft.core.data.datasets import DatasetIndex, VideoRecord, layout_names, load_dataset, register_layout
 from pft.core.data.faces import AnnotatedFaceDetector, FaceBox, FaceDetector, HaarFaceDetector, crop_face
 from pft.core.data.landmarks import (
     AnnotatedLandmarkDetector,
@@ -69,8 +69,10 @@ __all__ = [
     "eye_centres",
     "file_sha256",
     "geometry_descriptor",
+    "layout_names",
     "load_dataset",
     "probe_video",
     "process_videos",
+    "register_layout",
     "state_dict_sha256",
 ]

@@ -3,6 +3,8 @@
 Layouts (documented exactly in ``docs/datasets.md``): ``synthetic`` (the cohort's manifest),
 ``generic`` (``<root>/<subject>/<class>/<video>``), ``biovid`` (BioVid Heat Pain part A),
 ``stressid``, ``bah`` and ``affwild2`` (Aff-Wild2 EXPR). All go through :func:`load_dataset`.
+Other layouts are added from outside the package with :func:`register_layout` or the
+``pft.layouts`` entry-point group (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pft.core.errors import DatasetLayoutError
+from pft.core.plugins import LAYOUTS_GROUP, PluginError, check_name, load_entry_points
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
@@ -384,6 +387,37 @@ LOADERS: dict[str, Callable[..., DatasetIndex]] = {
 }
 
 
+#: the layouts that ship with the package (in the order of :data:`LOADERS`)
+BUILTIN_LAYOUTS: tuple[str, ...] = tuple(LOADERS)
+
+Loader = Callable[..., DatasetIndex]
+"""``loader(root: Path, **options) -> DatasetIndex``: ``root`` is the resolved dataset folder."""
+
+
+def register_layout(name: str, loader: Loader, *, replace: bool = False) -> None:
+    """Add dataset layout ``name``: ``pft data --layout NAME`` and ``pft simulate --data ROOT
+    --layout NAME`` then read a folder with ``loader`` (docs/extending.md).
+
+    ``loader(root, **options)`` returns the folder's :class:`DatasetIndex` (its ``layout`` should
+    be ``name``) and raises :class:`~pft.core.errors.DatasetLayoutError` for a folder it cannot
+    read. A built-in name cannot be taken; another registered name only with ``replace=True``.
+    """
+    check_name("layout", name)
+    if not callable(loader):
+        raise PluginError(f"layout {name!r}: the loader {loader!r} is not callable")
+    if name in BUILTIN_LAYOUTS:
+        raise PluginError(f"layout name {name!r} is taken by the package")
+    if name in LOADERS and LOADERS[name] is not loader and not replace:
+        raise PluginError(f"layout {name!r} is already registered (pass replace=True to replace it)")
+    LOADERS[name] = loader
+
+
+def layout_names() -> tuple[str, ...]:
+    """Every layout's name: the built-ins, then the registered ones (entry points read first)."""
+    load_entry_points(LAYOUTS_GROUP, lambda name, obj: register_layout(name, obj))  # type: ignore[arg-type]
+    return tuple(LOADERS)
+
+
 def load_dataset(root: str | Path, layout: str, **options: Any) -> DatasetIndex:
     """Index the videos under ``root`` read with the named layout's loader.
 
@@ -392,7 +426,8 @@ def load_dataset(root: str | Path, layout: str, **options: Any) -> DatasetIndex:
     root:
         The dataset folder.
     layout:
-        One of ``synthetic``, ``generic``, ``biovid``, ``stressid``, ``bah``, ``affwild2``.
+        One of ``synthetic``, ``generic``, ``biovid``, ``stressid``, ``bah``, ``affwild2``, or a
+        registered layout (:func:`layout_names`).
     **options:
         Loader options (e.g. ``pain_levels`` for ``biovid``).
 
@@ -402,7 +437,7 @@ def load_dataset(root: str | Path, layout: str, **options: Any) -> DatasetIndex:
         Unknown layout, a missing folder or file, or no videos where the layout expects them.
     """
     root = Path(root).expanduser().resolve()
-    if layout not in LOADERS:
+    if layout not in LOADERS and layout not in layout_names():  # entry points read for another name
         raise DatasetLayoutError(f"unknown layout {layout!r}; choose one of {sorted(LOADERS)}")
     if not root.is_dir():
         raise DatasetLayoutError(f"{layout}: dataset root {root} is not a folder")
@@ -411,4 +446,9 @@ def load_dataset(root: str | Path, layout: str, **options: Any) -> DatasetIndex:
         inspect.signature(loader).bind(root, **options)
     except TypeError as exc:
         raise DatasetLayoutError(f"{layout}: bad loader option ({exc})") from None
-    return loader(root, **options)
+    index = loader(root, **options)
+    if not isinstance(index, DatasetIndex):
+        raise DatasetLayoutError(
+            f"{layout}: the loader returned a {type(index).__name__}, not a DatasetIndex"
+        )
+    return index
