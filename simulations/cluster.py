@@ -127,6 +127,7 @@ def run_tasks(
     retries: int = 3,
     num_cpus: float = 1,
     progress: Callable[[int, int, PieceReport], None] | None = None,
+    each: Callable[[int, R], None] | None = None,
 ) -> list[R]:
     """``[fn(*args) for args in pieces]``, each call a Ray task on the connected cluster
     (:func:`ray_session`); results in input order.
@@ -135,6 +136,9 @@ def run_tasks(
     under its index, so a piece is never counted twice. An exception raised by ``fn`` itself is
     not retried (the same inputs would raise it again) and is raised here. ``ray.ObjectRef``
     arguments are resolved by Ray on the worker (use ``ray.put`` for what every piece shares).
+
+    With ``each``, every result is handed to ``each(index, result)`` as it arrives (once per
+    index) and not kept: the driver holds only the pieces in flight (returns ``[]``).
     """
     import ray
 
@@ -142,6 +146,7 @@ def run_tasks(
     window = max(2, int(2 * ray.cluster_resources().get("CPU", 1) / max(num_cpus, 1e-3)))
     source = enumerate(pieces)
     results: dict[int, R] = {}
+    handed: set[int] = set()
     in_flight: dict[Any, int] = {}
     submitted = 0
     count = total
@@ -160,9 +165,16 @@ def run_tasks(
         for ref in ready:
             index = in_flight.pop(ref)
             out, node, seconds, size = ray.get(ref)
-            results[index] = out  # keyed by piece: one result per piece, retried or not
+            if index in results or index in handed:
+                continue  # keyed by piece: one result per piece, retried or not
+            if each is not None:
+                each(index, out)
+                handed.add(index)
+            else:
+                results[index] = out
             if progress is not None:
-                progress(len(results), count or submitted, PieceReport(index, node, seconds, size))
+                done = len(results) + len(handed)
+                progress(done, count or submitted, PieceReport(index, node, seconds, size))
     return [results[i] for i in range(len(results))]
 
 

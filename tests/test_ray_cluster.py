@@ -15,8 +15,11 @@ from typing import Any
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from pft.cli.main import app
 from pft.core.adaptation import AdaptConfig
+from pft.core.cohort import CohortConfig, make_cohort
 from pft.core.errors import ResourceError
 from pft.core.frames import FrameSet
 from pft.core.methods import MethodSettings, TargetData
@@ -103,8 +106,8 @@ def test_run_pft_batched_on_the_cluster_is_bit_identical(world: tuple[LocalClust
     """Adapted logits of every subject, chunk by chunk on two nodes vs in this process."""
     cluster, _ = world
     model = synthetic_model(2)
-    adapt = AdaptConfig(lr=0.01, max_iterations=36, min_iterations=8, tol=0.06, window=3)
-    settings = MethodSettings(pft=PersonalizeConfig(adapt=adapt))
+    stop = AdaptConfig(lr=0.01, max_iterations=36, min_iterations=8, tol=0.01, window=3)
+    settings = MethodSettings(pft=PersonalizeConfig(adapt=stop))
     targets = []
     for k in range(5):
         s, e = synthetic_subject(k, 2, frames=20 + k), synthetic_subject(k + 50, 2, frames=12)
@@ -125,6 +128,38 @@ def test_run_pft_batched_on_the_cluster_is_bit_identical(world: tuple[LocalClust
     for name, mine in here.items():
         assert there[name].iterations == mine.iterations and there[name].converged == mine.converged
         assert torch.equal(there[name].logits, mine.logits), name
+
+
+def test_cohort_make_on_the_cluster_is_the_in_process_cohort(
+    world: tuple[LocalCluster, Path], tmp_path: Path
+) -> None:
+    """Subjects rendered on the workers, files written here: same manifest and files, byte for byte."""
+    cluster, _ = world
+    config = CohortConfig(
+        profile="biovid", seed=5, source_subjects=2, target_subjects=1, light=True, workers=1
+    )
+    make_cohort(config, tmp_path / "here")
+    args = [
+        "cohort",
+        "make",
+        "--out",
+        str(tmp_path / "ray"),
+        "--source-subjects",
+        "2",
+        "--target-subjects",
+        "1",
+    ]
+    done = CliRunner().invoke(
+        app, [*args, "--seed", "5", "--light", "--workers", "1", "--ray-address", cluster.address]
+    )
+    assert done.exit_code == 0, done.output
+
+    def tree(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    here, there = tree(tmp_path / "here"), tree(tmp_path / "ray")
+    assert len(here) > 3 and "manifest.json" in here
+    assert here == there
 
 
 def test_a_chunk_whose_worker_dies_is_retried_and_counted_once(
@@ -161,7 +196,7 @@ def test_an_error_in_the_work_itself_is_raised_not_retried(world: tuple[LocalClu
 
 
 def test_bad_addresses_are_refused_before_any_work() -> None:
-    for bad in ("", "localhost", "http://x:1", "a:b", "auto:1"):
+    for bad in ("", "localhost", "http://x:1", "a:b", "host:port:1"):
         with pytest.raises(ResourceError, match="--ray-address"):
             check_ray_address(bad)
     assert check_ray_address("auto") == "auto"
