@@ -300,6 +300,41 @@ class LocalCluster:
         self.nodes = len(self._procs)
         self._wait_for(self.nodes)
 
+    def remove_node(self) -> None:
+        """The last raylet added leaves (SIGTERM to its ``ray start --block``, which stops it)."""
+        assert self._procs and len(self._procs) > 1, "the head stays"
+        proc = self._procs.pop()
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except Exception:
+            with suppress(OSError):
+                import os
+                import signal
+
+                os.killpg(proc.pid, signal.SIGKILL)
+        self.nodes = len(self._procs)
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline and self._alive() > self.nodes:
+            time.sleep(0.5)
+
+    def _alive(self) -> int:
+        """Nodes the GCS counts alive (asked from a fresh driver process)."""
+        import subprocess
+        import sys
+
+        probe = (
+            "import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR');"
+            "print(sum(n['Alive'] for n in ray.nodes()))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", probe, self.address], capture_output=True, text=True, timeout=60
+        )
+        try:
+            return int(out.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return -1
+
     def stop(self) -> None:
         """End this cluster's processes (bounded: 20 s for a clean stop, then SIGKILL)."""
         import os

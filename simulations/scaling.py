@@ -3,7 +3,8 @@
 ``python -m pft.simulations.scaling --subjects 64 --chunk-size 8 --json out.json`` starts a local
 Ray cluster of one raylet (:class:`pft.simulations.cluster.LocalCluster`, ``--cpus`` CPUs),
 measures ``pft bench engines --engines batched --ray-address`` on it, adds a second raylet,
-measures again, stops the cluster and reports the ratio. On one machine the two raylets share
+measures again, takes the second raylet away and measures one raylet again (so that the load's
+drift between runs shows), stops the cluster and reports the ratios. On one machine the two raylets share
 its cores: the ratio is bounded by the cores (2 on the VM of docs/scale.md), not by Ray.
 
 The projection (:func:`project`) is arithmetic on what was measured, not a measurement: with
@@ -73,15 +74,22 @@ def scaling_run(
         cluster.add_node()
         log("two raylets")
         two = bench_engines(subjects, ray_address=cluster.address, log=log, **common)  # type: ignore[arg-type]
+        cluster.remove_node()
+        log("one raylet again (the load drifts: this run shows by how much)")
+        again = bench_engines(subjects, ray_address=cluster.address, log=log, **common)  # type: ignore[arg-type]
     result["load_average_after"] = list(os.getloadavg())
     result["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     result["machine"] = one["machine"]
     result["one_raylet"] = one["engines"]["batched"]
     result["two_raylets"] = two["engines"]["batched"]
+    result["one_raylet_again"] = again["engines"]["batched"]
     if "subjects_per_s" in result["one_raylet"] and "subjects_per_s" in result["two_raylets"]:
-        result["ratio"] = round(
-            result["two_raylets"]["subjects_per_s"] / result["one_raylet"]["subjects_per_s"], 3
-        )
+        rate2 = result["two_raylets"]["subjects_per_s"]
+        result["ratio"] = round(rate2 / result["one_raylet"]["subjects_per_s"], 3)
+        if "subjects_per_s" in result["one_raylet_again"]:
+            result["ratio_to_one_raylet_again"] = round(
+                rate2 / result["one_raylet_again"]["subjects_per_s"], 3
+            )
         result["projection"] = project(result["one_raylet"], chunk_size, cpus)
         result["projection_bench"] = project(result["one_raylet"], chunk_size, cpus, ship_features=False)
     return result

@@ -70,7 +70,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalClust
     try:
         if failure:
             raise failure[0]
-        yield cluster, root
+        # one driver session for the tests run from here (its workers start once); the CLI run
+        # of `pft simulate` is a driver of its own
+        with ray_session(cluster.address):
+            yield cluster, root
     finally:
         cluster.stop()
 
