@@ -204,3 +204,19 @@ def test_bad_addresses_are_refused_before_any_work() -> None:
             check_ray_address(bad)
     assert check_ray_address("auto") == "auto"
     assert check_ray_address("10.0.0.5:6379") == "10.0.0.5:6379"
+
+
+def test_the_commands_refuse_ray_address_where_it_does_not_apply(tmp_path: Path) -> None:
+    """Checked before any work: a malformed address, or an engine whose work does not go to Ray."""
+    cases = [
+        (["simulate", "--engine", "loop", "--ray-address", "127.0.0.1:1"], "--engine batched"),
+        (["simulate", "--engine", "batched", "--ray-address", "nowhere"], "--ray-address"),
+        (["bench", "engines", "--engines", "loop", "--ray-address", "127.0.0.1:1"], "batched,batched_fast"),
+        (["benchmark", "--engine", "loop", "--ray-address", "127.0.0.1:1"], "--engine batched"),
+        (["cohort", "make", "--out", str(tmp_path / "c"), "--ray-address", "x"], "--ray-address"),
+    ]
+    for args, says in cases:
+        done = CliRunner().invoke(app, args)
+        assert done.exit_code == 2, (args, done.output)
+        assert says in " ".join(done.output.split()), (args, done.output)
+    assert not (tmp_path / "c").exists()
