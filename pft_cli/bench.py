@@ -53,13 +53,33 @@ def engines(
     threads: Annotated[int, typer.Option(help="Intra-op threads (engines and the matmul probe).")] = 1,
     device: Annotated[str, typer.Option(help="Batched engine device (cpu, cuda).")] = "cpu",
     exact_adam: Annotated[bool, typer.Option(help="Batched engine: the trainer's unfused Adam.")] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Batched engines: their chunks as Ray tasks on this cluster (auto or HOST:PORT); "
+            "with --engines batched,batched_fast only (docs/scale.md)."
+        ),
+    ] = None,
 ) -> None:
     """Subjects/s, useful GFLOP/s and peak RSS of loop, batched and Flower engines, in ONE run."""
+    from pft.core.errors import PFTError
     from pft.simulations.bench_engines import bench_engines
+    from pft.simulations.cluster import check_ray_address
+
+    chosen = tuple(e.strip() for e in engine_list.split(",") if e.strip())
+    if ray_address is not None:
+        try:
+            check_ray_address(ray_address)
+        except PFTError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+        if set(chosen) - {"batched", "batched_fast"}:
+            console.print("[red]error:[/red] --ray-address runs with --engines batched,batched_fast")
+            raise typer.Exit(2)
 
     result = bench_engines(
         subjects,
-        engines=tuple(e.strip() for e in engine_list.split(",") if e.strip()),
+        engines=chosen,
         iterations=iterations,
         batch_size=batch_size,
         bias_only=bias_only,
@@ -67,6 +87,7 @@ def engines(
         threads=threads,
         device=device,
         fused_adam=not exact_adam,
+        ray_address=ray_address,
         log=lambda m: console.print(m),
     )
     _emit(result, json_out)

@@ -140,6 +140,13 @@ def benchmark(
     device: Annotated[str | None, typer.Option(help="Batched engine: torch device (cpu, cuda).")] = None,
     num_cpus: Annotated[int, typer.Option(help="Flower engine: CPUs per virtual node.")] = 1,
     num_gpus: Annotated[float, typer.Option(help="Flower engine: GPUs per virtual node.")] = 0.0,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Batched engine: every run's chunks as Ray tasks on this cluster (auto or HOST:PORT; "
+            "same numbers; docs/scale.md)."
+        ),
+    ] = None,
     dp_epsilon: Annotated[
         float | None, typer.Option(help="Run PFT's stage 3 with DP-SGD at this epsilon per subject.")
     ] = None,
@@ -165,6 +172,17 @@ def benchmark(
     from pft.simulations.benchmark import BenchmarkConfig, run_benchmark
     from pft.simulations.experiment import DEFAULT_METHODS
 
+    if ray_address is not None:
+        from pft.simulations.cluster import check_ray_address
+
+        try:
+            check_ray_address(ray_address)
+        except PFTError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+        if engine != "batched":
+            console.print("[red]error:[/red] --ray-address runs with --engine batched")
+            raise typer.Exit(2)
     base = load_config_file(config)
     batched = {k: v for k, v in {"num_threads": threads, "device": device}.items() if v is not None}
     if batched:
@@ -207,6 +225,7 @@ def benchmark(
                 progress=stage,
                 on_run=on_run,
                 log=lambda m: console.print(m, style="dim", markup=False, highlight=False),
+                ray_address=ray_address,
             )
     except PFTError as exc:
         console.print(f"[red]error:[/red] {exc}")

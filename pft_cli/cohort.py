@@ -36,6 +36,13 @@ def make(
         bool, typer.Option("--light", help="Fewer, shorter, smaller clips (scale tests).")
     ] = False,
     workers: Annotated[int | None, typer.Option(help="Worker processes (default: all cores).")] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Render the subjects as Ray tasks on this cluster (auto or HOST:PORT); the files come "
+            "back here, so no folder is shared (docs/scale.md). Same cohort, byte for byte."
+        ),
+    ] = None,
 ) -> None:
     """Generate a cohort: videos, sidecars, manifest.json and config.json."""
     from pydantic import ValidationError
@@ -55,6 +62,14 @@ def make(
     except ValidationError as exc:
         _console.print(f"[red]invalid cohort config:[/red] {exc}")
         raise typer.Exit(2) from exc
+    if ray_address is not None:
+        from pft.simulations.cluster import check_ray_address
+
+        try:
+            check_ray_address(ray_address)
+        except PFTError as exc:
+            _console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
     start = time.perf_counter()
     with Progress(
         TextColumn("[bold]cohort[/bold] {task.description}"),
@@ -68,7 +83,16 @@ def make(
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        manifest = make_cohort(config, out, progress=progress)
+        if ray_address is not None:
+            from pft.simulations.cohort_ray import make_cohort_on_ray
+
+            try:
+                manifest = make_cohort_on_ray(config, out, ray_address, progress=progress)
+            except PFTError as exc:
+                _console.print(f"[red]error:[/red] {exc}")
+                raise typer.Exit(1) from exc
+        else:
+            manifest = make_cohort(config, out, progress=progress)
     seconds = time.perf_counter() - start
     size_mb = _folder_size(out) / 1e6
     _console.print(

@@ -153,6 +153,13 @@ def simulate(
     num_gpus: Annotated[
         float, typer.Option(help="Flower engine: GPUs per virtual node (fractional, e.g. 0.1).")
     ] = 0.0,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Batched engine: run its chunks as Ray tasks on this cluster (auto or HOST:PORT; "
+            "same numbers as in-process; docs/scale.md). Default: in this process."
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     dp_epsilon: Annotated[
         float | None,
@@ -195,7 +202,7 @@ def simulate(
     translator per target subject from its NEUTRAL videos only, evaluates on its held-out videos.
     With --data the same pipeline runs on a dataset folder (real faces through a real detector).
     """
-    flower = ("ray", "flwr") if engine == "flower" else ()
+    flower = ("ray", "flwr") if engine == "flower" else ("ray",) if ray_address is not None else ()
     require_extra("simulate", "sim", "matplotlib", "sklearn", *flower)
     from pydantic import ValidationError
 
@@ -205,8 +212,15 @@ def simulate(
     try:
         base = load_config_file(config)
         check_resources(cache_dir, threads=threads, device=device, num_cpus=num_cpus, engine=engine)
+        if ray_address is not None:
+            from pft.simulations.cluster import check_ray_address
+
+            check_ray_address(ray_address)
     except PFTError as exc:
         raise fail(exc, code=2) from exc
+    if ray_address is not None and engine != "batched":
+        console.print("[red]error:[/red] --ray-address runs with --engine batched")
+        raise typer.Exit(2)
     batched = {
         k: v
         for k, v in {"chunk_size": chunk_size, "device": device, "rng": rng, "num_threads": threads}.items()
@@ -261,6 +275,7 @@ def simulate(
                         cache_dir,
                         progress=bars,
                         log=lambda m: console.print(f"[yellow]{m}[/yellow]"),
+                        ray_address=ray_address,
                     )
         except PFTError as exc:
             raise fail(exc) from exc

@@ -43,6 +43,7 @@ import torch
 from pft.core.adaptation import ModelParts
 from pft.core.machine import describe_machine
 from pft.simulations.batched import BatchedConfig, SubjectTask, adapt_subjects
+from pft.simulations.batched.engine import adapt_chunk
 from pft.simulations.bench_flower_apps import client_app, server_app
 from pft.simulations.bench_work import SPEC_ENV, adapt_one, iter_tasks, make_tasks, work_config
 from pft.simulations.synthetic_world import synthetic_model
@@ -147,12 +148,20 @@ def bench_engines(
     fused_adam: bool = True,
     frames: int = 96,
     seed: int = 0,
+    ray_address: str | None = None,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Measure ``engines`` on ``subjects`` synthetic subjects in one run; returns the JSON dict."""
+    """Measure ``engines`` on ``subjects`` synthetic subjects in one run; returns the JSON dict.
+
+    ``ray_address``: the batched engines run their chunks as Ray tasks on that cluster (each task
+    builds its chunk's subjects from the seed, so only a range travels); ``loop`` and ``flower``
+    are refused with it (they are measured on one machine).
+    """
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         raise ValueError(f"unknown engine(s) {unknown}; choose from {ENGINES}")
+    if ray_address is not None and set(engines) - {"batched", "batched_fast"}:
+        raise ValueError("--ray-address measures the batched engines; use --engines batched,batched_fast")
     model = synthetic_model(seed)
     params = model.translator.param_count()
     spec = {
@@ -167,6 +176,7 @@ def bench_engines(
         "frames": frames,
         "seed": seed,
         "translator_params": params,
+        "ray_address": ray_address,
     }
     result: dict[str, Any] = {
         "subjects": subjects,
@@ -192,10 +202,80 @@ def bench_engines(
 
 
 # --- children ---------------------------------------------------------------------------------------
+def _batched_config(engine: str, spec: dict[str, Any]) -> BatchedConfig:
+    return BatchedConfig(
+        chunk_size=spec["chunk_size"],
+        device=spec["device"],
+        num_threads=spec["threads"],
+        fused_adam=spec["fused_adam"],
+        rng="fast" if engine == "batched_fast" else "exact",
+    )
+
+
+def bench_chunk(engine: str, spec: dict[str, Any], start: int, stop: int) -> dict[str, float]:
+    """One chunk of the benchmark on a Ray worker: build subjects ``start..stop-1`` from the seed,
+    adapt them; the seconds of each part and the iterations done."""
+    t0 = time.perf_counter()
+    tasks = make_tasks(spec, range(start, stop))
+    model = synthetic_model(spec["seed"])
+    t1 = time.perf_counter()
+    config = work_config(spec["iterations"], spec["batch_size"], spec["bias_only"])
+    chunk = adapt_chunk(
+        model.translator, model.classifier, tasks, config, _batched_config(engine, spec), start
+    )
+    return {
+        "build_s": t1 - t0,
+        "adapt_s": time.perf_counter() - t1,
+        "iterations": sum(a.iterations for a in chunk),
+        "state_bytes": sum(v.numel() * v.element_size() for a in chunk for v in a.state.values()),
+        "task_bytes": sum(t.features.numel() * t.features.element_size() for t in tasks),
+    }
+
+
+def _warm(_k: int) -> int:
+    """A first task per worker: imports the engine (not timed with the chunks)."""
+    return len(ENGINES)
+
+
+def _batched_on_ray(engine: str, spec: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:
+    """The batched engine's chunks as Ray tasks on ``spec["ray_address"]``: driver wall from the
+    first chunk submitted to the last result, and per-chunk cost, node and transfer sizes."""
+    import ray
+
+    from pft.simulations.cluster import ray_session, run_tasks
+
+    n, size = spec["subjects"], spec["chunk_size"]
+    ranges = [(engine, spec, a, min(a + size, n)) for a in range(0, n, size)]
+    with ray_session(spec["ray_address"]):
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        run_tasks(_warm, [(k,) for k in range(2 * cpus)])
+        nodes: dict[str, int] = {}
+        t0 = time.perf_counter()
+        chunks = run_tasks(
+            bench_chunk,
+            ranges,
+            total=len(ranges),
+            progress=lambda d, t, r: nodes.update({r.node: nodes.get(r.node, 0) + 1}),
+        )
+        wall = time.perf_counter() - t0
+        alive = sum(1 for node in ray.nodes() if node["Alive"])
+    cluster = {
+        "nodes": alive,
+        "cpus": cpus,
+        "chunks_per_node": sorted(nodes.values()),
+        "chunk_adapt_s": [round(c["adapt_s"], 3) for c in chunks],
+        "chunk_build_s": [round(c["build_s"], 3) for c in chunks],
+        "chunk_state_bytes": int(statistics.median(c["state_bytes"] for c in chunks)),
+        "chunk_task_bytes": int(statistics.median(c["task_bytes"] for c in chunks)),
+    }
+    return wall, int(sum(c["iterations"] for c in chunks)), cluster
+
+
 def _child(engine: str, spec: dict[str, Any], out: Path) -> None:
     torch.set_num_threads(spec["threads"])
     n = spec["subjects"]
     iterations = 0
+    extra: dict[str, Any] = {}
     if engine == "flower":
         wall, iterations = _flower(spec)
     elif engine == "loop":
@@ -206,6 +286,9 @@ def _child(engine: str, spec: dict[str, Any], out: Path) -> None:
         for task in tasks:
             iterations += adapt_one(spec, task, parts)
         wall = time.perf_counter() - t0
+    elif spec.get("ray_address"):
+        wall, iterations, cluster = _batched_on_ray(engine, spec)
+        extra["cluster"] = cluster
     else:
         # Built per chunk as the engine reads them, so memory is one chunk's whatever N. The time
         # spent building subjects (the loop builds its own before its clock starts) is measured
@@ -226,13 +309,7 @@ def _child(engine: str, spec: dict[str, Any], out: Path) -> None:
         model = synthetic_model(spec["seed"])
         t0 = time.perf_counter()
         config = work_config(spec["iterations"], spec["batch_size"], spec["bias_only"])
-        batched = BatchedConfig(
-            chunk_size=spec["chunk_size"],
-            device=spec["device"],
-            num_threads=spec["threads"],
-            fused_adam=spec["fused_adam"],
-            rng="fast" if engine == "batched_fast" else "exact",
-        )
+        batched = _batched_config(engine, spec)
         for chunk in adapt_subjects(model.translator, model.classifier, tasks_iter, config, batched):
             iterations += sum(a.iterations for a in chunk)
         wall = time.perf_counter() - t0 - build[0]
@@ -242,6 +319,7 @@ def _child(engine: str, spec: dict[str, Any], out: Path) -> None:
                 "wall_s": round(wall, 3),
                 "iterations": iterations,
                 "vmhwm_mb": round(_vm_kb(os.getpid(), "VmHWM") / 1024, 1),
+                **extra,
             }
         )
     )
@@ -280,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--exact-adam", action="store_true", help="batched: the trainer's unfused Adam")
+    parser.add_argument("--ray-address", default=None, help="batched engines: chunks as Ray tasks there")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.child:
@@ -296,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         device=args.device,
         fused_adam=not args.exact_adam,
+        ray_address=args.ray_address,
     )
     text = json.dumps(result, indent=2) + "\n"
     if args.json is not None:

@@ -180,7 +180,7 @@ def _publish(partial: Path, final: Path) -> None:
 RunOne = Callable[[ExperimentConfig, Path, Path | None, ProgressFactory, Callable[[str], None]], object]
 
 
-def _run_one(config: BenchmarkConfig) -> RunOne:
+def _run_one(config: BenchmarkConfig, ray_address: str | None = None) -> RunOne:
     def run(
         experiment: ExperimentConfig,
         out_dir: Path,
@@ -194,7 +194,9 @@ def _run_one(config: BenchmarkConfig) -> RunOne:
             return run_flower_simulation(
                 experiment, out_dir, cache_root, num_cpus=config.num_cpus, num_gpus=config.num_gpus, log=log
             )
-        return run_experiment(experiment, out_dir, cache_root, progress=progress, log=log)
+        return run_experiment(
+            experiment, out_dir, cache_root, progress=progress, log=log, ray_address=ray_address
+        )
 
     return run
 
@@ -210,8 +212,14 @@ def run_benchmark(
     progress: ProgressFactory = _silent_stage,
     on_run: Callable[[int, int, str], None] = lambda _d, _t, _l: None,
     log: Callable[[str], None] = lambda _m: None,
+    *,
+    ray_address: str | None = None,
 ) -> BenchmarkResult:
     """Run (or reuse) every (profile, seed) of ``config`` and write the benchmark's outputs.
+
+    ``ray_address`` (``--ray-address``, batched engine): every run's batched chunks run as Ray
+    tasks on that cluster (same numbers; not part of the config, so runs made with or without it
+    are reused alike).
 
     Parameters
     ----------
@@ -247,7 +255,9 @@ def run_benchmark(
     runs_dir = out_dir / "runs"
     partial_root = runs_dir / ".partial"
     grid = config.grid()
-    run = _run_one(config)
+    if ray_address is not None and config.experiment.engine != "batched":
+        raise ValueError("ray_address runs the batched engine's chunks; use engine='batched'")
+    run = _run_one(config, ray_address)
     records: list[RunRecord] = []
     with _locked(out_dir):
         config.write_json(out_dir / "benchmark-config.json")

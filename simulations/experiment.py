@@ -61,6 +61,7 @@ from pft.core.training import (
 )
 from pft.simulations.analysis import analyse_runs, dp_description, statistics_markdown, summary_lines
 from pft.simulations.batched import BatchedConfig, run_pft_batched
+from pft.simulations.cluster import PieceReport
 from pft.simulations.embedding import plot_embedding
 from pft.simulations.gap_analysis import SubjectGap, markdown_correlations, plot_gaps, subject_gaps
 from pft.simulations.workspace import default_cache_root, ensure_cohort, experiment_index
@@ -432,8 +433,17 @@ def run_experiment(
     cache_root: Path | None = None,
     progress: ProgressFactory = _silent,
     log: Callable[[str], None] = lambda _m: None,
+    *,
+    ray_address: str | None = None,
 ) -> ExperimentResult:
-    """Run ``pft simulate`` end to end and write its outputs to ``out_dir``."""
+    """Run ``pft simulate`` end to end and write its outputs to ``out_dir``.
+
+    ``ray_address`` (``--ray-address``; batched engine only): the batched engine's chunks run as
+    Ray tasks on that cluster (:mod:`pft.simulations.cluster`), with the same numbers. It is not
+    part of the config: where a run ran does not change its results.
+    """
+    if ray_address is not None and config.engine != "batched":
+        raise ValueError("ray_address runs the batched engine's chunks; use engine='batched'")
     config = config.resolved()
     out_dir.mkdir(parents=True, exist_ok=True)
     config.write_json(out_dir / "config.json")
@@ -454,7 +464,22 @@ def run_experiment(
         batched_pft: dict[str, MethodOutcome] = {}
         if config.engine == "batched" and "pft" in config.methods and config.settings.pft.dp is None:
             ready = [(k, t) for k, s in enumerate(targets) if (t := _target_data(s, frames[s])) is not None]
-            batched_pft = run_pft_batched(model, ready, config.settings, config.seed, config.batched)
+            on_cluster = progress("stage 3: batched chunks on the Ray cluster", 1) if ray_address else None
+
+            def chunk_done(done: int, total: int, report: PieceReport) -> None:
+                if on_cluster is not None:
+                    on_cluster(done, total)
+                log(f"chunk {report.index}: node {report.node}, {report.seconds:.2f} s ({done}/{total})")
+
+            batched_pft = run_pft_batched(
+                model,
+                ready,
+                config.settings,
+                config.seed,
+                config.batched,
+                ray_address=ray_address,
+                progress=chunk_done,
+            )
         for k, subject in enumerate(targets):
             target = _target_data(subject, frames[subject])
             if target is None:

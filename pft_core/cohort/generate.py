@@ -340,23 +340,23 @@ def _subject_info(subject: Subject) -> SubjectInfo:
     )
 
 
-def make_subject_videos(
-    config: CohortConfig, index: int, out_dir: Path
-) -> tuple[SubjectInfo, list[VideoEntry]]:
-    """Render, encode and write every clip of subject ``index``; return its manifest rows."""
+def render_subject(
+    config: CohortConfig, index: int
+) -> tuple[SubjectInfo, list[VideoEntry], dict[str, bytes]]:
+    """Render and encode every clip of subject ``index`` without writing anything: its manifest
+    rows and its files (path relative to the cohort folder -> bytes). Per-subject work that can
+    run anywhere (a process pool, a Ray worker); :func:`write_subject_files` writes the files."""
     cv2.setNumThreads(1)
     subject = make_subject(config, index)
     entries: list[VideoEntry] = []
+    files: dict[str, bytes] = {}
     classes = config.spec.classes
     for split, label, clip in plan_clips(config, subject.role):
         frames, sidecar, apex = render_clip(subject, config, split, label, clip)
-        folder = out_dir / subject.subject_id / classes[label]
-        folder.mkdir(parents=True, exist_ok=True)
         data = encode_mp4(frames, config.fps)
-        stem = f"{split}_{clip}"
-        _write(folder / f"{stem}.mp4", data)
-        _write(folder / f"{stem}.faces.json", json.dumps(sidecar, separators=(",", ":")).encode())
-        rel = f"{subject.subject_id}/{classes[label]}/{stem}"
+        rel = f"{subject.subject_id}/{classes[label]}/{split}_{clip}"
+        files[f"{rel}.mp4"] = data
+        files[f"{rel}.faces.json"] = json.dumps(sidecar, separators=(",", ":")).encode()
         entries.append(
             VideoEntry(
                 path=f"{rel}.mp4",
@@ -372,7 +372,24 @@ def make_subject_videos(
                 sha256=hashlib.sha256(data).hexdigest(),
             )
         )
-    return _subject_info(subject), entries
+    return _subject_info(subject), entries, files
+
+
+def write_subject_files(out_dir: Path, files: dict[str, bytes]) -> None:
+    """Write one subject's rendered files (from :func:`render_subject`) under ``out_dir``."""
+    for rel, data in files.items():
+        path = out_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write(path, data)
+
+
+def make_subject_videos(
+    config: CohortConfig, index: int, out_dir: Path
+) -> tuple[SubjectInfo, list[VideoEntry]]:
+    """Render, encode and write every clip of subject ``index``; return its manifest rows."""
+    info, entries, files = render_subject(config, index)
+    write_subject_files(out_dir, files)
+    return info, entries
 
 
 def _worker(args: tuple[dict[str, Any], int, str]) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
@@ -435,6 +452,15 @@ def make_cohort(config: CohortConfig, out_dir: Path, progress: ProgressFn | None
                 done += 1
                 if progress:
                     progress(done, total)
+    return write_manifest(config, out_dir, infos, videos)
+
+
+def write_manifest(
+    config: CohortConfig, out_dir: Path, infos: dict[int, SubjectInfo], videos: dict[int, list[VideoEntry]]
+) -> CohortManifest:
+    """The cohort's manifest from every subject's rows (keyed by subject index), written with
+    ``config.json`` into ``out_dir`` (after every subject's files are there)."""
+    total = config.n_source + config.n_target
     manifest = CohortManifest(
         generator_version=GENERATOR_VERSION,
         profile=config.profile,

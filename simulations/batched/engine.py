@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -35,6 +35,7 @@ from pft.simulations.batched.forward import StackedForward, choose_forward
 from pft.simulations.batched.optimiser import StackedOptimizer
 from pft.simulations.batched.streams import ChunkStreams, Partners, RandomStreams, StepShape, Workers
 from pft.simulations.batched.tasks import SubjectAdaptation, SubjectTask, subject_task
+from pft.simulations.cluster import PieceReport, ray_session, run_tasks
 
 
 class BatchedConfig(FrozenConfig):
@@ -169,8 +170,13 @@ def adapt_subjects(
     tasks: Iterable[SubjectTask],
     config: PersonalizeConfig,
     engine: BatchedConfig | None = None,
+    *,
+    start: int = 0,
 ) -> Iterator[list[SubjectAdaptation]]:
     """Adapt a copy of ``translator`` for every task, ``engine.chunk_size`` subjects at a time.
+
+    The first task has position ``start`` (a chunk run on its own, e.g. on a Ray worker, keeps
+    its positions in the whole run).
 
     ``tasks`` may be any iterable (e.g. a generator that loads or builds each subject on demand):
     it is read ``chunk_size`` tasks at a time, so with a lazy source the memory held is one
@@ -194,7 +200,6 @@ def adapt_subjects(
     names = trainable_names(translator, classifier, method)
     forward = choose_forward(translator, classifier, names, method.objective, device)
     source = iter(tasks)
-    start = 0
     threads = engine.num_threads or torch.get_num_threads()
     # the per-subject random draws are serial in torch: spread the subjects over the threads
     pool = ThreadPoolExecutor(threads, thread_name_prefix="pft-draws") if threads > 1 else None
@@ -213,18 +218,75 @@ def adapt_subjects(
             pool.shutdown()
 
 
+def adapt_chunk(
+    translator: Translator,
+    classifier: Classifier,
+    tasks: list[SubjectTask],
+    config: PersonalizeConfig,
+    engine: BatchedConfig,
+    start: int,
+) -> list[SubjectAdaptation]:
+    """One chunk (at most ``engine.chunk_size`` tasks, positions from ``start``) adapted on its own:
+    what :func:`adapt_subjects` yields for that chunk. A Ray task runs this for one chunk."""
+    if len(tasks) > engine.chunk_size:
+        raise ValueError(f"{len(tasks)} tasks is more than one chunk ({engine.chunk_size})")
+    return [
+        a
+        for chunk in adapt_subjects(translator, classifier, tasks, config, engine, start=start)
+        for a in chunk
+    ]
+
+
+def adapt_subjects_on_ray(
+    translator: Translator,
+    classifier: Classifier,
+    tasks: Iterable[SubjectTask],
+    config: PersonalizeConfig,
+    engine: BatchedConfig | None = None,
+    *,
+    total: int | None = None,
+    progress: Callable[[int, int, PieceReport], None] | None = None,
+) -> list[list[SubjectAdaptation]]:
+    """:func:`adapt_subjects` with every chunk a Ray task on the connected cluster
+    (:func:`pft.simulations.cluster.ray_session`): the same chunks, so the same results, in
+    chunk order. T and C go to the object store once; each chunk's tasks travel with its task.
+    A chunk whose worker dies is retried (counted once); ``progress`` gets each chunk's report."""
+    import ray
+
+    engine = engine or BatchedConfig()
+    if config.dp is not None:
+        raise ValueError("the batched engine does not run DP-SGD; use the per-client engine for config.dp")
+    shared_t, shared_c = ray.put(translator), ray.put(classifier)
+    size = engine.chunk_size
+
+    def pieces() -> Iterator[tuple[object, ...]]:
+        source, start = iter(tasks), 0
+        while chunk := list(itertools.islice(source, size)):
+            yield shared_t, shared_c, chunk, config, engine, start
+            start += len(chunk)
+
+    chunks = None if total is None else -(-total // size)
+    return run_tasks(adapt_chunk, pieces(), total=chunks, progress=progress)
+
+
 def run_pft_batched(
     model: SourceModel,
     targets: Sequence[tuple[int, TargetData]],
     settings: MethodSettings,
     seed: int,
     engine: BatchedConfig | None = None,
+    *,
+    ray_address: str | None = None,
+    progress: Callable[[int, int, PieceReport], None] | None = None,
 ) -> dict[str, MethodOutcome]:
     """``pft.core.methods.run_pft`` for many targets at once: target ``(k, data)`` adapts with
     seed ``subject_seed(seed, k)`` (as the per-client engine), then predicts on its ``eval`` frames.
 
+    With ``ray_address`` the chunks run as Ray tasks on that cluster
+    (:func:`adapt_subjects_on_ray`; same chunks, same numbers) and are evaluated here.
+
     Returns the outcome per subject name (the reported seconds are the chunk's wall time shared
-    equally by its subjects).
+    equally by its subjects; on Ray, the chunk's seconds on its worker).
     """
     pft = settings.pft
     tasks = [
@@ -245,9 +307,26 @@ def run_pft_batched(
     names = trainable_names(model.translator, model.classifier, pft.method())
     n_params = sum(model.translator.get_parameter(n).numel() for n in names)
     outcomes: dict[str, MethodOutcome] = {}
+    chunks: Iterable[tuple[list[SubjectAdaptation], float | None]]
+    if ray_address is not None:
+        reports: dict[int, PieceReport] = {}
+
+        def note(done: int, total: int, report: PieceReport) -> None:
+            reports[report.index] = report
+            if progress is not None:
+                progress(done, total, report)
+
+        with ray_session(ray_address):
+            on_ray = adapt_subjects_on_ray(
+                model.translator, model.classifier, tasks, pft, engine, total=len(tasks), progress=note
+            )
+        chunks = [(c, reports[i].seconds) for i, c in enumerate(on_ray)]
+    else:
+        chunks = ((c, None) for c in adapt_subjects(model.translator, model.classifier, tasks, pft, engine))
     t0 = time.perf_counter()
-    for chunk in adapt_subjects(model.translator, model.classifier, tasks, pft, engine):
-        seconds = (time.perf_counter() - t0) / max(1, len(chunk))
+    for chunk, worker_seconds in chunks:
+        wall = worker_seconds if worker_seconds is not None else time.perf_counter() - t0
+        seconds = wall / max(1, len(chunk))
         for a in chunk:
             task = tasks[a.position]
             translator = a.translator(model.translator)
