@@ -200,7 +200,11 @@ class Deployment:
         raise AssertionError(f"run {run_id} not listed")
 
     def wait_run(self, run_id: int, timeout: float, log: str = "superlink") -> str:
-        """Poll ``flwr ls`` until the run is finished; raise TimeoutError after ``timeout`` s."""
+        """Poll ``flwr ls`` until the run is finished; raise TimeoutError after ``timeout`` s.
+
+        The tests' timeouts are bounds on a hang, not speed targets: with the suite on two workers a
+        deployment run shares the 2 cores with a Ray simulation (a killed node's rounds wait out
+        their round timeout), so they leave a wide margin over the ~90-120 s such a run takes."""
         deadline = time.monotonic() + timeout
         status = ""
         while time.monotonic() < deadline:

@@ -146,7 +146,7 @@ def test_superlink_restart_mid_run(deployment: Deployment, kit: dict[str, Any]) 
     time.sleep(2)
     dep.start_superlink("superlink-restarted")
     t_up = time.monotonic()
-    status = dep.wait_run(run_id, timeout=150, log="superlink-restarted")
+    status = dep.wait_run(run_id, timeout=300, log="superlink-restarted")
     t_done = time.monotonic()
     assert status == "finished:completed", status + dep.log("superlink-restarted")[-3000:]
     measured = {
@@ -201,7 +201,7 @@ def test_quorum_never_reached_fails_clearly(deployment: Deployment, kit: dict[st
     dep.start_supernode("ward1", _node_keys(kit, "ward1"), f'partition-id=0 pft-spec="{spec}"')
     run_id = dep.start_run(spec)
     t0 = time.monotonic()
-    status = dep.wait_run(run_id, timeout=60, log="superexec")
+    status = dep.wait_run(run_id, timeout=180, log="superexec")
     seconds = time.monotonic() - t0
     print(f"quorum failure reported after {seconds:.1f} s")
     assert status == "finished:failed", status

@@ -105,7 +105,7 @@ def test_tls_and_node_auth_full_run(deployment: Deployment, prepared: dict[str, 
     for i in (0, 1):
         dep.start_supernode(f"node{i}", keys[f"node{i}"], f'partition-id={i} pft-spec="{spec}"')
     run_id = _start_run(dep, spec)
-    status = dep.wait_run(run_id, timeout=150)
+    status = dep.wait_run(run_id, timeout=300)
     assert status == "finished:completed", status + dep.log("superlink")[-3000:]
     results = json.loads((dep.root / "out" / "results.json").read_text())
     assert results["federation"]["nodes"] == 2 and results["federation"]["completed"] == 2
@@ -150,7 +150,7 @@ def test_a_killed_supernode_leaves_the_others_to_finish(
     assert installed(), dep.log("node1")[-2000:]
     os.killpg(dep.processes["node1"].pid, signal.SIGKILL)
     dep.processes["node1"].wait(timeout=10)
-    status = dep.wait_run(run_id, timeout=120)
+    status = dep.wait_run(run_id, timeout=300)
     assert status == "finished:completed", status
     results = json.loads((out / "results.json").read_text())
     federation = results["federation"]
