@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
+from pft.cli.failure import fail
 from pft.core.errors import PFTError
 
 if TYPE_CHECKING:  # imported in the commands: `pft --help` loads no torch
@@ -74,11 +75,6 @@ class DTypeChoice(StrEnum):
     float32 = "float32"
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=1)
-
-
 def _store_key(
     passphrase_file: Path | None,
     passphrase_env: str | None,
@@ -92,7 +88,7 @@ def _store_key(
 
     given = [s for s in (passphrase_file, passphrase_env, key_file) if s is not None]
     if len(given) > 1:
-        raise _fail(ValueError("give one of --passphrase-file, --passphrase-env, --key-file"))
+        raise fail(ValueError("give one of --passphrase-file, --passphrase-env, --key-file"))
     try:
         if key_file is not None:
             return StoreKey.from_file(key_file)
@@ -100,15 +96,15 @@ def _store_key(
             try:
                 lines = passphrase_file.read_text(encoding="utf-8").splitlines()
             except OSError as exc:
-                raise _fail(ValueError(f"{passphrase_file}: cannot read ({exc.strerror})")) from exc
+                raise fail(ValueError(f"{passphrase_file}: cannot read ({exc.strerror})")) from exc
             return StoreKey.from_passphrase(lines[0] if lines else "")
         if passphrase_env is not None:
             value = os.environ.get(passphrase_env, "")
             if not value:
-                raise _fail(ValueError(f"environment variable {passphrase_env} is empty or unset"))
+                raise fail(ValueError(f"environment variable {passphrase_env} is empty or unset"))
             return StoreKey.from_passphrase(value)
     except PFTError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     if not prompt:
         return None
     value = typer.prompt("store passphrase", hide_input=True, confirmation_prompt=confirm)
@@ -123,7 +119,7 @@ def _open(
     from pft.client.sdk import Personalizer
 
     if key is not None and not owner:
-        raise _fail(ValueError("give --owner with a store key (the user id the state is bound to)"))
+        raise fail(ValueError("give --owner with a store key (the user id the state is bound to)"))
     if bundle is not None:
         Personalizer.from_bundle(bundle, public_key, state_dir=state).close()
     if key is not None and ((state / STATE_FILE).exists() or (state / f"{STATE_FILE}.prev").exists()):
@@ -163,7 +159,7 @@ def enroll_command(
             report = p.enroll(videos)
             path = p.save(key, owner=owner)
     except PFTError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     for r in report.videos_rejected:
         typer.secho(f"skipped {r.path}: {r.reason}", fg=typer.colors.YELLOW, err=True)
     for warning in report.warnings:
@@ -194,7 +190,7 @@ def predict_command(
     try:
         p = _open(state, public_key, bundle, key, owner)
     except PFTError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     with p:
         for video in videos:
             try:
@@ -249,7 +245,7 @@ def export_command(
                 out, cast("ExportFormat", fmt.value), input_dtype=cast("InputDType", input_dtype.value)
             )
     except PFTError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {fmt.value}, input {input_dtype.value})")
 
 
@@ -268,4 +264,4 @@ def info_command(
         with _open(state, public_key, None, key, owner) as p:
             typer.echo(json.dumps(p.info(), indent=2, sort_keys=True))
     except PFTError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from pft.cli.failure import fail
 from pft.cli.secrets import passphrase_from_env
 from pft.core.errors import PFTError
 
@@ -30,11 +31,6 @@ OutDir = Annotated[Path, typer.Option("--out", help="Folder to write into (creat
 Force = Annotated[bool, typer.Option("--force", help="Replace existing key material.")]
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=1)
-
-
 @keys_app.command("signing")
 def signing_command(
     out: OutDir,
@@ -52,11 +48,11 @@ def signing_command(
     try:
         passphrase = passphrase_from_env(passphrase_env)
     except ValueError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     try:
         key_path, pub_path = write_signing_key_pair(out, passphrase, overwrite=force)
     except (PFTError, FileExistsError) as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     typer.echo(f"private key: {key_path}  (keep it secret, off the devices)")
     typer.echo(f"public key:  {pub_path}  (ship it to devices; key id {key_id(load_public_key(pub_path))})")
 
@@ -73,7 +69,7 @@ def node_command(
     try:
         files = pki.create_node_key_pair(out, name, overwrite=force)
     except PFTError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     typer.echo(f"private key: {files.private_key}  (flower-supernode --auth-supernode-private-key)")
     typer.echo(
         f"public key:  {files.public_key}  (flwr supernode register {files.public_key.name} CONNECTION)"
@@ -95,7 +91,7 @@ def store_command(
     try:
         path = generate_key_file(out, overwrite=force)
     except (FileExistsError, OSError) as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     typer.echo(f"store key: {path}  (0600; back it up with the site's stores - they are useless without it)")
 
 
@@ -114,7 +110,7 @@ def ca_command(
     try:
         files = pki.create_ca(out, common_name=common_name, valid_days=days, overwrite=force)
     except PFTError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     typer.echo(f"CA key:         {files.key}  (keep it offline)")
     typer.echo(f"CA certificate: {files.cert}  (--ssl-ca-certfile / --root-certificates)")
 
@@ -137,7 +133,7 @@ def server_command(
     try:
         files = pki.issue_server_certificate(ca, out, san or [], valid_days=days, overwrite=force)
     except PFTError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     _print_server(files)
 
 
@@ -149,7 +145,7 @@ def rotate_command(ca: CaDir, out: OutDir, san: SanOption = None, days: Days = 3
     try:
         files = pki.rotate_server_certificate(ca, out, san or None, valid_days=days)
     except PFTError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     _print_server(files)
     typer.echo(
         "previous pair kept as server.key.old / server.pem.old; restart the SuperLink to use the new one"

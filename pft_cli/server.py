@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from pft.cli.failure import fail
 from pft.cli.secrets import passphrase_from_env
 from pft.core.errors import PFTError
 
@@ -30,11 +31,6 @@ server_app = typer.Typer(
 AuditOption = Annotated[
     Path, typer.Option("--audit-log", help="The server's audit log (JSON lines, append-only).")
 ]
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=1)
 
 
 @server_app.command("publish")
@@ -56,7 +52,7 @@ def publish_command(
     try:
         passphrase = passphrase_from_env(passphrase_env)
     except ValueError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     try:
         key = load_signing_key(signing_key, passphrase)
         manifest = publish_bundle(source, out, version, key)
@@ -70,7 +66,7 @@ def publish_command(
             files=len(manifest["files"]),
         )
     except (PFTError, OSError, ValueError) as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     typer.echo(f"published bundle v{version} -> {out}  (digest {digest})")
 
 
@@ -78,7 +74,7 @@ def _flwr() -> str:
     beside = Path(sys.executable).parent / "flwr"
     found = str(beside) if beside.exists() else shutil.which("flwr")
     if not found:
-        raise _fail(FileNotFoundError("the `flwr` command is not installed"))
+        raise fail(FileNotFoundError("the `flwr` command is not installed"))
     return found
 
 
@@ -94,7 +90,7 @@ def register_node_command(
     try:
         line = public_key.read_bytes()
     except OSError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     done = subprocess.run(
         [_flwr(), "supernode", "register", str(public_key), connection],
         capture_output=True,
@@ -104,7 +100,7 @@ def register_node_command(
     )
     typer.echo(done.stdout.strip())
     if done.returncode != 0:
-        raise _fail(RuntimeError(f"flwr supernode register failed: {done.stderr.strip()}"))
+        raise fail(RuntimeError(f"flwr supernode register failed: {done.stderr.strip()}"))
     try:
         AuditLog(audit_log).append(
             "node.registered",
@@ -113,7 +109,7 @@ def register_node_command(
             connection=connection,
         )
     except PFTError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
 
 
 @server_app.command("audit")
@@ -138,13 +134,13 @@ def audit_command(
     if verify:
         checked = verify_audit_log(audit_log, anchor)
         if not checked.ok:
-            raise _fail(AuditLogError(f"{audit_log}: NOT verified: {'; '.join(checked.problems)}"))
+            raise fail(AuditLogError(f"{audit_log}: NOT verified: {'; '.join(checked.problems)}"))
         typer.echo(f"{audit_log}: verified {checked.records} record(s); head {checked.head}")
         return
     try:
         read = read_audit_log(audit_log)
     except PFTError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     for record in read.events:
         if event is None or record["event"] == event:
             typer.echo(json.dumps(record))
