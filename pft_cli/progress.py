@@ -24,7 +24,7 @@ def stage_line(description: str, total: int | None, started: float) -> None:
     """One progress line for a log: ``[     12 s] stage 1: source model F, C (12 steps)``."""
     import time
 
-    steps = f" ({total} steps)" if total is not None else ""
+    steps = f" ({total} steps)" if total is not None and total > 1 else ""
     console.print(
         f"[{time.monotonic() - started:7.0f} s] {description}{steps}", markup=False, highlight=False
     )
