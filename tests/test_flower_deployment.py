@@ -150,7 +150,9 @@ def test_a_killed_supernode_leaves_the_others_to_finish(
     assert installed(), dep.log("node1")[-2000:]
     os.killpg(dep.processes["node1"].pid, signal.SIGKILL)
     dep.processes["node1"].wait(timeout=10)
-    status = dep.wait_run(run_id, timeout=300)
+    # every later round waits out its 25-s timeout for the dead node: 93-254 s measured on the
+    # shared 2-core VM; the bound only catches a hang
+    status = dep.wait_run(run_id, timeout=450)
     assert status == "finished:completed", status
     results = json.loads((out / "results.json").read_text())
     federation = results["federation"]
