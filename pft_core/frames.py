@@ -166,8 +166,7 @@ class FrameStore:
             video = self.videos.get(record.path)
             if video is None:
                 continue
-            classes = self._frame_classes(record, video)
-            keep = classes >= 0 if record.frame_labels is not None else np.ones(len(classes), bool)
+            classes, keep = self._kept(record, video)
             crops.append(video.crops[keep])
             labels.append(classes[keep])
         if not crops:
@@ -183,9 +182,8 @@ class FrameStore:
             video = self.videos.get(record.path)
             if video is None:
                 continue
-            classes = self._frame_classes(record, video)
-            keep = classes >= 0 if record.frame_labels is not None else np.ones(len(classes), bool)
-            try:  # the same frames as crops_and_labels: per-frame labelled records keep labelled ones
+            _, keep = self._kept(record, video)
+            try:  # the same frames as crops_and_labels
                 kept = video.frame_indices[keep]
                 entries = [sidecar_frame(record.path, int(i)) for i in kept]
             except (PFTError, OSError, ValueError):
@@ -199,6 +197,13 @@ class FrameStore:
 
     def _class(self, record: VideoRecord) -> int:
         return self.index.classes.index(record.label) if record.label in self.index.classes else -1
+
+    def _kept(self, record: VideoRecord, video: VideoFrames) -> tuple[np.ndarray, np.ndarray]:
+        """Each crop's class index and which crops a record keeps: all of them, or, for a per-frame
+        labelled record (a segment of a video), only its labelled frames."""
+        classes = self._frame_classes(record, video)
+        keep = classes >= 0 if record.frame_labels is not None else np.ones(len(classes), bool)
+        return classes, keep
 
     def _frame_classes(self, record: VideoRecord, video: VideoFrames) -> np.ndarray:
         """Class index of each crop: the record's label, or its per-frame labels (-1 = none)."""
@@ -229,9 +234,7 @@ class FrameStore:
                 f, s = extract_features(extractor, video.crops)
                 cached = {"features": f.contiguous(), "frame_stats": s.contiguous()}
                 self.feature_cache.put(key, cached)
-            classes = self._frame_classes(record, video)
-            # a per-frame labelled record (a segment of a video) keeps only its labelled frames
-            keep = classes >= 0 if record.frame_labels is not None else np.ones(len(classes), bool)
+            classes, keep = self._kept(record, video)
             if not keep.any():
                 continue
             mask = torch.from_numpy(keep)
