@@ -48,6 +48,20 @@ logger = logging.getLogger(__name__)
 
 RECORD_NAME = "metrics"
 
+#: Keys a reply carries only in some runs: the DP release's accounting (public by design) and the
+#: ledger's total, present only with DP on.
+OPTIONAL_METRICS = frozenset(
+    {
+        "dp-epsilon",
+        "dp-noise-multiplier",
+        "dp-sample-rate",
+        "dp-steps",
+        "dp-group-epsilon",
+        "dp-group-size",
+        "dp-cumulative-epsilon",
+    }
+)
+
 #: Allowed metric keys per message type (``category`` or ``category.action``).
 ALLOWED_METRICS: dict[str, frozenset[str]] = {
     "query": frozenset({"bundle-current", "bundle-version", "subject-index"}),
@@ -59,15 +73,8 @@ ALLOWED_METRICS: dict[str, frozenset[str]] = {
             "neutral-frames",
             "subject-index",
             "pairing-fallback",
-            # with DP on: the release's accounting (public by design) and the ledger's total
-            "dp-epsilon",
-            "dp-noise-multiplier",
-            "dp-sample-rate",
-            "dp-steps",
-            "dp-group-epsilon",
-            "dp-group-size",
-            "dp-cumulative-epsilon",
         }
+        | OPTIONAL_METRICS
     ),
     "evaluate": frozenset(
         {"f1", "accuracy", "eval-frames", "adapt-iterations", "adapt-seconds", "subject-index"}
@@ -95,19 +102,6 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "dp-group-size": (1.0, 1e8),
     "dp-cumulative-epsilon": (0.0, 1e6),
 }
-
-#: Keys a reply carries only in some runs: the DP release's accounting, present only with DP on.
-OPTIONAL_METRICS = frozenset(
-    {
-        "dp-epsilon",
-        "dp-noise-multiplier",
-        "dp-sample-rate",
-        "dp-steps",
-        "dp-group-epsilon",
-        "dp-group-size",
-        "dp-cumulative-epsilon",
-    }
-)
 
 #: Keys that count things: integers (frames: > 0, a reply about zero frames is not a result).
 INTEGER_KEYS = frozenset(

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from pft.cli.choices import PROFILE_NAMES
-from pft.cli.progress import console, plain_lines, stage_line
+from pft.cli.progress import console, live_progress, plain_lines, stage_line
 
 
 def _csv(text: str) -> list[str]:
@@ -59,23 +59,7 @@ def overall_display(
 
         yield plain_stage, plain_run
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(
-        TextColumn("{task.description:<52}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
+    with live_progress(52) as progress:
         runs = progress.add_task("benchmark: runs", total=1)
         stage_task = progress.add_task("  (starting)", total=1)
 

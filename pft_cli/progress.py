@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from rich.progress import TaskID
+    from rich.progress import Progress, TaskID
 
 console = Console(stderr=True)
 
@@ -30,6 +30,28 @@ def stage_line(description: str, total: int | None, started: float) -> None:
     )
 
 
+def live_progress(description_width: int) -> Progress:
+    """The live display every command shows on a terminal: description, bar, done/total, elapsed
+    and remaining time."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn(f"{{task.description:<{description_width}}}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
 @contextmanager
 def stage_bars(enabled: bool = True) -> Iterator[Callable[[str, int], Callable[[int, int], None]]]:
     """Yield a factory ``bar(description, total) -> step(done, total)``: one bar per stage."""
@@ -47,23 +69,7 @@ def stage_bars(enabled: bool = True) -> Iterator[Callable[[str, int], Callable[[
 
         yield plain
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(
-        TextColumn("{task.description:<40}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
+    with live_progress(40) as progress:
         tasks: dict[str, TaskID] = {}
 
         def factory(description: str, total: int) -> Callable[[int, int], None]:
