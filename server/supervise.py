@@ -35,6 +35,7 @@ __all__ = [
     "Role",
     "missing_helpers",
     "require_helpers",
+    "stop_process_tree",
     "supervise_supernode",
 ]
 
@@ -186,12 +187,63 @@ def _die_with_parent() -> None:
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, SIGKILL after 10 s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
+    """Stop the SuperNode and everything it started (:func:`stop_process_tree`)."""
+    stop_process_tree(process)
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (``/proc/PID/stat`` field 22): with the pid it names one
+    process, not a later one that reuses the number."""
     try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """Every live descendant of ``pid`` as ``(pid, start time)``, from /proc's parent links."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            state = _proc_state(int(entry.name))
+            if state is not None:
+                children.setdefault(state[0], []).append(int(entry.name))
+    found: list[tuple[int, str]] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        started = _start_time(child)
+        if started is not None:
+            found.append((child, started))
+        todo.extend(children.get(child, []))
+    return found
+
+
+def stop_process_tree(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """Stop ``process``, its process group and every process it started, also ones that left the
+    group (a new session) or outlive it (re-parented when it exits).
+
+    SIGTERM to the group and to each descendant found in /proc; after ``grace_s`` for the leader to
+    exit, SIGKILL to whatever of them is still alive - the group too, even when the leader exited
+    cleanly (a child that ignores SIGTERM would otherwise stay behind). Linux (/proc).
+    """
+    tree = _descendants(process.pid)
+
+    def signal_all(signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signum)
+        for pid, started in tree:
+            if _start_time(pid) == started:  # still the same process
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signum)
+
+    signal_all(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(pid) and _start_time(pid) == st for pid, st in tree):
+        time.sleep(0.1)
+    signal_all(signal.SIGKILL)
+    process.wait(timeout=10)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pft.server import pki
+from pft.server.supervise import stop_process_tree
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -222,15 +223,7 @@ class Deployment:
         process.wait(timeout=10)
 
     def stop(self) -> None:
-        """Stop every process this deployment started (by PID / process group)."""
+        """Stop every process this deployment started and every process they started (the
+        SuperExec's ``flwr-serverapp`` too), by process group and /proc descendants."""
         for process in self.started:
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)  # the process and the children it started
-        for process in self.started:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+            stop_process_tree(process)

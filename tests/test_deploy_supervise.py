@@ -93,3 +93,54 @@ def test_a_supernode_whose_executor_dies_exits_non_zero(tmp_path: Path) -> None:
         if supervisor.poll() is None:
             os.killpg(supervisor.pid, signal.SIGKILL)
             supervisor.wait(timeout=10)
+
+
+_TREE = r"""
+import os, signal, subprocess, sys, time
+pids = sys.argv[1]
+# a child in the same process group that ignores SIGTERM (as a busy flwr-serverapp may)
+stubborn = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+# a grandchild-like helper that left the group (its own session)
+escaped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+with open(pids, "w") as f:
+    f.write(f"{stubborn.pid} {escaped.pid}")
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # the leader itself stops at once
+time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] in "ZX"
+
+
+def test_stopping_a_process_stops_everything_it_started(tmp_path: Path) -> None:
+    """The leader exits on SIGTERM, but a child ignoring SIGTERM and a child in its own session
+    must not outlive the stop (the old teardown signalled the group once and left both)."""
+    from pft.server.supervise import stop_process_tree
+
+    pids = tmp_path / "pids"
+    leader = subprocess.Popen([sys.executable, "-c", _TREE, str(pids)], start_new_session=True)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not (pids.is_file() and pids.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        children = [int(p) for p in pids.read_text().split()]
+        time.sleep(0.3)  # the leader's SIGTERM handler is installed after the file is written
+        stop_process_tree(leader, grace_s=1.0)
+        assert leader.poll() is not None
+        deadline = time.monotonic() + 10
+        while not all(_gone(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [p for p in children if not _gone(p)] == []
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGKILL)
