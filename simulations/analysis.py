@@ -355,3 +355,121 @@ def statistics_markdown(results: Mapping[str, Any], config: StatsConfig | None =
         lines += [f"Privacy: {dp}.", ""]
     lines += findings_markdown(analysis["findings"])
     return lines
+
+
+# --- across profiles ------------------------------------------------------------------------------
+def _source_free(method: str) -> bool:
+    from pft.core.methods import method_spec
+
+    try:
+        return method_spec(method).source_free
+    except KeyError:  # a method of an older run that is no longer registered
+        return True
+
+
+def across_profiles(
+    groups: Sequence[Mapping[str, Any]], ours: str = "pft", alpha: float = 0.05, min_share: float = 0.5
+) -> dict[str, Any] | None:
+    """The methods' mean F1 per profile and over profiles, and ``ours`` against the four bars of
+    docs/benchmark.md ("Across profiles") on each profile: beats the baseline with the paired test at
+    ``p < alpha``; recovers at least ``min_share`` of the baseline-to-upper-bound gap; predicts a
+    single class for no subject where the baseline does not; and, over the profiles' mean, is at
+    least as good as every other source-free method. ``groups``: one role's groups (one per
+    profile); None when there are none or ``ours`` is in none of them."""
+    groups = [g for g in groups if ours in g["methods"]]
+    if not groups:
+        return None
+    profiles = [str(g["profile"]) for g in groups]
+    methods = [m for _, m in ordered_methods(list(dict.fromkeys(m for g in groups for m in g["methods"])))]
+    table: dict[str, dict[str, float | None]] = {}
+    for method in methods:
+        row = {str(g["profile"]): g["methods"].get(method, {}).get("mean_f1") for g in groups}
+        table[method] = row
+    means = {
+        m: statistics.fmean(float(v) for v in row.values()) if None not in row.values() else None
+        for m, row in table.items()
+    }
+    checks: dict[str, dict[str, Any]] = {}
+    for group in groups:
+        entry = group["methods"][ours]
+        test = entry.get("wilcoxon") or {}
+        base = group.get("baseline")
+        collapsed: dict[tuple[int, str], bool] = {}
+        for finding in group["findings"]:
+            if finding["kind"] == "one_class":
+                for subject in finding["subjects"]:
+                    key = (int(finding["seed"]), str(subject))
+                    if finding["method"] == ours:
+                        collapsed.setdefault(key, True)
+                    elif finding["method"] == base:
+                        collapsed[key] = False  # the baseline already predicts one class there
+        new_collapses = sorted(f"{s} (seed {seed})" for (seed, s), own in collapsed.items() if own)
+        p = test.get("p_value")
+        share = entry.get("gap_share")
+        checks[str(group["profile"])] = {
+            "delta": entry.get("delta"),
+            "p_value": p,
+            "beats_baseline": p is not None and float(p) < alpha and (entry.get("delta") or 0) > 0,
+            "gap_share": share,
+            "recovers_gap": share is not None and float(share) >= min_share,
+            "collapses": new_collapses,
+        }
+    uppers = {g.get("upper_bound") for g in groups}
+    others = [m for m in methods if m != ours and _source_free(m) and m not in uppers]
+    best_other = max(
+        ((m, v) for m in others if (v := means[m]) is not None), key=lambda kv: float(kv[1]), default=None
+    )
+    ours_mean = means[ours]
+    return {
+        "ours": ours,
+        "profiles": profiles,
+        "mean_f1": table,
+        "mean_over_profiles": means,
+        "checks": checks,
+        "best_other": None if best_other is None else {"method": best_other[0], "mean_f1": best_other[1]},
+        "best_on_mean": ours_mean is not None
+        and (best_other is None or float(ours_mean) >= float(best_other[1] or 0) - 1e-9),
+        "alpha": alpha,
+        "min_share": min_share,
+    }
+
+
+def across_profiles_markdown(summary: Mapping[str, Any]) -> str:
+    """Two tables: methods x profiles (+ the mean over profiles), and ``ours`` against the bars."""
+    profiles = summary["profiles"]
+    ours = summary["ours"]
+    lines = [
+        "| Method | " + " | ".join(f"`{p}`" for p in profiles) + " | mean over profiles |",
+        "|---|" + "---|" * (len(profiles) + 1),
+    ]
+    for method, row in summary["mean_f1"].items():
+        name = f"**`{method}`**" if method == ours else f"`{method}`"
+        cells = [_num(row.get(p)) for p in profiles]
+        overall = _num(summary["mean_over_profiles"][method])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {overall} |")
+    best = summary["best_other"]
+    yes = {True: "yes", False: "**no**"}
+    lines += [
+        "",
+        f"`{ours}` against the bars (paired test at p < {summary['alpha']:g}; at least "
+        f"{round(100 * summary['min_share'])} % of the gap; no new single-class subject):",
+        "",
+        "| profile | vs baseline | Wilcoxon p | beats baseline | gap recovered | >= bar "
+        "| new single-class subjects |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for profile, c in summary["checks"].items():
+        delta = "-" if c["delta"] is None else f"{c['delta']:+.2f}"
+        p = "-" if c["p_value"] is None else f"{c['p_value']:.3g}"
+        lines.append(
+            f"| `{profile}` | {delta} | {p} | {yes[c['beats_baseline']]} | {_share(c['gap_share'])} | "
+            f"{yes[c['recovers_gap']]} | {', '.join(c['collapses']) or 'none'} |"
+        )
+    if best is not None:
+        lines += [
+            "",
+            f"Mean over profiles: `{ours}` {_num(summary['mean_over_profiles'][ours])}, best other "
+            f"source-free method `{best['method']}` {_num(best['mean_f1'])}: "
+            + ("at least as good." if summary["best_on_mean"] else "**below it**."),
+        ]
+    return "\n".join(lines)

@@ -19,6 +19,8 @@ import numpy as np
 from pft.core.atomic import atomic_write_text
 from pft.core.results import markdown_table
 from pft.simulations.analysis import (
+    across_profiles,
+    across_profiles_markdown,
     dp_description,
     findings_markdown,
     per_class_markdown,
@@ -190,6 +192,9 @@ def report_markdown(benchmark: Mapping[str, Any], images: Mapping[str, str]) -> 
                 lines += [f"{len(group['findings'])} warning(s) for this profile (see Warnings above).", ""]
         if f"errorbars_{role}" in images:
             lines += [f"![methods per profile]({images[f'errorbars_{role}']})", ""]
+        summary = across_profiles(of_role)
+        if summary is not None:
+            lines += [f"### Across profiles ({role} seeds)", "", across_profiles_markdown(summary), ""]
     lines += ["## Runs", "", "| run | role | status | seconds |", "|---|---|---|---|"]
     for run in benchmark["runs"]:
         lines.append(f"| `{run['folder']}` | {run['role']} | {run['status']} | {run['seconds']:.1f} |")
@@ -199,6 +204,12 @@ def report_markdown(benchmark: Mapping[str, Any], images: Mapping[str, str]) -> 
 
 def write_benchmark_outputs(out_dir: Path, benchmark: Mapping[str, Any]) -> Path:
     """Write benchmark.json (atomically), the plots and report.md into ``out_dir``; return report.md."""
+    across = {
+        role: summary
+        for role in ("test", "validation")
+        if (summary := across_profiles([g for g in benchmark["groups"] if g["role"] == role])) is not None
+    }
+    benchmark = {**benchmark, "across_profiles": across}
     atomic_write_text(out_dir / "benchmark.json", json.dumps(benchmark, indent=2) + "\n")
     images: dict[str, str] = {}
     for group in benchmark["groups"]:

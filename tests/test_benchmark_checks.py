@@ -237,3 +237,55 @@ def test_simulate_summary_has_the_ci_and_warning_lines() -> None:
     assert lines[-1].startswith("warning: [biovid seed 3] oracle 56.23 < source_only 70.82")
     quiet = ExperimentResult(_healthy(), Path("runs/x")).summary()
     assert "warning" not in quiet
+
+
+def _profile(run: dict[str, Any], profile: str) -> dict[str, Any]:
+    run = copy.deepcopy(run)
+    run["profile"] = profile
+    return run
+
+
+def test_across_profiles_by_hand() -> None:
+    """Means per profile and over profiles, and pft against the bars, from hand-made confusions."""
+    from pft.simulations.analysis import across_profiles, across_profiles_markdown
+
+    f = {name: macro_f1(*_labels(cm), 2) for name, cm in (("good", GOOD), ("fair", FAIR), ("weak", WEAK))}
+    ONE = [[48, 0], [48, 0]]  # every frame "neutral"
+    # profile a: pft wins on both subjects; profile b: pft predicts one class on S2, source-only does not
+    a = _run(0, {"source_only": {"S1": WEAK, "S2": FAIR}, "pft": {"S1": GOOD, "S2": GOOD},
+                 "adabn": {"S1": FAIR, "S2": FAIR}, "oracle": {"S1": GOOD, "S2": GOOD}})  # fmt: skip
+    b = _run(0, {"source_only": {"S1": WEAK, "S2": WEAK}, "pft": {"S1": FAIR, "S2": ONE},
+                 "adabn": {"S1": GOOD, "S2": GOOD}, "oracle": {"S1": GOOD, "S2": GOOD}})  # fmt: skip
+    groups = [analyse_runs([_profile(a, "pa")]), analyse_runs([_profile(b, "pb")])]
+    out = across_profiles(groups)
+    assert out is not None and out["profiles"] == ["pa", "pb"]
+    f_one = macro_f1(*_labels(ONE), 2)
+    assert out["mean_f1"]["pft"]["pa"] == pytest.approx(f["good"], abs=1e-3)
+    assert out["mean_f1"]["pft"]["pb"] == pytest.approx((f["fair"] + f_one) / 2, abs=1e-3)
+    pft_mean = (f["good"] + (f["fair"] + f_one) / 2) / 2
+    adabn_mean = (f["fair"] + f["good"]) / 2
+    assert out["mean_over_profiles"]["pft"] == pytest.approx(pft_mean, abs=1e-3)
+    assert out["mean_over_profiles"]["adabn"] == pytest.approx(adabn_mean, abs=1e-3)
+    # the oracle (the upper bound) is no source-free method; adabn beats source-only on the mean
+    assert out["best_other"]["method"] == "adabn"
+    assert out["best_on_mean"] == (pft_mean >= adabn_mean)
+    pa, pb = out["checks"]["pa"], out["checks"]["pb"]
+    # two subjects cannot give p < 0.05 with a two-sided signed-rank test (smallest p = 0.5)
+    assert pa["p_value"] == pytest.approx(0.5) and not pa["beats_baseline"]
+    assert pa["gap_share"] == pytest.approx(1.0) and pa["recovers_gap"]
+    assert pa["collapses"] == [] and pb["collapses"] == ["S2 (seed 0)"]
+    share_b = ((f["fair"] + f_one) / 2 - f["weak"]) / (f["good"] - f["weak"])
+    assert pb["gap_share"] == pytest.approx(share_b, abs=1e-3) and pb["recovers_gap"] == (share_b >= 0.5)
+    text = across_profiles_markdown(out)
+    assert "| **`pft`** |" in text and "S2 (seed 0)" in text and "`adabn`" in text
+
+
+def test_a_subject_where_source_only_already_predicts_one_class_is_no_collapse() -> None:
+    from pft.simulations.analysis import across_profiles
+
+    ONE = [[48, 0], [48, 0]]
+    run = _run(0, {"source_only": {"S1": ONE, "S2": WEAK}, "pft": {"S1": ONE, "S2": GOOD},
+                   "oracle": {"S1": GOOD, "S2": GOOD}})  # fmt: skip
+    out = across_profiles([analyse_runs([run])])
+    assert out is not None and out["checks"]["biovid"]["collapses"] == []
+    assert out["best_other"]["method"] == "source_only" and out["best_on_mean"]
