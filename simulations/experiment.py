@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from pft.core.bundle import load_bundle, save_bundle
-from pft.core.cohort import BUILTIN_PROFILES, CohortConfig, load_manifest, profile_names
+from pft.core.cohort import BUILTIN_PROFILES, CohortConfig, known_profile, load_manifest
 from pft.core.config import FrozenConfig
 from pft.core.data import DatasetIndex, FaceCropConfig, VideoConfig, VideoRecord
 from pft.core.data.cache import state_dict_sha256
@@ -103,12 +103,7 @@ class ExperimentConfig(FrozenConfig):
     @field_validator("profile")
     @classmethod
     def _known_profile(cls, value: str) -> str:
-        if value in BUILTIN_PROFILES:
-            return value
-        known = profile_names()  # the registered profiles too (entry points read)
-        if value not in known:
-            raise ValueError(f"unknown cohort profile {value!r}; choose one of {sorted(known)}")
-        return value
+        return known_profile(value)
 
     @field_validator("methods")
     @classmethod

@@ -16,6 +16,7 @@ from pft.core.cohort.profiles import (
     PROFILES,
     ProfileSpec,
     get_profile,
+    known_profile,
     profile_names,
     register_profile,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "SubjectInfo",
     "VideoEntry",
     "get_profile",
+    "known_profile",
     "load_manifest",
     "make_cohort",
     "preview_cohort",

@@ -7,7 +7,7 @@ import json
 
 from pydantic import Field, field_validator
 
-from pft.core.cohort.profiles import BUILTIN_PROFILES, ClipCounts, ProfileSpec, get_profile, profile_names
+from pft.core.cohort.profiles import BUILTIN_PROFILES, ClipCounts, ProfileSpec, get_profile, known_profile
 from pft.core.config import FrozenConfig
 
 #: Version of what the generator draws for a given config (renderer, animation, profiles). It is
@@ -49,12 +49,7 @@ class CohortConfig(FrozenConfig):
     @field_validator("profile")
     @classmethod
     def _known_profile(cls, value: str) -> str:
-        if value in BUILTIN_PROFILES:
-            return value
-        known = profile_names()  # the registered profiles too (entry points read)
-        if value not in known:
-            raise ValueError(f"unknown cohort profile {value!r}; choose one of {sorted(known)}")
-        return value
+        return known_profile(value)
 
     @field_validator("frame_size")
     @classmethod

@@ -314,6 +314,18 @@ def profile_names() -> tuple[str, ...]:
     return tuple(PROFILES)
 
 
+def known_profile(name: str) -> str:
+    """``name`` when it is a built-in or registered profile (a pydantic field validator's body);
+    ``ValueError`` naming the choices otherwise. Entry points are read only for a name that is not
+    built in, so validating a built-in profile stays cheap."""
+    if name in BUILTIN_PROFILES:
+        return name
+    known = profile_names()
+    if name not in known:
+        raise ValueError(f"unknown cohort profile {name!r}; choose one of {sorted(known)}")
+    return name
+
+
 def get_profile(name: str) -> ProfileSpec:
     """The profile called ``name`` (one of :func:`profile_names`)."""
     if name not in PROFILES and name not in profile_names():  # entry points read for another name
