@@ -246,11 +246,13 @@ class ObjectiveValue(NamedTuple):
 class PFTObjective(FrozenConfig):
     """The stage-3 objective's weights and settings, with the SHIPPED DEFAULTS.
 
-    Defaults (chosen by the mean F1 over biovid seeds 0-2; the sweep is in docs/results.md):
+    Defaults (re-selected on the validation cohort seeds 100-102 of generator v6 - biovid, stressid
+    and bah, the profiles weighted equally; the sweep is in docs/results.md, "Validation"):
     consistency weight 0.5, style weight 0 (pulling the translated neutral statistics onto the
-    references' lowered the mean F1 on every seed), the known-neutral calibration term with weight
-    1 and label smoothing 0.5 (a target p(neutral) of 0.75 for two classes), partner-frame noise
-    std 0.05 and the translated path as the consistency target.
+    references' lowered the mean F1), the known-neutral calibration term with weight 1 and label
+    smoothing 0.6 (a target p(neutral) of 0.7 for two classes; 0.5 was 1.4 points lower on the
+    validation mean, 0.6-0.7 a plateau), partner-frame noise std 0.05 and the translated path as
+    the consistency target.
 
     Attributes
     ----------
@@ -273,7 +275,7 @@ class PFTObjective(FrozenConfig):
     lambda_style: float = Field(0.0, ge=0)
     lambda_neutral: float = Field(1.0, ge=0)
     neutral_class: int = Field(0, ge=0)
-    neutral_smoothing: float = Field(0.5, ge=0, lt=1)
+    neutral_smoothing: float = Field(0.6, ge=0, lt=1)
     noise_std: float = Field(0.05, ge=0)
     consistency_target: Literal["translated", "frozen"] = "translated"
     style_form: StyleForm = "batch"

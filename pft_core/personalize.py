@@ -32,9 +32,11 @@ class PersonalizeConfig(FrozenConfig):
 
     The ONE place of the shipped stage-3 defaults (the SDK, the Flower client, the simulations and
     the batched engine all take this config; ``method()`` builds the trainer's method from it).
-    Chosen by the mean F1 over biovid seeds 0-2 (the sweep is in docs/results.md): the objective's
-    defaults (:class:`pft.core.objective.PFTObjective`: consistency 0.5, known-neutral calibration
-    1 with smoothing 0.5, style term off); only T's output bias adapts (``bias_only``), for at
+    Chosen on the validation cohort seeds 100-102 (biovid, stressid, bah; docs/results.md,
+    "Validation"): the objective's defaults (:class:`pft.core.objective.PFTObjective`:
+    consistency 0.5, known-neutral calibration 1 with smoothing 0.6, style term off); only T's
+    output bias adapts (``bias_only``; adapting T's last layer or all of T, anchored by the
+    frozen-path consistency, lost 10-20 points on validation), for at
     most 60 Adam steps at lr 0.01; T translates towards the mean style code of the
     ``reference_k`` = 5 source subjects closest by the pairing strategy. ``min_frames`` is the
     fewest usable neutral face frames adaptation accepts (docs/reliability.md: refuse rather than

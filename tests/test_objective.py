@@ -77,7 +77,8 @@ def test_total_is_the_weighted_sum_and_zero_weights_drop_terms() -> None:
     total, _ = objective.evaluate(outputs, targets)
     expected = 0.5 * (KL_0 + KL_1) / 2 + 0.2 * STYLE + 3.0 * (NEU_0 + NEU_1) / 2
     assert float(total) == pytest.approx(expected, rel=1e-6)
-    shipped_total, shipped_terms = PFTObjective().evaluate(outputs, targets)  # style off by default
+    # the shipped weights (style off by default), at the smoothing NEU_0 / NEU_1 were computed with
+    shipped_total, shipped_terms = PFTObjective(neutral_smoothing=0.5).evaluate(outputs, targets)
     assert set(shipped_terms) == {"consistency", "neutral"}
     assert float(shipped_total) == pytest.approx(0.5 * (KL_0 + KL_1) / 2 + (NEU_0 + NEU_1) / 2, rel=1e-6)
     # no smoothing: the plain negative log-likelihood of the neutral class
@@ -237,4 +238,4 @@ def test_the_shipped_defaults_live_in_one_place() -> None:
     shipped = PersonalizeConfig().method()
     assert shipped.objective == PFTObjective() and shipped.bias_only and shipped.last_layers is None
     assert (shipped.objective.lambda_consistency, shipped.objective.lambda_style) == (0.5, 0.0)
-    assert (shipped.objective.lambda_neutral, shipped.objective.neutral_smoothing) == (1.0, 0.5)
+    assert (shipped.objective.lambda_neutral, shipped.objective.neutral_smoothing) == (1.0, 0.6)
