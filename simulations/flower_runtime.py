@@ -97,8 +97,8 @@ def write_app(folder: Path, serverapp: str, clientapp: str, run_config: Mapping[
         f'name = "{APP_NAME}"\n'
         'version = "1.0.0"\n'
         'description = "pft simulate --engine flower: the SFDA-PFT federation as a Flower simulation"\n'
-        'license = "Apache-2.0"\n'
-        "dependencies = []\n\n"
+        'license = { file = "LICENSE" }\n'
+        'dependencies = ["flwr>=1.42.0"]\n\n'
         "[tool.flwr.app]\n"
         'publisher = "sfda-pft"\n'
         "fab-format-version = 1\n"
@@ -109,6 +109,8 @@ def write_app(folder: Path, serverapp: str, clientapp: str, run_config: Mapping[
         "[tool.flwr.app.config]\n"
         f"{declared}\n"
     )
+    # fab-format-version 1 wants the licence as a file
+    (folder / "LICENSE").write_text("Generated for one pft simulate run; the project's own licence applies.\n")
     (folder / "README.md").write_text(
         "# pft-simulation\n\nGenerated for one `pft simulate --engine flower` run.\n"
     )
