@@ -156,11 +156,19 @@ def simulate(
     ray_address: Annotated[
         str | None,
         typer.Option(
-            help="Batched engine: run its chunks as Ray tasks on this cluster (auto or HOST:PORT; "
-            "same numbers as in-process; docs/scale.md). Default: in this process."
+            help="Batched engine: run its chunks as Ray tasks on this cluster; flower engine: run its "
+            "virtual nodes on it (auto, HOST:PORT or ray://HOST:PORT; same numbers as in-process; "
+            "docs/scale.md). Default: in this process (flower: a Ray instance of the run's own)."
         ),
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            help="Flower engine: show Flower's own log stream (its DEBUG lines and warnings) here; "
+            "without it they go only to OUT/flower/flower.log."
+        ),
+    ] = False,
     dp_epsilon: Annotated[
         float | None,
         typer.Option(
@@ -218,8 +226,8 @@ def simulate(
             check_ray_address(ray_address)
     except PFTError as exc:
         raise fail(exc, code=2) from exc
-    if ray_address is not None and engine != "batched":
-        console.print("[red]error:[/red] --ray-address runs with --engine batched")
+    if ray_address is not None and engine not in ("batched", "flower"):
+        console.print("[red]error:[/red] --ray-address runs with --engine batched or flower")
         raise typer.Exit(2)
     batched = {
         k: v
@@ -265,7 +273,14 @@ def simulate(
                 from pft.simulations.flower_engine import run_flower_simulation
 
                 result = run_flower_simulation(
-                    cfg, run_dir, cache_dir, num_cpus=num_cpus, num_gpus=num_gpus, log=console.print
+                    cfg,
+                    run_dir,
+                    cache_dir,
+                    num_cpus=num_cpus,
+                    num_gpus=num_gpus,
+                    ray_address=ray_address,
+                    verbose=verbose,
+                    log=console.print,
                 )
             else:
                 with stage_bars(progress) as bars:

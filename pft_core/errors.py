@@ -175,3 +175,9 @@ class ResourceError(PFTError, ValueError):
 
 class ConfigFileError(PFTError):
     """A configuration file is missing, torn, or not a mapping of fields."""
+
+
+class FlowerRuntimeError(PFTError):
+    """A Flower run through ``flwr run`` did not complete: the managed SuperLink did not start in
+    time, ``flwr`` refused the run, or the run failed or ran past its time limit (the message says
+    which, with the end of the log)."""

@@ -6,8 +6,12 @@ the in-process engine - so the per-subject numbers are the same. The bundle is p
 signed release; every virtual node verifies it, installs it in its own cache, adapts T on its
 neutral videos, keeps T encrypted on its own disk, and sends back only allow-listed metrics.
 
-``flwr.simulation.run_simulation`` passes an empty run_config, so the apps find their settings
-through a JSON spec named by ``$PFT_FLOWER_SPEC`` (set only while the simulation runs).
+The federation runs through Flower's current runtime (:mod:`pft.simulations.flower_runtime`):
+``flwr run`` with a SuperLink of the run's own in simulation mode (own ``FLWR_HOME``, own port,
+stopped after the run). The ServerApp and ClientApp are importable components
+(``pft.server.app:app``, ``pft.client.flower_app:app``) that find their JSON spec through the run
+config (``pft-spec``). The simulation's private keys (bundle signing, the nodes' store key) live in
+the cache root (``keys/simulation``, mode 0700), never in the results folder.
 """
 
 from __future__ import annotations
@@ -16,22 +20,25 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
-from flwr.clientapp import ClientApp
+from filelock import FileLock
 
 from pft.client.flower_app import NodeSpec
 from pft.client.store import generate_key_file
-from pft.client.wire import SPEC_ENV
 from pft.core.signing import load_signing_key, write_signing_key_pair
 from pft.server.app import ServerSpec
 from pft.server.publish import publish_bundle
 from pft.simulations.experiment import ExperimentConfig, ExperimentResult, run_experiment
+from pft.simulations.flower_runtime import FlowerRunSettings, run_flower_app
 from pft.simulations.workspace import default_cache_root, ensure_cohort, open_cohort
+
+#: The apps ``pft simulate --engine flower`` runs (importable ``module:attribute`` components).
+SERVER_APP = "pft.server.app:app"
+CLIENT_APP = "pft.client.flower_app:app"
 
 
 @contextmanager
@@ -61,15 +68,29 @@ def client_resources(num_cpus: int = 1, num_gpus: float = 0.0) -> dict[str, int 
     return {"num_cpus": num_cpus, "num_gpus": float(num_gpus)}
 
 
+def simulation_key_dir(cache_root: Path) -> Path:
+    """Where the Flower engine's private keys live: ``cache_root/keys/simulation``, mode 0700 (the
+    cache root is the user's own; the results folder, which is shared and published, never holds
+    them)."""
+    keys = cache_root / "keys" / "simulation"
+    keys.mkdir(parents=True, exist_ok=True)
+    os.chmod(keys.parent, 0o700)
+    os.chmod(keys, 0o700)
+    return keys
+
+
 def simulation_keys(keys: Path) -> tuple[Path, Path, Path]:
-    """A simulation's own keys under ``keys`` (made once, then reused): the bundle-signing key
-    pair and the virtual nodes' store key; returns (signing key, public key, store key) paths."""
-    signing, public = keys / "bundle-signing.key", keys / "bundle-signing.pub"
-    if not (signing.is_file() and public.is_file()):
-        signing, public = write_signing_key_pair(keys, overwrite=True)
-    store_key = keys / "store.key"
-    if not store_key.is_file():
-        generate_key_file(store_key)
+    """A simulation's own keys under ``keys`` (made once, then reused; one maker at a time): the
+    bundle-signing key pair and the virtual nodes' store key; returns (signing key, public key,
+    store key) paths."""
+    keys.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(keys / ".lock"), timeout=60):
+        signing, public = keys / "bundle-signing.key", keys / "bundle-signing.pub"
+        if not (signing.is_file() and public.is_file()):
+            signing, public = write_signing_key_pair(keys, overwrite=True)
+        store_key = keys / "store.key"
+        if not store_key.is_file():
+            generate_key_file(store_key)
     return signing, public, store_key
 
 
@@ -85,13 +106,13 @@ def write_flower_spec(
 ) -> Path:
     """Publish the stage-2 bundle (signed, version 1) and write the apps' JSON spec; returns its path.
 
-    Keys made here (the signing key, the nodes' store key) are the simulation's own, under
-    ``out_dir/flower/keys`` (reused when present); the virtual nodes' folders are reset.
+    Keys made here (the signing key, the nodes' store key) are the simulation's own, in
+    :func:`simulation_key_dir` of ``cache_root`` (reused when present), never under ``out_dir``;
+    the virtual nodes' folders are reset.
     """
     config = config.resolved()
     work = out_dir / "flower"
-    keys = work / "keys"
-    signing_key_path, public_key_path, store_key = simulation_keys(keys)
+    signing_key_path, public_key_path, store_key = simulation_keys(simulation_key_dir(cache_root))
     # virtual nodes start fresh in every simulation (their bundle caches and stores)
     for stale in (work / "nodes", work / "bundle-v1"):
         if stale.exists():
@@ -146,9 +167,13 @@ def run_flower_simulation(
     *,
     num_cpus: int = 1,
     num_gpus: float = 0.0,
-    ray_init_args: dict[str, Any] | None = None,
+    ray_address: str | None = None,
     min_nodes: int | None = None,
-    client_app: ClientApp | None = None,
+    client_app: str = CLIENT_APP,
+    run_config: Mapping[str, str] | None = None,
+    python_path: Sequence[Path] = (),
+    verbose: bool = False,
+    run_timeout_s: float = 3600.0,
     log: Callable[[str], None] = lambda _m: None,
 ) -> ExperimentResult:
     """Run the experiment of ``config`` as a Flower simulation and write results.json/report.md.
@@ -158,28 +183,39 @@ def run_flower_simulation(
     config:
         The experiment (as for ``pft simulate``); each target subject becomes one virtual node.
     out_dir, cache_root:
-        Output folder, and the cache root shared with the in-process engine.
+        Output folder, and the cache root shared with the in-process engine (it also holds the
+        simulation's keys, :func:`simulation_key_dir`).
     num_cpus, num_gpus:
         Resources per virtual node (``num_cpus`` integer in [1, cores]; ``num_gpus`` fractional).
-    ray_init_args:
-        Passed to ``ray.init`` (e.g. ``{"address": "auto"}`` to join a multi-machine Ray cluster).
+    ray_address:
+        A running Ray cluster for the virtual nodes (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``);
+        default: a Ray instance of the run's own on this machine.
     min_nodes:
         Quorum; default: every target subject.
     client_app:
-        Another ClientApp (e.g. ``make_client_app(mods=[...])`` to record replies); default the app.
+        Another ClientApp component, ``module:attribute`` (e.g. one whose mods record replies);
+        default the app. ``run_config``: extra run-config strings it reads; ``python_path``:
+        folders its module is imported from.
+    verbose:
+        Flower's own log stream (DEBUG included) on the terminal; it always goes to
+        ``out_dir/flower/flower.log``.
+    run_timeout_s:
+        The federation's time limit.
 
     Returns
     -------
     ExperimentResult
         The Flower run's results (same schema as ``pft simulate``; ``engine: "flower"``).
+
+    Raises
+    ------
+    FlowerRuntimeError
+        The run did not complete (the message says why, with the end of Flower's log).
     """
-    from flwr.simulation import run_simulation
-
-    from pft.client.flower_app import app as default_client_app
-    from pft.server.app import app as server_app
-
     resources = client_resources(num_cpus, num_gpus)
-    cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
+    # absolute: the apps run in other processes (and, on a Ray cluster, other working folders)
+    cache_root = (Path(cache_root) if cache_root is not None else default_cache_root()).resolve()
+    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -201,17 +237,25 @@ def run_flower_simulation(
         torch_threads=torch.get_num_threads(),
     )
     nodes = len(json.loads(spec.read_text())["node"]["subjects"])
-    backend_config: dict[str, Any] = {"client_resources": resources, "init_args": dict(ray_init_args or {})}
+    settings = FlowerRunSettings(
+        num_supernodes=nodes,
+        num_cpus=int(resources["num_cpus"]),
+        num_gpus=float(resources["num_gpus"]),
+        ray_address=ray_address,
+        verbose=verbose,
+        run_timeout_s=run_timeout_s,
+    )
     results_path = out_dir / "results.json"
     results_path.unlink(missing_ok=True)
     t1 = time.perf_counter()
-    with _env(SPEC_ENV, str(spec)):
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app or default_client_app,
-            num_supernodes=nodes,
-            backend_config=backend_config,
-        )
+    run_flower_app(
+        SERVER_APP,
+        client_app,
+        {**(run_config or {}), "pft-spec": str(spec)},
+        settings,
+        log_file=out_dir / "flower" / "flower.log",
+        python_path=python_path,
+    )
     timings["federation"] = round(time.perf_counter() - t1, 2)
     if not results_path.is_file():
         raise RuntimeError(f"the Flower simulation ended without results ({results_path} missing)")

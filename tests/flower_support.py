@@ -1,10 +1,17 @@
-"""Flower messages as a node receives them, for tests that call app handlers without a federation."""
+"""Flower messages as a node receives them (tests that call app handlers without a federation), and
+the ClientApps of the Flower engine's tests as importable components."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from flwr.app import Message, Metadata, RecordDict
+from flwr.app import Context, Message, Metadata, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+
+from pft.client.egress import make_egress_audit_mod, make_egress_guard_mod
+from pft.client.flower_app import evaluate, install, make_client_app, query, train
 
 
 def incoming(content: RecordDict, message_type: str) -> Message:
@@ -21,3 +28,44 @@ def incoming(content: RecordDict, message_type: str) -> Message:
         message_type=message_type,
     )
     return Message(content=content, metadata=metadata)  # type: ignore[call-overload]
+
+
+# --- ClientApps the Flower engine's tests run through `flwr run` (importable components) ----------
+# `run_flower_simulation(..., client_app="flower_support:audited_app", python_path=[TESTS])`: the
+# simulation imports this module by name, so everything an app needs comes from its run config.
+TESTS = Path(__file__).resolve().parent
+#: run-config key naming the JSON-lines file the egress audit appends every reply to
+AUDIT_KEY = "egress-audit"
+
+
+def _audit_from_run_config(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The egress audit (:func:`make_egress_audit_mod`) writing to the run config's ``egress-audit``."""
+    return make_egress_audit_mod(str(context.run_config[AUDIT_KEY]))(message, context, call_next)
+
+
+def _hostile(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Node 1's own modified app: its evaluate replies claim node 0's person, come back empty, or
+    absurd - outside any node-side guard, as a hostile site would send them."""
+    reply = call_next(message, context)
+    if int(context.node_config.get("partition-id", 0)) != 1 or message.metadata.message_type != "evaluate":
+        return reply
+    method = str(message.content["config"]["method"])
+    metrics = dict(reply.content["metrics"])
+    if method == "source_only":
+        metrics["subject-index"] = 0.0  # another node's subject
+    elif method == "pft":
+        metrics = {}  # an empty metrics reply (used to crash the ServerApp with a KeyError)
+    else:
+        metrics["adapt-iterations"] = 1e300
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+
+
+#: The app with every reply recorded (inside the egress guard).
+audited_app = make_client_app(mods=[_audit_from_run_config])
+
+#: The hostile site's app: its mod sits outside the egress guard.
+hostile_app = ClientApp(mods=[_hostile, make_egress_guard_mod()])
+hostile_app.query()(query)
+hostile_app.train("install")(install)
+hostile_app.train()(train)
+hostile_app.evaluate()(evaluate)

@@ -10,17 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.app import Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable
+from flower_support import AUDIT_KEY, TESTS
 
-from pft.client.egress import ALLOWED_METRICS, make_egress_audit_mod, make_egress_guard_mod
-from pft.client.flower_app import evaluate, install, make_client_app, query, train
+from pft.client.egress import ALLOWED_METRICS
 from pft.client.ledger import LEDGER_FILE, PrivacyBudget, PrivacyLedger
 from pft.client.personal_state import STATE_FILE
 from pft.client.store import StoreKey
 from pft.simulations.experiment import ExperimentConfig, ExperimentResult, run_experiment
-from pft.simulations.flower_engine import client_resources, run_flower_simulation
+from pft.simulations.flower_engine import client_resources, run_flower_simulation, simulation_key_dir
 
 TINY = ExperimentConfig.model_validate(
     {
@@ -50,8 +47,15 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def both_engines(root: Path) -> tuple[ExperimentResult, ExperimentResult, Path]:
     loop = run_experiment(TINY, root / "loop", root / "cache")
     audit = root / "egress.jsonl"
-    client_app = make_client_app(mods=[make_egress_audit_mod(audit)])
-    flower = run_flower_simulation(TINY, root / "flower", root / "cache", client_app=client_app)
+    flower = run_flower_simulation(
+        TINY,
+        root / "flower",
+        root / "cache",
+        client_app="flower_support:audited_app",
+        run_config={AUDIT_KEY: str(audit)},
+        python_path=[TESTS],
+        run_timeout_s=900,
+    )
     return loop, flower, audit
 
 
@@ -70,6 +74,19 @@ def test_flower_engine_equals_in_process_engine(both_engines: tuple[Any, Any, Pa
     assert len(distinct) > 1
     assert (flower.out_dir / "results.json").is_file() and (flower.out_dir / "report.md").is_file()
     assert flower.results["federation"]["completed"] == 2
+
+
+@pytest.mark.slow
+def test_no_private_key_lands_in_the_results_folder(root: Path, both_engines: tuple[Any, Any, Path]) -> None:
+    """The simulation's signing and store keys live in the cache root (0700), not under --out."""
+    _, flower, _ = both_engines
+    assert sorted(flower.out_dir.rglob("*.key")) == []
+    assert not (flower.out_dir / "flower" / "keys").exists()
+    keys = simulation_key_dir(root / "cache")
+    assert sorted(p.name for p in keys.glob("*.key")) == ["bundle-signing.key", "store.key"]
+    assert keys.stat().st_mode & 0o777 == 0o700
+    assert all(p.stat().st_mode & 0o077 == 0 for p in keys.glob("*.key"))
+    assert (flower.out_dir / "flower" / "flower.log").is_file()  # Flower's own log, not the terminal
 
 
 @pytest.mark.slow
@@ -107,7 +124,7 @@ def test_flower_dp_run_writes_node_ledgers_and_a_privacy_summary(root: Path) -> 
         }
     )
     loop = run_experiment(dp, root / "dp-loop", root / "cache")
-    flower = run_flower_simulation(dp, root / "dp-flower", root / "cache")
+    flower = run_flower_simulation(dp, root / "dp-flower", root / "cache", run_timeout_s=900)
     privacy = flower.results["methods"]["pft"]["privacy"]
     # the same summary as the in-process engine's (each node computed its own release)
     assert privacy == loop.results["methods"]["pft"]["privacy"]
@@ -119,7 +136,7 @@ def test_flower_dp_run_writes_node_ledgers_and_a_privacy_summary(root: Path) -> 
     assert sorted(ledgers) == subjects
     for subject in subjects:
         ledger = flower.out_dir / "flower" / "nodes" / subject / LEDGER_FILE
-        key = StoreKey.from_file(flower.out_dir / "flower" / "keys" / "store.key")
+        key = StoreKey.from_file(simulation_key_dir(root / "cache") / "store.key")
         opened = PrivacyLedger.open(ledger, PrivacyBudget(), key=key, owner=subject)
         assert opened.problem is None
         entries = opened.as_list()
@@ -140,35 +157,22 @@ def test_client_resources_are_checked() -> None:
 
 
 # --- issue 19: hostile replies never crash the ServerApp; a node cannot speak for another --------
-def _hostile(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Node 1's own modified app: its evaluate replies claim node 0's person, come back empty, or
-    absurd - outside any node-side guard, as a hostile site would send them."""
-    reply = call_next(message, context)
-    if int(context.node_config.get("partition-id", 0)) != 1 or message.metadata.message_type != "evaluate":
-        return reply
-    method = str(message.content["config"]["method"])
-    metrics = dict(reply.content["metrics"])
-    if method == "source_only":
-        metrics["subject-index"] = 0.0  # another node's subject
-    elif method == "pft":
-        metrics = {}  # an empty metrics reply (used to crash the ServerApp with a KeyError)
-    else:
-        metrics["adapt-iterations"] = 1e300
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
-
-
 @pytest.fixture(scope="module")
 def hostile_run(
     both_engines: tuple[ExperimentResult, ExperimentResult, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> ExperimentResult:
     loop, _, _ = both_engines
     root = loop.out_dir.parent  # the same cache: only the federation runs again
-    app = ClientApp(mods=[_hostile, make_egress_guard_mod()])
-    app.query()(query)
-    app.train("install")(install)
-    app.train()(train)
-    app.evaluate()(evaluate)
-    return run_flower_simulation(TINY, root / "hostile", root / "cache", client_app=app, min_nodes=1)
+    # node 1 runs flower_support.hostile_app (its mod outside the egress guard)
+    return run_flower_simulation(
+        TINY,
+        root / "hostile",
+        root / "cache",
+        client_app="flower_support:hostile_app",
+        python_path=[TESTS],
+        min_nodes=1,
+        run_timeout_s=900,
+    )
 
 
 @pytest.mark.slow

@@ -78,6 +78,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalClust
         cluster.stop()
 
 
+def _drivers() -> list[Any]:
+    """The driver jobs the cluster's GCS has seen (this session is connected to it)."""
+    from ray._private.state import jobs
+
+    return list(jobs())
+
+
 def _numbers(run: Path) -> dict[str, Any]:
     r = json.loads((run / "results.json").read_text())
     return {
@@ -103,6 +110,31 @@ def test_simulate_on_two_nodes_equals_the_in_process_run(world: tuple[LocalClust
     chunks = [line for line in out.stderr.splitlines() if line.startswith("chunk ")]
     assert len(chunks) == 3, out.stderr  # one report per chunk, across the cluster
     assert "DEPRECAT" not in out.stdout + out.stderr and "FutureWarning" not in out.stderr
+
+
+def test_flower_engine_on_the_cluster_equals_the_in_process_run(world: tuple[LocalCluster, Path]) -> None:
+    """``pft simulate --engine flower --ray-address``: the virtual nodes are Ray actors on the
+    two-node cluster (through ``flwr run`` and a SuperLink of the run's own); same per-subject numbers."""
+    cluster, root = world
+    config = root / "tiny-flower.json"
+    config.write_text(json.dumps({k: v for k, v in TINY.items() if k not in ("seed", "engine", "batched")}))
+    cmd = [
+        str(Path(sys.executable).parent / "pft"), "simulate", "--engine", "flower", "--seed", "3",
+        "--config", str(config), "--cache-dir", str(root / "cache"), "--out", str(root / "flower"),
+        "--ray-address", cluster.address, "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "200"}
+    env.pop("RAY_ADDRESS", None)
+    drivers = _drivers()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=480, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    flower = json.loads((root / "flower" / "results.json").read_text())
+    assert flower["engine"] == "flower" and flower["federation"]["completed"] == 3
+    want = _numbers(root / "in-process")["per_subject"]
+    assert {m: v["per_subject"] for m, v in flower["methods"].items()} == want
+    # the simulation's Ray driver joined this cluster (one more job in its GCS), on no Ray of its own
+    assert len(_drivers()) == len(drivers) + 1
+    assert "DEPRECAT" not in out.stdout + out.stderr and " DEBUG " not in out.stdout + out.stderr
 
 
 def test_run_pft_batched_on_the_cluster_is_bit_identical(world: tuple[LocalCluster, Path]) -> None:
@@ -209,7 +241,8 @@ def test_bad_addresses_are_refused_before_any_work() -> None:
 def test_the_commands_refuse_ray_address_where_it_does_not_apply(tmp_path: Path) -> None:
     """Checked before any work: a malformed address, or an engine whose work does not go to Ray."""
     cases = [
-        (["simulate", "--engine", "loop", "--ray-address", "127.0.0.1:1"], "--engine batched"),
+        (["simulate", "--engine", "loop", "--ray-address", "127.0.0.1:1"], "--engine batched or flower"),
+        (["simulate", "--engine", "flower", "--ray-address", "nowhere"], "--ray-address"),
         (["simulate", "--engine", "batched", "--ray-address", "nowhere"], "--ray-address"),
         (["bench", "engines", "--engines", "loop", "--ray-address", "127.0.0.1:1"], "batched,batched_fast"),
         (["benchmark", "--engine", "loop", "--ray-address", "127.0.0.1:1"], "--engine batched"),
