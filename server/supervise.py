@@ -33,7 +33,9 @@ __all__ = [
     "HELPERS",
     "DeploymentSetupError",
     "Role",
+    "descendants",
     "missing_helpers",
+    "process_state",
     "require_helpers",
     "stop_process_tree",
     "supervise_supernode",
@@ -75,7 +77,7 @@ def require_helpers(role: Role, path: str | None = None) -> None:
         )
 
 
-def _proc_state(pid: int) -> tuple[int, str, str] | None:
+def process_state(pid: int) -> tuple[int, str, str] | None:
     """``(parent pid, state, command line)`` of a live process (None when it is gone or a zombie)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
@@ -93,7 +95,7 @@ def _executors(supernode_pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            state = _proc_state(int(entry.name))
+            state = process_state(int(entry.name))
             if state is not None and state[0] == supernode_pid and "flower-superexec" in state[2]:
                 found.append(int(entry.name))
     return found
@@ -202,23 +204,27 @@ def _start_time(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def _descendants(pid: int) -> list[tuple[int, str]]:
-    """Every live descendant of ``pid`` as ``(pid, start time)``, from /proc's parent links."""
+def descendants(pid: int) -> list[int]:
+    """Every live process under ``pid`` (children, their children, ...), from /proc's parent links."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            state = _proc_state(int(entry.name))
+            state = process_state(int(entry.name))
             if state is not None:
                 children.setdefault(state[0], []).append(int(entry.name))
-    found: list[tuple[int, str]] = []
+    found: list[int] = []
     todo = list(children.get(pid, []))
     while todo:
         child = todo.pop()
-        started = _start_time(child)
-        if started is not None:
-            found.append((child, started))
-        todo.extend(children.get(child, []))
+        if child not in found:
+            found.append(child)
+            todo.extend(children.get(child, []))
     return found
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """:func:`descendants` with each one's start time (a pid and its start time name one process)."""
+    return [(child, started) for child in descendants(pid) if (started := _start_time(child)) is not None]
 
 
 def stop_process_tree(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:

@@ -385,10 +385,10 @@ def across_profiles(
     for method in methods:
         row = {str(g["profile"]): g["methods"].get(method, {}).get("mean_f1") for g in groups}
         table[method] = row
-    means = {
-        m: statistics.fmean(float(v) for v in row.values()) if None not in row.values() else None
-        for m, row in table.items()
-    }
+    means: dict[str, float | None] = {}
+    for m, row in table.items():
+        present = [float(v) for v in row.values() if v is not None]
+        means[m] = statistics.fmean(present) if len(present) == len(row) else None
     checks: dict[str, dict[str, Any]] = {}
     for group in groups:
         entry = group["methods"][ours]

@@ -47,8 +47,9 @@ from pydantic import Field
 
 from pft.core.config import FrozenConfig
 from pft.core.errors import FlowerRuntimeError
+from pft.server.supervise import descendants, process_state
 
-__all__ = ["FlowerRunSettings", "LocalSuperLink", "descendants", "run_flower_app", "write_app"]
+__all__ = ["FlowerRunSettings", "LocalSuperLink", "run_flower_app", "write_app"]
 
 BIN = Path(sys.executable).parent
 CONNECTION = "pft-simulation"
@@ -110,7 +111,7 @@ def write_app(folder: Path, serverapp: str, clientapp: str, run_config: Mapping[
         f"{declared}\n"
     )
     # fab-format-version 1 wants the licence as a file
-    (folder / "LICENSE").write_text("Generated for one pft simulate run; the project's own licence applies.\n")
+    (folder / "LICENSE").write_text("Generated for one pft simulate run; the project's licence applies.\n")
     (folder / "README.md").write_text(
         "# pft-simulation\n\nGenerated for one `pft simulate --engine flower` run.\n"
     )
@@ -125,38 +126,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _parent(pid: int) -> int | None:
-    """The parent pid of a live process (None when it is gone or a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces or ')'
-    if len(fields) < 2 or fields[0] in ("Z", "X"):
-        return None
-    return int(fields[1])
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process under ``pid`` (children, their children, ...), read from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            parent = _parent(int(entry.name))
-            if parent is not None:
-                children.setdefault(parent, []).append(int(entry.name))
-    found: list[int] = []
-    todo = list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        if child not in found:
-            found.append(child)
-            todo.extend(children.get(child, []))
-    return found
-
-
 def _alive(pid: int) -> bool:
-    return _parent(pid) is not None
+    return process_state(pid) is not None
 
 
 def _signal(pids: Sequence[int], sig: signal.Signals) -> None:

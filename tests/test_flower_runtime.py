@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from pft.core.errors import FlowerRuntimeError
+from pft.server.supervise import descendants
 from pft.simulations.flower_runtime import (
     CONNECTION,
     FlowerRunSettings,
     LocalSuperLink,
-    descendants,
     run_flower_app,
     write_app,
 )
