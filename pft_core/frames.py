@@ -9,7 +9,10 @@ hash), so a video is never decoded or embedded twice.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from torch import Tensor
 
 from pft.core.cohort.profiles import AU_NAMES
 from pft.core.data import (
+    BatchReport,
     DatasetIndex,
     FaceCropConfig,
     VideoConfig,
@@ -95,8 +99,12 @@ class FrameStore:
         video_config: VideoConfig,
         crop_config: FaceCropConfig,
         detector: str | None = None,
+        workers: int | None = None,
     ) -> None:
+        """``workers``: videos decoded and cropped at once (each with its own decoder process and
+        detector); default two on a machine with two or more cores. The crops do not depend on it."""
         self.index = index
+        self.workers = max(1, workers if workers is not None else min(2, os.cpu_count() or 1))
         self.video_config = video_config
         self.crop_config = crop_config
         self.frame_cache = FeatureCache(cache_root / "frames")
@@ -134,14 +142,31 @@ class FrameStore:
             return
         base = len(records) - len(todo)
         shas = {r.path: s for r, s in todo}
-        face, marks = make_detector(self.detector)
-        report = process_videos(
-            [r for r, _ in todo],
-            self.video_config,
-            self.crop_config,
-            face,
-            marks,
-            progress=None if progress is None else lambda d, n, _p: progress(base + d, len(records)),
+        workers = min(self.workers, len(todo))
+        lock, finished = threading.Lock(), [0]
+
+        def tick(_done: int, _total: int, _path: Path) -> None:
+            with lock:
+                finished[0] += 1
+                if progress is not None:
+                    progress(base + finished[0], len(records))
+
+        def run(part: list[VideoRecord]) -> BatchReport:
+            face, marks = make_detector(self.detector)  # one detector per worker (not shared)
+            return process_videos(part, self.video_config, self.crop_config, face, marks, progress=tick)
+
+        parts = [[r for r, _ in todo[k::workers]] for k in range(workers)]
+        if workers == 1:
+            reports = [run(parts[0])]
+        else:  # decoding runs in each worker's decoder process, so two workers overlap it
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pft-faces") as pool:
+                reports = list(pool.map(run, parts))
+        by_path = {clip.record.path: clip for rep in reports for clip in rep.clips}
+        rejected = {r.path: r for rep in reports for r in rep.rejected}
+        report = BatchReport(
+            [by_path[r.path] for r, _ in todo if r.path in by_path],
+            [rejected[r.path] for r, _ in todo if r.path in rejected],
+            len(todo),
         )
         for clip in report.clips:
             sha = shas[clip.record.path]

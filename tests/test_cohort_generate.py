@@ -174,3 +174,34 @@ def test_frame_store_reads_the_annotated_actions_of_each_crop(cohort: Path, tmp_
     first = store.videos[records[0].path].frame_indices
     expected = [sidecar["frames"][int(i)]["au"].get(name, 0.0) for name in AU_NAMES for i in first[:1]]
     assert np.allclose(actions[0], expected)
+
+
+def test_frame_store_workers_give_the_same_crops_in_the_same_order(cohort: Path, tmp_path: Path) -> None:
+    """Two decode-and-crop workers (interleaved shares of the videos) against one: the same crops,
+    frame indices and landmarks per video, the store's videos in the records' order, and the
+    progress callback counting every video once."""
+    from pft.core.data import FaceCropConfig, VideoConfig
+    from pft.core.frames import FrameStore
+    from pft.simulations.workspace import open_cohort
+
+    index = open_cohort(cohort)
+    records = list(index.records)[:7]
+    stores, ticks = {}, {}
+    for workers in (1, 2):
+        seen: list[int] = []
+        store = FrameStore(
+            index, tmp_path / f"cache{workers}", VideoConfig(), FaceCropConfig(margin=0.0), workers=workers
+        )
+        store.load_frames(records, progress=lambda done, total, seen=seen: seen.append(done))
+        stores[workers], ticks[workers] = store, seen
+    one, two = stores[1], stores[2]
+    assert list(two.videos) == list(one.videos) == [r.path for r in records if r.path in one.videos]
+    for path, video in one.videos.items():
+        other = two.videos[path]
+        assert np.array_equal(video.crops, other.crops) and np.array_equal(
+            video.frame_indices, other.frame_indices
+        )
+        assert (video.landmarks is None) == (other.landmarks is None)
+        if video.landmarks is not None and other.landmarks is not None:
+            assert np.array_equal(video.landmarks, other.landmarks, equal_nan=True)
+    assert sorted(ticks[2]) == list(range(1, len(records) + 1)) == ticks[1]
