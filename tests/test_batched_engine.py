@@ -176,17 +176,24 @@ def test_last_layer_matches_per_client_engine() -> None:
             torch.testing.assert_close(value, own[name].detach(), atol=2e-3, rtol=0)
 
 
-def test_full_translator_matches_per_client_engine() -> None:
-    ref, out = _run_both(
-        PersonalizeConfig(adapt=FAST.model_copy(update={"max_iterations": 15}), bias_only=False), 2, chunk=2
-    )
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_full_translator_matches_per_client_engine(optimizer: str) -> None:
+    """All of T adapts. With SGD the two engines agree to float rounding: the stacked forward and
+    backward are the per-client ones. With Adam, an entry whose gradient is near zero gets a step
+    of about ``lr`` whatever the sign of its rounding noise (Adam divides by the gradient's own
+    scale), and the two engines sum in different orders: such entries may differ by up to
+    ``lr`` per step (measured: 4.8e-3 after 15 steps at lr 0.01 on one subject, 1e-7 with SGD)."""
+    lr = 0.05 if optimizer == "sgd" else 0.01
+    adapt = FAST.model_copy(update={"max_iterations": 15, "optimizer": optimizer, "lr": lr})
+    ref, out = _run_both(PersonalizeConfig(adapt=adapt, bias_only=False), 2, chunk=2)
+    loss_rel, atol = (1e-6, 1e-5) if optimizer == "sgd" else (2e-3, 1e-2)  # Adam: twice the measured
     for r, a in zip(ref, out, strict=True):
         assert set(a.state) == {n for n, _ in r.translator.named_parameters()}
         assert a.iterations == r.result.iterations
-        assert a.final_loss == pytest.approx(r.result.final_loss, rel=1e-4)
+        assert a.final_loss == pytest.approx(r.result.final_loss, rel=loss_rel)
         own = dict(r.translator.named_parameters())
         for name, value in a.state.items():
-            torch.testing.assert_close(value, own[name].detach(), atol=2e-3, rtol=0)
+            torch.testing.assert_close(value, own[name].detach(), atol=atol, rtol=0)
 
 
 def test_chunk_size_does_not_change_results() -> None:
