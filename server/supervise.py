@@ -22,7 +22,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -227,29 +227,41 @@ def _descendants(pid: int) -> list[tuple[int, str]]:
     return [(child, started) for child in descendants(pid) if (started := _start_time(child)) is not None]
 
 
-def stop_process_tree(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+def stop_process_tree(
+    process: subprocess.Popen[bytes], grace_s: float = 10.0, known: Iterable[int] = ()
+) -> None:
     """Stop ``process``, its process group and every process it started, also ones that left the
     group (a new session) or outlive it (re-parented when it exits).
 
-    SIGTERM to the group and to each descendant found in /proc; after ``grace_s`` for the leader to
-    exit, SIGKILL to whatever of them is still alive - the group too, even when the leader exited
-    cleanly (a child that ignores SIGTERM would otherwise stay behind). Linux (/proc).
+    SIGTERM to the group, to each descendant found in /proc and to the ``known`` pids (processes
+    seen under it earlier, which may have been re-parented since); the tree is looked up again
+    while waiting (children started while stopping). After ``grace_s``, or once none of them is
+    alive, SIGKILL to whatever is left - the group too, even when the leader exited cleanly (a
+    child that ignores SIGTERM would otherwise stay behind). Linux (/proc).
     """
-    tree = _descendants(process.pid)
+    tree = {pid: started for pid in known if (started := _start_time(pid)) is not None}
+
+    def refresh() -> None:
+        tree.update(_descendants(process.pid))
+
+    def living() -> list[int]:
+        return [pid for pid, started in tree.items() if _start_time(pid) == started and _alive(pid)]
 
     def signal_all(signum: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signum)
-        for pid, started in tree:
-            if _start_time(pid) == started:  # still the same process
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signum)
+        for pid in living():  # still the same processes (pid and start time)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
 
+    refresh()
     signal_all(signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=grace_s)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(pid) and _start_time(pid) == st for pid, st in tree):
+    while time.monotonic() < deadline:
+        refresh()
+        if process.poll() is not None and not living():
+            break
         time.sleep(0.1)
+    refresh()
     signal_all(signal.SIGKILL)
     process.wait(timeout=10)

@@ -47,7 +47,7 @@ from pydantic import Field
 
 from pft.core.config import FrozenConfig
 from pft.core.errors import FlowerRuntimeError
-from pft.server.supervise import descendants, process_state
+from pft.server.supervise import descendants, stop_process_tree
 
 __all__ = ["FlowerRunSettings", "LocalSuperLink", "run_flower_app", "write_app"]
 
@@ -124,16 +124,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _alive(pid: int) -> bool:
-    return process_state(pid) is not None
-
-
-def _signal(pids: Sequence[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            os.kill(pid, sig)
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -283,21 +273,12 @@ class LocalSuperLink:
             self._tree.update(descendants(self.process.pid))
 
     def stop(self) -> None:
-        """SIGTERM to the SuperLink and every process under it, SIGKILL to what is left after
-        ``stop_timeout_s``; then ``FLWR_HOME`` is removed. Safe to call twice."""
+        """SIGTERM to the SuperLink and every process under it (those seen during the run too),
+        SIGKILL to what is left after ``stop_timeout_s`` (:func:`pft.server.supervise.stop_process_tree`);
+        then ``FLWR_HOME`` is removed. Safe to call twice."""
         if self.process is not None:
             self.remember_tree()
-            _signal(sorted(self._tree), signal.SIGTERM)
-            deadline = time.monotonic() + self.stop_timeout_s
-            while time.monotonic() < deadline:
-                self.remember_tree()  # children started while stopping
-                if not any(_alive(pid) for pid in self._tree):
-                    break
-                time.sleep(0.2)
-            self.remember_tree()
-            _signal(sorted(p for p in self._tree if _alive(p)), signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=5)
+            stop_process_tree(self.process, self.stop_timeout_s, known=self._tree)
             self.process = None
         self._tree = set()
         if self.home != Path() and self.home.is_dir():

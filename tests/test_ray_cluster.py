@@ -94,17 +94,27 @@ def _numbers(run: Path) -> dict[str, Any]:
     }
 
 
-def test_simulate_on_two_nodes_equals_the_in_process_run(world: tuple[LocalCluster, Path]) -> None:
-    cluster, root = world
-    config = root / "tiny.json"
-    config.write_text(json.dumps({k: v for k, v in TINY.items() if k not in ("seed", "engine")}))
+def _simulate_on(
+    cluster: LocalCluster, root: Path, engine: str, out: Path, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """``pft simulate --engine ENGINE --ray-address CLUSTER`` on the tiny cohort (seed 3), in a real
+    subprocess whose environment names no other Ray cluster."""
+    config = root / f"tiny-{engine}.json"
+    drop = ("seed", "engine") if engine == "batched" else ("seed", "engine", "batched")
+    config.write_text(json.dumps({k: v for k, v in TINY.items() if k not in drop}))
     cmd = [
-        str(Path(sys.executable).parent / "pft"), "simulate", "--engine", "batched", "--seed", "3",
-        "--config", str(config), "--cache-dir", str(root / "cache"), "--out", str(root / "ray"),
+        str(Path(sys.executable).parent / "pft"), "simulate", "--engine", engine, "--seed", "3",
+        "--config", str(config), "--cache-dir", str(root / "cache"), "--out", str(out),
         "--ray-address", cluster.address, "--no-progress",
     ]  # fmt: skip
     env = {**os.environ, "COLUMNS": "200"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_simulate_on_two_nodes_equals_the_in_process_run(world: tuple[LocalCluster, Path]) -> None:
+    cluster, root = world
+    out = _simulate_on(cluster, root, "batched", root / "ray", timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert _numbers(root / "ray") == _numbers(root / "in-process")
     chunks = [line for line in out.stderr.splitlines() if line.startswith("chunk ")]
@@ -116,17 +126,8 @@ def test_flower_engine_on_the_cluster_equals_the_in_process_run(world: tuple[Loc
     """``pft simulate --engine flower --ray-address``: the virtual nodes are Ray actors on the
     two-node cluster (through ``flwr run`` and a SuperLink of the run's own); same per-subject numbers."""
     cluster, root = world
-    config = root / "tiny-flower.json"
-    config.write_text(json.dumps({k: v for k, v in TINY.items() if k not in ("seed", "engine", "batched")}))
-    cmd = [
-        str(Path(sys.executable).parent / "pft"), "simulate", "--engine", "flower", "--seed", "3",
-        "--config", str(config), "--cache-dir", str(root / "cache"), "--out", str(root / "flower"),
-        "--ray-address", cluster.address, "--no-progress",
-    ]  # fmt: skip
-    env = {**os.environ, "COLUMNS": "200"}
-    env.pop("RAY_ADDRESS", None)
     drivers = _drivers()
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=480, env=env)
+    out = _simulate_on(cluster, root, "flower", root / "flower", timeout=480)
     assert out.returncode == 0, out.stdout + out.stderr
     flower = json.loads((root / "flower" / "results.json").read_text())
     assert flower["engine"] == "flower" and flower["federation"]["completed"] == 3
