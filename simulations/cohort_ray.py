@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from pft.core.cohort.config import CohortConfig
-from pft.core.cohort.generate import render_subject, write_manifest, write_subject_files
+from pft.core.cohort.generate import (
+    config_from_payload,
+    render_subject,
+    worker_payload,
+    write_manifest,
+    write_subject_files,
+)
 from pft.core.cohort.manifest import CohortManifest, SubjectInfo, VideoEntry
 from pft.simulations.cluster import PieceReport, ray_session, run_tasks
 
@@ -25,7 +31,7 @@ def render_on_worker(
     payload: dict[str, Any], index: int
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, bytes]]:
     """One subject on a Ray worker: its manifest rows (as dicts) and its files."""
-    info, entries, files = render_subject(CohortConfig.model_validate(payload), index)
+    info, entries, files = render_subject(config_from_payload(payload), index)
     return info.model_dump(), [e.model_dump() for e in entries], files
 
 
@@ -40,7 +46,7 @@ def make_cohort_on_ray(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     total = config.n_source + config.n_target
-    payload = config.model_dump(mode="json")
+    payload = worker_payload(config)
     infos: dict[int, SubjectInfo] = {}
     videos: dict[int, list[VideoEntry]] = {}
 

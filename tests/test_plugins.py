@@ -28,7 +28,8 @@ from typer.testing import CliRunner
 
 from pft.cli.main import app
 from pft.core import plugins
-from pft.core.cohort import PROFILES, CohortConfig, ProfileSpec, profile_names, register_profile
+from pft.core.cohort import PROFILES, CohortConfig, ProfileSpec, make_cohort, profile_names, register_profile
+from pft.core.cohort.generate import worker_payload
 from pft.core.data import DatasetIndex, VideoRecord, layout_names, load_dataset, register_layout
 from pft.core.data.datasets import LOADERS
 from pft.core.errors import DatasetLayoutError
@@ -348,6 +349,22 @@ def test_register_profile_and_its_cache_key(clean_registries: None, tmp_path: Pa
     with pytest.raises(ValidationError, match="no expression spec"):
         ProfileSpec.model_validate({**PROFILES["biovid"].model_dump(), "classes": ["neutral", "joy"]})
     assert ExperimentConfig(profile="biovid_test").resolved().cohort.profile == "biovid_test"
+
+
+def test_a_registered_profile_renders_on_worker_processes(clean_registries: None, tmp_path: Path) -> None:
+    """A profile registered in this process reaches the spawned render workers (which start with the
+    built-in profiles only) with its spec; on the old code every worker failed with "unknown cohort
+    profile". The cohort is the one a single process renders."""
+    variant = PROFILES["bah"].model_copy(update={"name": "bah_workers_test", "target_subjects": 1})
+    register_profile(variant)
+    small = {"profile": "bah_workers_test", "source_subjects": 1, "frame_size": 64, "frames_per_clip": 4}
+    small["light"] = True
+    two = make_cohort(CohortConfig(**small, workers=2), tmp_path / "two")
+    one = make_cohort(CohortConfig(**small, workers=1), tmp_path / "one")
+    assert two.model_dump()["videos"] == one.model_dump()["videos"] and len(two.videos) > 0
+    payload = worker_payload(CohortConfig(**small))
+    assert payload["profile_spec"]["name"] == "bah_workers_test"
+    assert "profile_spec" not in worker_payload(CohortConfig(profile="bah"))
 
 
 def test_register_layout_reads_a_folder(clean_registries: None, tmp_path: Path) -> None:

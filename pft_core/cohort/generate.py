@@ -26,7 +26,7 @@ import numpy as np
 from pft.core.cohort.config import GENERATOR_VERSION, CohortConfig
 from pft.core.cohort.identity import Subject, sample_subject
 from pft.core.cohort.manifest import CohortManifest, Split, SubjectInfo, VideoEntry
-from pft.core.cohort.profiles import AU_NAMES, ExpressionSpec, ProfileSpec
+from pft.core.cohort.profiles import AU_NAMES, BUILTIN_PROFILES, ExpressionSpec, ProfileSpec, register_profile
 from pft.core.cohort.render import FrameState, Occluder, make_session_look, render_frame
 
 _SPLIT_CODE: dict[str, int] = {"identity": 0, "train": 1, "adapt": 2, "oracle": 3, "eval": 4}
@@ -392,8 +392,26 @@ def make_subject_videos(
     return info, entries
 
 
+def worker_payload(config: CohortConfig) -> dict[str, Any]:
+    """``config`` as sent to another process (a spawned worker, a Ray worker): its JSON, and for a
+    profile registered in this process (not built in) the profile's whole spec, which the other
+    process has not got (it starts with the built-in and entry-point profiles only)."""
+    payload: dict[str, Any] = {"config": config.model_dump(mode="json")}
+    if config.profile not in BUILTIN_PROFILES:
+        payload["profile_spec"] = config.spec.model_dump(mode="json")
+    return payload
+
+
+def config_from_payload(payload: dict[str, Any]) -> CohortConfig:
+    """The :class:`CohortConfig` of :func:`worker_payload`'s output, registering its profile first
+    when it came with one (an equal spec registered before is left as it is)."""
+    if "profile_spec" in payload:
+        register_profile(ProfileSpec.model_validate(payload["profile_spec"]))
+    return CohortConfig.model_validate(payload["config"])
+
+
 def _worker(args: tuple[dict[str, Any], int, str]) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
-    config = CohortConfig.model_validate(args[0])
+    config = config_from_payload(args[0])
     info, entries = make_subject_videos(config, args[1], Path(args[2]))
     return args[1], info.model_dump(), [e.model_dump() for e in entries]
 
@@ -441,7 +459,7 @@ def make_cohort(config: CohortConfig, out_dir: Path, progress: ProgressFn | None
             if progress:
                 progress(done, total)
     else:
-        payload = config.model_dump(mode="json")
+        payload = worker_payload(config)
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futures = [pool.submit(_worker, (payload, index, str(out_dir))) for index in range(total)]
