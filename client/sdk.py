@@ -260,6 +260,22 @@ def smooth_probabilities(probabilities: np.ndarray, smoothing: str, alpha: float
     return ema.astype(np.float32)
 
 
+@dataclass(frozen=True)
+class _Enrollment:
+    """What an enrollment brings to stage 3 beside the frames, and where they came from (for the
+    report): clip and time index of each frame, the person's mean landmark descriptor, when the
+    enrollment started, and the videos given, used and rejected (none for crops or features)."""
+
+    video_ids: Tensor | None
+    time_index: Tensor | None
+    descriptor: np.ndarray | None
+    started: float
+    videos_given: int = 0
+    used: tuple[Path, ...] = ()
+    rejected: tuple[Rejection, ...] = ()
+    real_video: bool = False
+
+
 def _mean_descriptor(clips: Sequence[FaceClip]) -> np.ndarray | None:
     """The mean landmark geometry descriptor over every frame with landmarks (None without any)."""
     rows: list[np.ndarray] = []
@@ -727,15 +743,19 @@ class Personalizer:
         real = any(self._is_real(c.record.path) for c in clips)
         return self._adapt(
             np.concatenate([c.crops for c in clips]),
-            video_ids=torch.cat([torch.full((len(c),), k, dtype=torch.long) for k, c in enumerate(clips)]),
-            time_index=torch.cat([torch.from_numpy(c.frame_indices.astype(np.int64)) for c in clips]),
-            descriptor=_mean_descriptor(clips),
-            videos_given=len(videos),
-            used=tuple(c.record.path for c in clips),
-            rejected=tuple(batch.rejected),
-            started=t0,
-            progress=progress,
-            real_video=real,
+            _Enrollment(
+                video_ids=torch.cat(
+                    [torch.full((len(c),), k, dtype=torch.long) for k, c in enumerate(clips)]
+                ),
+                time_index=torch.cat([torch.from_numpy(c.frame_indices.astype(np.int64)) for c in clips]),
+                descriptor=_mean_descriptor(clips),
+                started=t0,
+                videos_given=len(videos),
+                used=tuple(c.record.path for c in clips),
+                rejected=tuple(batch.rejected),
+                real_video=real,
+            ),
+            progress,
         )
 
     def enroll_crops(
@@ -763,17 +783,7 @@ class Personalizer:
         needed = self.config.personalize.min_frames
         if len(crops) < needed:
             raise TooFewFacesError(len(crops), needed, "enrollment")
-        return self._adapt(
-            crops,
-            video_ids=video_ids,
-            time_index=time_index,
-            descriptor=descriptor,
-            videos_given=0,
-            used=(),
-            rejected=(),
-            started=t0,
-            progress=progress,
-        )
+        return self._adapt(crops, _Enrollment(video_ids, time_index, descriptor, t0), progress)
 
     def enroll_features(
         self,
@@ -811,16 +821,7 @@ class Personalizer:
         if self.state_dir is not None:
             _contain_torch_cache(self.state_dir)
         return self._personalize(
-            features,
-            frame_stats,
-            video_ids=video_ids,
-            time_index=time_index,
-            descriptor=descriptor,
-            videos_given=0,
-            used=(),
-            rejected=(),
-            started=t0,
-            progress=progress,
+            features, frame_stats, _Enrollment(video_ids, time_index, descriptor, t0), progress
         )
 
     def _check_features(self, features: Tensor, frame_stats: Tensor) -> tuple[Tensor, Tensor]:
@@ -845,20 +846,9 @@ class Personalizer:
             self.ledger.record(planned, "adaptation", note=f"enrollment of {n_frames} frames")
 
     def _adapt(
-        self,
-        crops: np.ndarray,
-        *,
-        video_ids: Tensor | None,
-        time_index: Tensor | None,
-        descriptor: np.ndarray | None,
-        videos_given: int,
-        used: tuple[Path, ...],
-        rejected: tuple[Rejection, ...],
-        started: float,
-        progress: ProgressCallback | None,
-        real_video: bool = False,
+        self, crops: np.ndarray, enrollment: _Enrollment, progress: ProgressCallback | None
     ) -> EnrollmentReport:
-        self._plan_release(len(crops), video_ids)
+        self._plan_release(len(crops), enrollment.video_ids)
         if self.state_dir is not None:
             _contain_torch_cache(self.state_dir)
         if progress is not None:
@@ -866,19 +856,7 @@ class Personalizer:
         features, frame_stats = extract_features(self.bundle.extractor, crops)
         if progress is not None:
             progress("features", len(crops), len(crops))
-        return self._personalize(
-            features,
-            frame_stats,
-            video_ids=video_ids,
-            time_index=time_index,
-            descriptor=descriptor,
-            videos_given=videos_given,
-            used=used,
-            rejected=rejected,
-            started=started,
-            progress=progress,
-            real_video=real_video,
-        )
+        return self._personalize(features, frame_stats, enrollment, progress)
 
     def _pairing_model(self, descriptor: np.ndarray | None) -> tuple[SourceModel, str | None]:
         """The source model to adapt with, and whether ``landmark`` pairing fell back to ``random``
@@ -897,37 +875,29 @@ class Personalizer:
         self,
         features: Tensor,
         frame_stats: Tensor,
-        *,
-        video_ids: Tensor | None,
-        time_index: Tensor | None,
-        descriptor: np.ndarray | None,
-        videos_given: int,
-        used: tuple[Path, ...],
-        rejected: tuple[Rejection, ...],
-        started: float,
+        enrollment: _Enrollment,
         progress: ProgressCallback | None,
-        real_video: bool = False,
     ) -> EnrollmentReport:
         """Stage 3 on F's outputs of the person's neutral frames; the one step every enroll ends in."""
         if progress is not None:
             progress("adapt", 0, 1)
-        model, fallback = self._pairing_model(descriptor)
+        model, fallback = self._pairing_model(enrollment.descriptor)
         notes: list[str] = [fallback] if fallback is not None else []
         result = personalize(
             model,
             features,
             frame_stats,
             self.config.personalize,
-            descriptor=descriptor,
-            video_ids=video_ids,
-            time_index=time_index,
+            descriptor=enrollment.descriptor,
+            video_ids=enrollment.video_ids,
+            time_index=enrollment.time_index,
         )
         result.translator.eval()
         if progress is not None:
             progress("adapt", 1, 1)
         codes = [v for k, v in self.bundle.source_styles.items() if k.startswith("code/")]
         ood = ood_score(result.style_target, codes)
-        warning = domain_warning(self.domain, real_video)
+        warning = domain_warning(self.domain, enrollment.real_video)
         if warning is not None:
             notes.insert(0, warning)
             logger.warning(warning)
@@ -938,14 +908,14 @@ class Personalizer:
             )
         self.personalization = result
         report = EnrollmentReport(
-            videos_given=videos_given,
-            videos_used=used,
-            videos_rejected=rejected,
+            videos_given=enrollment.videos_given,
+            videos_used=enrollment.used,
+            videos_rejected=enrollment.rejected,
             frames_used=len(features),
             iterations=result.result.iterations,
             converged=result.result.converged,
             adapt_seconds=result.result.seconds,
-            seconds=time.perf_counter() - started,
+            seconds=time.perf_counter() - enrollment.started,
             reference_subject=result.reference_subject,
             pairing=model.pairing,
             privacy=result.privacy.summary() if result.privacy is not None else None,
@@ -955,7 +925,7 @@ class Personalizer:
         )
         self.enrollment = {
             "frames_used": report.frames_used,
-            "videos_used": len(used),
+            "videos_used": len(enrollment.used),
             "iterations": report.iterations,
             "converged": report.converged,
             "adapt_seconds": report.adapt_seconds,
