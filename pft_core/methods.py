@@ -24,6 +24,7 @@ from pft.core.adaptation import (
     AdaptationData,
     AdaptationMethod,
     AdaptationTrainer,
+    AdaptConfig,
     AdaptResult,
     ModelParts,
     predict,
@@ -44,6 +45,7 @@ from pft.core.frames import FrameSet, FrameStore
 from pft.core.image_translation import (
     DSFDAConfig,
     ExpressionGeneration,
+    ImageGenerator,
     SFDAITConfig,
     SFITConfig,
     SourceStyleTranslation,
@@ -55,7 +57,7 @@ from pft.core.image_translation import (
     seeded_generator,
     translated_features,
 )
-from pft.core.models import FeatureExtractor, style_code
+from pft.core.models import Classifier, FeatureExtractor, style_code
 from pft.core.oracle import OracleConfig, fine_tune_oracle
 from pft.core.pairing import match_reference
 from pft.core.personalize import PersonalizeConfig, SourceModel, pairing_query, personalize
@@ -423,6 +425,23 @@ def _param_count(*modules: torch.nn.Module) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
+def _fit_generator(
+    generator: ImageGenerator,
+    method: AdaptationMethod,
+    extractor: FeatureExtractor,
+    classifier: Classifier,
+    x_adapt: Tensor,
+    neutral: FrameSet,
+    adapt: AdaptConfig,
+    seed: int,
+) -> AdaptResult:
+    """Train image generator G (only G: F and C frozen) with ``method`` on the person's neutral
+    crops ``x_adapt`` on the shared trainer: the first half of every image-space method."""
+    parts = ModelParts(classifier=classifier, extractor=extractor, generator=generator)
+    data = AdaptationData(x_adapt, video_ids=neutral.video_ids, time_index=neutral.time_index)
+    return AdaptationTrainer(adapt.model_copy(update={"seed": seed})).fit(method, parts, data)
+
+
 def run_sfda_it(model: SourceModel, target: TargetData, settings: MethodSettings, seed: int) -> MethodOutcome:
     """SFDA-IT (Hou & Zheng 2021): G translates the person's neutral crops to the source style
     (F's BatchNorm statistics, the source prediction kept), then T is adapted so ``C(T(F(x)))``
@@ -434,11 +453,9 @@ def run_sfda_it(model: SourceModel, target: TargetData, settings: MethodSettings
     with torch.no_grad():
         source_logits = classifier(neutral.features)
     generator = seeded_generator(cfg.generator, seed)
-    g_parts = ModelParts(classifier=classifier, extractor=extractor, generator=generator)
-    g_data = AdaptationData(x_adapt, video_ids=neutral.video_ids, time_index=neutral.time_index)
     g_method = SourceStyleTranslation(source_logits, cfg.lambda_bn, cfg.lambda_kd, cfg.temperature)
-    g_result = AdaptationTrainer(cfg.generator_adapt.model_copy(update={"seed": seed})).fit(
-        g_method, g_parts, g_data
+    g_result = _fit_generator(
+        generator, g_method, extractor, classifier, x_adapt, neutral, cfg.generator_adapt, seed
     )
     with torch.no_grad():
         teacher = classifier(translated_features(generator, extractor, x_adapt))
@@ -471,13 +488,11 @@ def run_sfit(model: SourceModel, target: TargetData, settings: MethodSettings, s
         target_features = translator(neutral.features, s_t, s_r)
         target_logits = classifier(target_features)
     generator = seeded_generator(cfg.generator, seed)
-    g_parts = ModelParts(classifier=classifier, extractor=extractor, generator=generator)
-    g_data = AdaptationData(x_adapt, video_ids=neutral.video_ids, time_index=neutral.time_index)
     g_method = TargetToSourceTranslation(
         target_logits, target_features, cfg.lambda_kd, cfg.lambda_rp, cfg.lambda_bn, cfg.temperature
     )
-    g_result = AdaptationTrainer(cfg.generator_adapt.model_copy(update={"seed": seed})).fit(
-        g_method, g_parts, g_data
+    g_result = _fit_generator(
+        generator, g_method, extractor, classifier, x_adapt, neutral, cfg.generator_adapt, seed
     )
     with torch.no_grad():
         translated = translated_features(generator, extractor, x_eval)
@@ -505,8 +520,6 @@ def run_dsfda(model: SourceModel, target: TargetData, settings: MethodSettings, 
     t0 = time.perf_counter()
     extractor, classifier = images.extractor.eval(), model.classifier.eval()
     generator = seeded_generator(cfg.generator, seed, num_classes)
-    g_parts = ModelParts(classifier=classifier, extractor=extractor, generator=generator)
-    g_data = AdaptationData(x_adapt, video_ids=neutral.video_ids, time_index=neutral.time_index)
     g_method = ExpressionGeneration(
         neutral.features,
         expression_projection(classifier),
@@ -516,8 +529,8 @@ def run_dsfda(model: SourceModel, target: TargetData, settings: MethodSettings, 
         cfg.lambda_id,
         cfg.lambda_rec,
     )
-    g_result = AdaptationTrainer(cfg.generator_adapt.model_copy(update={"seed": seed})).fit(
-        g_method, g_parts, g_data
+    g_result = _fit_generator(
+        generator, g_method, extractor, classifier, x_adapt, neutral, cfg.generator_adapt, seed
     )
     draw = torch.Generator().manual_seed(seed)
     features, labels = [neutral.features], [torch.full((len(neutral),), cfg.neutral_class, dtype=torch.long)]
