@@ -57,7 +57,7 @@ def engines(
         str | None,
         typer.Option(
             help="Batched engines: their chunks as Ray tasks on this cluster (auto or HOST:PORT); "
-            "with --engines batched,batched_fast only (docs/scale.md)."
+            "flower: its virtual nodes as Ray actors there; not with loop (docs/scale.md)."
         ),
     ] = None,
 ) -> None:
@@ -73,8 +73,8 @@ def engines(
         except PFTError as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc
-        if set(chosen) - {"batched", "batched_fast"}:
-            console.print("[red]error:[/red] --ray-address runs with --engines batched,batched_fast")
+        if "loop" in chosen:
+            console.print("[red]error:[/red] --ray-address runs with --engines batched,batched_fast,flower")
             raise typer.Exit(2)
 
     result = bench_engines(

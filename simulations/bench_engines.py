@@ -4,14 +4,16 @@ Engines: ``loop`` (the per-client trainer, one subject after another - what ``pf
 ``batched`` (:mod:`pft.simulations.batched`, stacked translators, replaying each subject's random
 streams exactly as the trainer draws them), ``batched_fast`` (the same engine with
 ``rng="fast"``: per-subject generators, one block of random words per subject and step, 16-bit
-dropout draws) and ``flower`` (Flower's simulation engine: one virtual node per subject, each
-running the same per-client adaptation in a Ray actor).
+dropout draws) and ``flower`` (Flower's simulation engine through ``flwr run`` and a SuperLink of
+the run's own, :mod:`pft.simulations.flower_runtime`: one virtual node per subject, each running
+the same per-client adaptation in a Ray actor).
 
 Same work for every engine: the synthetic cached-feature subjects of
 :mod:`pft.simulations.synthetic_world` (each engine - each Flower node - builds subject k's features
 from the seed; nothing is re-extracted), the same source model, and a fixed number of iterations
 (``min_iterations = max_iterations``, so no engine stops early) at the same batch size. Only the
-adaptation is timed (``wall_s``); each engine runs in its own child process so that its peak memory
+adaptation is timed (``wall_s``; for Flower inside its ServerApp, so the SuperLink's and ``flwr
+run``'s start-up are outside it); each engine runs in its own child process so that its peak memory
 is its own: ``peak_rss_mb`` is the peak over the run of the summed VmRSS of the child and every
 process it started (Ray's workers for Flower), sampled every 50 ms; ``vmhwm_mb`` is the child's own
 VmHWM. ``gflops`` is the useful translator-training rate: ``subjects x iterations x batch x 6 x
@@ -20,7 +22,8 @@ measured in the same run with the same thread count.
 
 ``threads`` is every engine's CPU budget: ``loop`` and ``batched`` run that many intra-op threads;
 ``flower`` gets that many Ray CPUs, so that many actors (one virtual node at a time each) with one
-intra-op thread each.
+intra-op thread each. With ``ray_address`` the batched engines and ``flower`` run on that cluster
+and use its CPUs.
 """
 
 from __future__ import annotations
@@ -44,8 +47,7 @@ from pft.core.adaptation import ModelParts
 from pft.core.machine import describe_machine
 from pft.simulations.batched import BatchedConfig, SubjectTask, adapt_subjects
 from pft.simulations.batched.engine import adapt_chunk
-from pft.simulations.bench_flower_apps import client_app, server_app
-from pft.simulations.bench_work import SPEC_ENV, adapt_one, iter_tasks, make_tasks, work_config
+from pft.simulations.bench_work import adapt_one, iter_tasks, make_tasks, work_config
 from pft.simulations.synthetic_world import synthetic_model
 
 ENGINES = ("loop", "batched", "batched_fast", "flower")
@@ -154,14 +156,17 @@ def bench_engines(
     """Measure ``engines`` on ``subjects`` synthetic subjects in one run; returns the JSON dict.
 
     ``ray_address``: the batched engines run their chunks as Ray tasks on that cluster (each task
-    builds its chunk's subjects from the seed, so only a range travels); ``loop`` and ``flower``
-    are refused with it (they are measured on one machine).
+    builds its chunk's subjects from the seed, so only a range travels), and ``flower``'s virtual
+    nodes are Ray actors there (the spec travels in the run config); ``loop`` is refused with it
+    (it is measured on one machine).
     """
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         raise ValueError(f"unknown engine(s) {unknown}; choose from {ENGINES}")
-    if ray_address is not None and set(engines) - {"batched", "batched_fast"}:
-        raise ValueError("--ray-address measures the batched engines; use --engines batched,batched_fast")
+    if ray_address is not None and "loop" in engines:
+        raise ValueError(
+            "--ray-address measures the engines that run on Ray; use --engines batched,batched_fast,flower"
+        )
     model = synthetic_model(seed)
     params = model.translator.param_count()
     spec = {
@@ -325,23 +330,33 @@ def _child(engine: str, spec: dict[str, Any], out: Path) -> None:
     )
 
 
-def _flower(spec: dict[str, Any]) -> tuple[float, int]:
-    from flwr.simulation import run_simulation
+#: The Flower child's run limit: below :func:`run_engine`'s 1800 s, so that a run past it stops
+#: its SuperLink and Ray itself (a killed child would leave them running).
+FLOWER_RUN_TIMEOUT_S = 1500.0
 
-    spec_path = Path(spec["work_dir"]) / "flower-spec.json"
-    spec_path.write_text(json.dumps(spec))
-    os.environ[SPEC_ENV] = str(spec_path)
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
+
+def _flower(spec: dict[str, Any]) -> tuple[float, int]:
+    """The benchmark's Flower apps through ``flwr run`` (a SuperLink of the run's own); the wall
+    and iterations the ServerApp wrote to ``work_dir/flower-done.json``."""
+    from pft.simulations.bench_flower_apps import CLIENT_APP, SERVER_APP, SPEC_KEY
+    from pft.simulations.flower_runtime import FlowerRunSettings, run_flower_app
+
+    work = Path(spec["work_dir"])
+    ray_address = spec.get("ray_address")
+    settings = FlowerRunSettings(
         num_supernodes=spec["subjects"],
-        # the same CPU budget as the other engines: ``threads`` Ray CPUs, one actor (1 thread) each
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": spec["threads"]},
-        },
+        # the same CPU budget as the other engines: ``threads`` Ray CPUs, one actor (1 thread)
+        # each; on a cluster, its CPUs (as the batched engines' tasks)
+        num_cpus=1,
+        num_gpus=0.0,
+        ray_num_cpus=None if ray_address else spec["threads"],
+        ray_address=ray_address,
+        run_timeout_s=FLOWER_RUN_TIMEOUT_S,
     )
-    done = json.loads((Path(spec["work_dir"]) / "flower-done.json").read_text())
+    # the spec itself (a few numbers), not a path: a node on another machine needs no file
+    run_config = {SPEC_KEY: json.dumps(spec)}
+    run_flower_app(SERVER_APP, CLIENT_APP, run_config, settings, log_file=work / "flower.log")
+    done = json.loads((work / "flower-done.json").read_text())
     return float(done["wall_s"]), int(done["iterations"])
 
 
@@ -358,7 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--exact-adam", action="store_true", help="batched: the trainer's unfused Adam")
-    parser.add_argument("--ray-address", default=None, help="batched engines: chunks as Ray tasks there")
+    parser.add_argument(
+        "--ray-address", default=None, help="batched engines: chunks as Ray tasks there; flower: its actors"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.child:

@@ -18,10 +18,7 @@ from pft.core.seeding import subject_seed
 from pft.simulations.batched import SubjectTask, subject_task
 from pft.simulations.synthetic_world import synthetic_model, synthetic_subject
 
-__all__ = ["SPEC_ENV", "adapt_one", "iter_tasks", "make_tasks", "work_config"]
-
-#: Environment variable naming the benchmark's JSON spec for the Flower apps.
-SPEC_ENV = "PFT_BENCH_ENGINES_SPEC"
+__all__ = ["adapt_one", "iter_tasks", "make_tasks", "work_config"]
 
 
 def work_config(iterations: int = 50, batch_size: int = 64, bias_only: bool = False) -> PersonalizeConfig:

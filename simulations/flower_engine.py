@@ -20,8 +20,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -39,19 +38,6 @@ from pft.simulations.workspace import default_cache_root, ensure_cohort, open_co
 #: The apps ``pft simulate --engine flower`` runs (importable ``module:attribute`` components).
 SERVER_APP = "pft.server.app:app"
 CLIENT_APP = "pft.client.flower_app:app"
-
-
-@contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def client_resources(num_cpus: int = 1, num_gpus: float = 0.0) -> dict[str, int | float]:

@@ -15,7 +15,8 @@ What :func:`run_flower_app` does, step by step (Flower 1.42):
    (39091/39093) that outlives the command and would be shared with every other Flower run of the
    user;
 3. ``flwr run APP CONNECTION --run-config FILE --federation-config "num-supernodes=N
-   client-resources-num-cpus=C client-resources-num-gpus=G verbose=V"`` starts the run; ``flwr log
+   client-resources-num-cpus=C client-resources-num-gpus=G verbose=V"`` (plus
+   ``init-args-num-cpus=R`` when the run's own Ray instance gets R CPUs) starts the run; ``flwr log
    RUN CONNECTION --stream`` waits for its end (its stream: Flower's own logs, into a file, or to
    the terminal with ``verbose``); ``flwr ls CONNECTION --run-id RUN`` gives its final status;
 4. stops the SuperLink and every process under it (its SuperExec, the simulation process, the Ray
@@ -43,13 +44,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pft.core.config import FrozenConfig
 from pft.core.errors import FlowerRuntimeError
 from pft.server.supervise import descendants, stop_process_tree
 
-__all__ = ["FlowerRunSettings", "LocalSuperLink", "run_flower_app", "write_app"]
+__all__ = ["FlowerRunSettings", "LocalSuperLink", "flwr_cli", "run_flower_app", "write_app"]
 
 BIN = Path(sys.executable).parent
 CONNECTION = "pft-simulation"
@@ -65,11 +66,21 @@ class FlowerRunSettings(FrozenConfig):
     #: a running Ray cluster (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``); None: a Ray
     #: instance of the run's own on this machine
     ray_address: str | None = None
+    #: CPUs of the run's own Ray instance (Flower's ``init-args-num-cpus``: at most that many
+    #: ``num_cpus`` actors at a time); None: every core. Not with ``ray_address`` (a running
+    #: cluster has its own CPUs)
+    ray_num_cpus: int | None = Field(None, ge=1)
     #: Flower's own logs (DEBUG included) on the terminal instead of only in the log file
     verbose: bool = False
     start_timeout_s: float = Field(120.0, gt=0)
     run_timeout_s: float = Field(3600.0, gt=0)
     stop_timeout_s: float = Field(20.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_ray(self) -> FlowerRunSettings:
+        if self.ray_address is not None and self.ray_num_cpus is not None:
+            raise ValueError("ray_num_cpus sizes the run's own Ray instance: not with ray_address")
+        return self
 
 
 def _toml_string(value: str) -> str:
@@ -132,6 +143,16 @@ def _tail(path: Path, lines: int = 40) -> str:
     except OSError:
         return f"({path} unreadable)"
     return "\n".join(text.splitlines()[-lines:])
+
+
+def flwr_cli(
+    *args: str, env: Mapping[str, str], cwd: Path, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """This install's ``flwr`` CLI with ``args`` in ``env`` (its ``FLWR_HOME`` names the
+    connections) and ``cwd``; output captured as text. Raises ``subprocess.TimeoutExpired``."""
+    return subprocess.run(
+        [str(BIN / "flwr"), *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd
+    )
 
 
 class LocalSuperLink:
@@ -252,16 +273,9 @@ class LocalSuperLink:
         )
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        """Run the ``flwr`` CLI against this SuperLink (output captured)."""
+        """Run the ``flwr`` CLI against this SuperLink (:func:`flwr_cli`)."""
         try:
-            return subprocess.run(
-                [str(BIN / "flwr"), *args],
-                capture_output=True,
-                text=True,
-                env=self.env,
-                timeout=timeout,
-                cwd=self.home,
-            )
+            return flwr_cli(*args, env=self.env, cwd=self.home, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise FlowerRuntimeError(
                 f"flwr {' '.join(args[:1])} did not return within {timeout:.0f} s"
@@ -286,14 +300,15 @@ class LocalSuperLink:
 
 
 def _federation_config(settings: FlowerRunSettings) -> str:
-    return " ".join(
-        [
-            f"num-supernodes={settings.num_supernodes}",
-            f"client-resources-num-cpus={settings.num_cpus}",
-            f"client-resources-num-gpus={float(settings.num_gpus)}",
-            f"verbose={'true' if settings.verbose else 'false'}",
-        ]
-    )
+    items = [
+        f"num-supernodes={settings.num_supernodes}",
+        f"client-resources-num-cpus={settings.num_cpus}",
+        f"client-resources-num-gpus={float(settings.num_gpus)}",
+        f"verbose={'true' if settings.verbose else 'false'}",
+    ]
+    if settings.ray_num_cpus is not None:
+        items.append(f"init-args-num-cpus={settings.ray_num_cpus}")
+    return " ".join(items)
 
 
 def run_flower_app(

@@ -8,6 +8,11 @@ then stage-3 PFT runs on every held-out subject starting from (a) the source T0 
 beside source-only (no adaptation) with T0 and with the prior. Mean macro-F1 over held-out subjects
 and the epsilon each participating device spent are written to ``results.json`` and ``report.md``.
 
+Each federation runs through Flower's current runtime (:func:`pft.simulations.flower_runtime.run_flower_app`:
+``flwr run`` with a SuperLink of its own in simulation mode); the apps (``pft.server.prior_app:app``,
+``pft.client.prior_app:app``) read their spec from the run config's ``pft-spec``, and Flower's own
+log goes to ``flower.log`` beside the spec.
+
     python -m pft.simulations.prior_experiment --out runs/prior --cache-dir /tmp/pftc_prior
 """
 
@@ -21,21 +26,19 @@ import random
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.clientapp import ClientApp
 from pydantic import Field
 
 from pft.client.flower_app import NodeSpec
 from pft.client.ledger import PrivacyBudget
 from pft.client.prior_app import PRIOR_NODE_SECTION, PriorNodeSettings
-from pft.client.wire import SPEC_ENV
 from pft.core.bundle import load_bundle
 from pft.core.config import FrozenConfig
-from pft.core.errors import SecureAggregationHaltedError
+from pft.core.errors import FlowerRuntimeError, SecureAggregationHaltedError
 from pft.core.machine import describe_machine
 from pft.core.methods import METHODS
 from pft.core.metrics import macro_f1
@@ -46,10 +49,17 @@ from pft.core.signing import TrustedBundleCache, load_public_key, load_signing_k
 from pft.server.prior_app import PRIOR_SERVER_SECTION, REPORT_FILE, PriorServerSpec
 from pft.server.publish import publish_bundle
 from pft.simulations.experiment import ExperimentConfig, PreparedExperiment, prepare_experiment
-from pft.simulations.flower_engine import _env, client_resources, simulation_keys
+from pft.simulations.flower_engine import client_resources, simulation_keys
+from pft.simulations.flower_runtime import FlowerRunSettings, run_flower_app
 from pft.simulations.workspace import default_cache_root
 
+#: The prior's apps (importable ``module:attribute`` components for ``flwr run``).
+SERVER_APP = "pft.server.prior_app:app"
+CLIENT_APP = "pft.client.prior_app:app"
+
 __all__ = [
+    "CLIENT_APP",
+    "SERVER_APP",
     "PriorExperimentConfig",
     "PriorFederation",
     "run_prior_experiment",
@@ -174,31 +184,60 @@ def write_prior_spec(
     return PriorFederation(spec, out_dir, nodes, subjects, signing, public)
 
 
-def run_prior_federation(federation: PriorFederation, client_app: ClientApp | None = None) -> dict[str, Any]:
-    """Run the prior's ServerApp and ClientApp in Flower's simulation engine; return the report.
+def run_prior_federation(
+    federation: PriorFederation,
+    client_app: str = CLIENT_APP,
+    *,
+    run_config: Mapping[str, str] | None = None,
+    python_path: Sequence[Path] = (),
+    verbose: bool = False,
+    run_timeout_s: float = 3600.0,
+) -> dict[str, Any]:
+    """Run the prior's ServerApp and ClientApp as a Flower simulation (``flwr run``, one virtual
+    node per subject, 1 CPU each); return the report.
+
+    ``client_app``: another ClientApp component, ``module:attribute`` (e.g. one whose mods record
+    what leaves a node); ``run_config``: extra run-config strings it reads; ``python_path``:
+    folders its module is imported from. ``verbose``: Flower's own log on the terminal too (it
+    always goes to ``flower.log`` beside the spec).
 
     Raises
     ------
     SecureAggregationHaltedError
         The round halted (the report, with its reason, is in the server's output folder).
+    FlowerRuntimeError
+        The run did not complete for another reason (the message says why, with the end of
+        Flower's log).
     RuntimeError
-        The simulation ended without any report.
+        The run completed without any report.
     """
-    from flwr.simulation import run_simulation
-
-    from pft.client.prior_app import app as default_client_app
-    from pft.server.prior_app import app as server_app
-
     report_path = federation.out_dir / REPORT_FILE
     report_path.unlink(missing_ok=True)
-    backend_config: dict[str, Any] = {"client_resources": client_resources(1), "init_args": {}}
-    with _env(SPEC_ENV, str(federation.spec)):
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app or default_client_app,
-            num_supernodes=len(federation.subjects),
-            backend_config=backend_config,
+    resources = client_resources(1)
+    settings = FlowerRunSettings(
+        num_supernodes=len(federation.subjects),
+        num_cpus=int(resources["num_cpus"]),
+        num_gpus=float(resources["num_gpus"]),
+        verbose=verbose,
+        run_timeout_s=run_timeout_s,
+    )
+    try:
+        run_flower_app(
+            SERVER_APP,
+            client_app,
+            {**(run_config or {}), "pft-spec": str(federation.spec)},
+            settings,
+            log_file=federation.spec.parent / "flower.log",
+            python_path=python_path,
         )
+    except FlowerRuntimeError as exc:
+        # a halted round ends the run failed: the ServerApp raises after writing its report
+        halted = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        if halted.get("status") != "halted":
+            raise
+        raise SecureAggregationHaltedError(
+            f"federated prior halted, no bundle published: {halted['reason']}"
+        ) from exc
     if not report_path.is_file():
         raise RuntimeError(f"the prior simulation ended without a report ({report_path} missing)")
     report: dict[str, Any] = json.loads(report_path.read_text())

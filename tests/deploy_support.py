@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pft.server import pki
 from pft.server.supervise import stop_process_tree
+from pft.simulations.flower_runtime import flwr_cli
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -134,14 +135,7 @@ class Deployment:
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run the ``flwr`` CLI against this deployment's FLWR_HOME."""
-        return subprocess.run(
-            [str(BIN / "flwr"), *args],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=timeout,
-            cwd=self.root,
-        )
+        return flwr_cli(*args, env=self.env, cwd=self.root, timeout=timeout)
 
     def register(self, public_key: Path) -> None:
         """``flwr supernode register KEY.pub CONNECTION`` (fails the test on error)."""

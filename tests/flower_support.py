@@ -1,17 +1,20 @@
 """Flower messages as a node receives them (tests that call app handlers without a federation), and
-the ClientApps of the Flower engine's tests as importable components."""
+the ClientApps of the Flower engine's and the federated prior's tests as importable components."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
-from flwr.app import Context, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from pft.client.egress import make_egress_audit_mod, make_egress_guard_mod
-from pft.client.flower_app import evaluate, install, make_client_app, query, train
+from pft.client.flower_app import evaluate, install, make_client_app, node_from_context, query, train
+from pft.client.prior_app import make_prior_client_app
 
 
 def incoming(content: RecordDict, message_type: str) -> Message:
@@ -31,8 +34,9 @@ def incoming(content: RecordDict, message_type: str) -> Message:
 
 
 # --- ClientApps the Flower engine's tests run through `flwr run` (importable components) ----------
-# `run_flower_simulation(..., client_app="flower_support:audited_app", python_path=[TESTS])`: the
-# simulation imports this module by name, so everything an app needs comes from its run config.
+# `run_flower_simulation(..., client_app="flower_support:audited_app", python_path=[TESTS])` (and
+# `run_prior_federation(..., client_app="flower_support:prior_recorded_app", ...)`): the simulation
+# imports this module by name, so everything an app needs comes from its run config.
 TESTS = Path(__file__).resolve().parent
 #: run-config key naming the JSON-lines file the egress audit appends every reply to
 AUDIT_KEY = "egress-audit"
@@ -69,3 +73,37 @@ hostile_app.query()(query)
 hostile_app.train("install")(install)
 hostile_app.train()(train)
 hostile_app.evaluate()(evaluate)
+
+
+def make_recorder(name: str) -> Mod:
+    """A mod writing each reply's arrays / SecAgg+ masked vector of a node to ``<state dir>/NAME.jsonl``."""
+
+    def record(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(message, context)
+        node = node_from_context(context)
+        entry: dict[str, Any] = {
+            "type": message.metadata.message_type,
+            "records": sorted(reply.content.keys()),
+        }
+        if not reply.has_error():
+            for rec in reply.content.values():
+                if isinstance(rec, ArrayRecord) and len(rec) > 0:
+                    entry["arrays"] = [a.numpy().tolist() for a in rec.values()]
+                if isinstance(rec, ConfigRecord) and "masked_params" in rec:
+                    from flwr.common import bytes_to_ndarray
+
+                    blobs: list[bytes] = rec["masked_params"]  # type: ignore[assignment]
+                    entry["masked"] = [bytes_to_ndarray(b).tolist() for b in blobs]
+        with (node.state_dir / f"{name}.jsonl").open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        return reply
+
+    return record
+
+
+#: The prior's app with what leaves each node audited (run config ``egress-audit``) and recorded
+#: (``sent.jsonl``), and the plaintext update before SecAgg+ masks it (``plain.jsonl``).
+prior_recorded_app = make_prior_client_app(
+    mods=[_audit_from_run_config, make_recorder("sent")],
+    inner_mods=[make_recorder("plain")],
+)

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pft.cli.bench import bench_app
+from pft.simulations.bench_engines import bench_engines
 from pft.simulations.bench_latency import bench_adapt, bench_features
 
 
@@ -33,6 +34,25 @@ def test_bench_engines_json(tmp_path: Path) -> None:
         assert row["gflops"] == pytest.approx(3 * flop / row["wall_s"] / 1e9, rel=1e-2, abs=0.005)
         assert row["peak_rss_mb"] > 50  # a python + torch child, measured from /proc
     assert set(data["batched_vs"]) == {"loop"}
+
+
+@pytest.mark.slow
+def test_bench_engines_flower_runs_through_flwr_run_quietly(capfd: pytest.CaptureFixture[str]) -> None:
+    """The Flower engine: `flwr run` with a SuperLink of its own (no deprecated `run_simulation`),
+    the same fields and fixed work as the other engines, and none of Flower's noise on the terminal."""
+    data = bench_engines(2, engines=("flower",), iterations=2, log=lambda _m: None)
+    row = data["engines"]["flower"]
+    assert "error" not in row, row
+    assert row["iterations"] == 2 * 2
+    assert row["wall_s"] > 0 and row["subjects_per_s"] == pytest.approx(2 / row["wall_s"], rel=1e-2)
+    assert {"gflops", "peak_rss_mb", "peak_rss_mb_per_subject", "vmhwm_mb"} <= set(row)
+    printed = "".join(capfd.readouterr())
+    assert "DEPRECATED" not in printed and " DEBUG " not in printed, printed[-2000:]
+
+
+def test_bench_engines_ray_address_refuses_only_the_loop() -> None:
+    with pytest.raises(ValueError, match="batched,batched_fast,flower"):
+        bench_engines(2, engines=("loop", "flower"), ray_address="127.0.0.1:1")
 
 
 @pytest.mark.slow

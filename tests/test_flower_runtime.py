@@ -14,6 +14,7 @@ from pft.simulations.flower_runtime import (
     CONNECTION,
     FlowerRunSettings,
     LocalSuperLink,
+    _federation_config,
     run_flower_app,
     write_app,
 )
@@ -93,3 +94,14 @@ def test_the_app_folder_names_importable_components_and_the_run_config(tmp_path:
     with pytest.raises(ValueError, match="module:attribute"):
         write_app(tmp_path / "bad", "pft.server.app", "mod:attr", {})
     assert os.access(values, os.R_OK)
+
+
+def test_the_federation_config_sizes_the_runs_own_ray_only_when_asked() -> None:
+    plain = FlowerRunSettings(num_supernodes=3)
+    assert _federation_config(plain) == (
+        "num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.0 verbose=false"
+    )
+    sized = FlowerRunSettings(num_supernodes=3, ray_num_cpus=2)
+    assert _federation_config(sized).endswith(" init-args-num-cpus=2")
+    with pytest.raises(ValueError, match="ray_address"):
+        FlowerRunSettings(num_supernodes=3, ray_num_cpus=2, ray_address="auto")

@@ -14,14 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flower_support import incoming
+from flower_support import AUDIT_KEY, TESTS, incoming
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp.typing import ClientAppCallable
 
-from pft.client.egress import EgressViolationError, check_prior_reply, make_egress_audit_mod
-from pft.client.flower_app import node_from_context
+from pft.client.egress import EgressViolationError, check_prior_reply
 from pft.client.ledger import LEDGER_FILE, PrivacyBudget, PrivacyLedger
-from pft.client.prior_app import PriorConsentError, make_prior_client_app, prior_egress_guard
+from pft.client.prior_app import PriorConsentError, prior_egress_guard
 from pft.client.store import StoreKey
 from pft.core.bundle import load_bundle
 from pft.core.errors import SecureAggregationHaltedError
@@ -48,32 +46,6 @@ UPDATE = PriorUpdateConfig(clip_norm=0.5, noise_multiplier=1.0)
 CLIPPING_RANGE = 1.0
 QUANTIZATION_RANGE = 2**22
 STEP = 2 * CLIPPING_RANGE / QUANTIZATION_RANGE  # one quantisation level
-
-
-def make_recorder(name: str) -> Any:
-    """A mod writing each train reply's arrays / SecAgg+ masked vector of a node to its folder."""
-
-    def record(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        reply = call_next(message, context)
-        node = node_from_context(context)
-        entry: dict[str, Any] = {
-            "type": message.metadata.message_type,
-            "records": sorted(reply.content.keys()),
-        }
-        if not reply.has_error():
-            for rec in reply.content.values():
-                if isinstance(rec, ArrayRecord) and len(rec) > 0:
-                    entry["arrays"] = [a.numpy().tolist() for a in rec.values()]
-                if isinstance(rec, ConfigRecord) and "masked_params" in rec:
-                    from flwr.common import bytes_to_ndarray
-
-                    blobs: list[bytes] = rec["masked_params"]  # type: ignore[assignment]
-                    entry["masked"] = [bytes_to_ndarray(b).tolist() for b in blobs]
-        with (node.state_dir / f"{name}.jsonl").open("a") as fh:
-            fh.write(json.dumps(entry) + "\n")
-        return reply
-
-    return record
 
 
 def _read(folder: Path, name: str) -> list[dict[str, Any]]:
@@ -118,10 +90,14 @@ def _federation(prepared: tuple[PreparedExperiment, Path], name: str, **kw: Any)
     )
 
 
-def _app(fed: PriorFederation) -> Any:
-    return make_prior_client_app(
-        mods=[make_egress_audit_mod(fed.nodes_dir / "egress.jsonl"), make_recorder("sent")],
-        inner_mods=[make_recorder("plain")],
+def _run(fed: PriorFederation) -> dict[str, Any]:
+    """The federation through `flwr run`, every node running flower_support.prior_recorded_app."""
+    return run_prior_federation(
+        fed,
+        "flower_support:prior_recorded_app",
+        run_config={AUDIT_KEY: str(fed.nodes_dir / "egress.jsonl")},
+        python_path=[TESTS],
+        run_timeout_s=900,
     )
 
 
@@ -146,12 +122,17 @@ def _check_aggregate(report: dict[str, Any], plain: dict[str, np.ndarray]) -> No
 
 @pytest.mark.slow
 def test_all_survive_sum_is_the_plaintext_mean_and_only_masked_vectors_leave(
-    prepared: tuple[PreparedExperiment, Path],
+    prepared: tuple[PreparedExperiment, Path], capfd: pytest.CaptureFixture[str]
 ) -> None:
     prep, _ = prepared
     opted = tuple(prep.targets[:4])  # the 5th person did not consent
     fed = _federation(prepared, "all", opt_in=opted)
-    report = run_prior_federation(fed, _app(fed))
+    capfd.readouterr()
+    report = _run(fed)
+    # through `flwr run` (no deprecated run_simulation); Flower's own log went to its file only
+    printed = "".join(capfd.readouterr())
+    assert "DEPRECATED" not in printed and " DEBUG " not in printed, printed[-2000:]
+    assert "Starting Flower" in (fed.spec.parent / "flower.log").read_text()
     assert report["status"] == "published" and report["opted_in"] == 4 and report["survivors"] == 4
     plain = _plain_updates(fed)
     assert set(plain) == set(opted)
@@ -198,7 +179,7 @@ def test_a_dropout_above_threshold_still_gives_the_survivors_mean(
     fed = _federation(prepared, "dropout", budget=budget)
     broke = prep.targets[2]
     spent = _exhaust(fed, broke, budget)  # its budget cannot afford the update
-    report = run_prior_federation(fed, _app(fed))
+    report = _run(fed)
     assert report["participants"] == 5 and report["survivors"] == 4
     plain = _plain_updates(fed)
     assert broke not in plain and len(plain) == 4
@@ -216,7 +197,7 @@ def test_too_few_survivors_halt_cleanly_without_a_bundle(prepared: tuple[Prepare
     for subject in prep.targets[:3]:  # 3 of 5 drop; the threshold is round(0.6 * 5) = 3
         _exhaust(fed, subject, budget)
     with pytest.raises(SecureAggregationHaltedError, match="collect_masked_vectors"):
-        run_prior_federation(fed, _app(fed))
+        _run(fed)
     report = json.loads((fed.out_dir / "prior_report.json").read_text())
     assert report["status"] == "halted" and report["bundle_version"] is None
     assert "threshold is 3" in report["reason"]

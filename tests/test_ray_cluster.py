@@ -25,6 +25,7 @@ from pft.core.frames import FrameSet
 from pft.core.methods import MethodSettings, TargetData
 from pft.core.personalize import PersonalizeConfig
 from pft.simulations.batched import BatchedConfig, run_pft_batched
+from pft.simulations.bench_engines import bench_engines
 from pft.simulations.cluster import LocalCluster, PieceReport, check_ray_address, ray_session, run_tasks
 from pft.simulations.experiment import ExperimentConfig, run_experiment
 from pft.simulations.synthetic_world import synthetic_model, synthetic_subject
@@ -136,6 +137,20 @@ def test_flower_engine_on_the_cluster_equals_the_in_process_run(world: tuple[Loc
     # the simulation's Ray driver joined this cluster (one more job in its GCS), on no Ray of its own
     assert len(_drivers()) == len(drivers) + 1
     assert "DEPRECAT" not in out.stdout + out.stderr and " DEBUG " not in out.stdout + out.stderr
+
+
+def test_bench_engines_flower_runs_its_nodes_on_the_cluster(world: tuple[LocalCluster, Path]) -> None:
+    """``pft bench engines --engines flower --ray-address``: `flwr run` whose simulation joins the
+    cluster (one more driver in its GCS) and does the same fixed work."""
+    cluster, _ = world
+    drivers = _drivers()
+    data = bench_engines(
+        2, engines=("flower",), iterations=2, ray_address=cluster.address, log=lambda _m: None
+    )
+    row = data["engines"]["flower"]
+    assert "error" not in row, row
+    assert row["iterations"] == 2 * 2 and row["wall_s"] > 0
+    assert len(_drivers()) == len(drivers) + 1
 
 
 def test_run_pft_batched_on_the_cluster_is_bit_identical(world: tuple[LocalCluster, Path]) -> None:
