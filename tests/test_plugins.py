@@ -357,8 +357,7 @@ def test_a_registered_profile_renders_on_worker_processes(clean_registries: None
     profile". The cohort is the one a single process renders."""
     variant = PROFILES["bah"].model_copy(update={"name": "bah_workers_test", "target_subjects": 1})
     register_profile(variant)
-    small = {"profile": "bah_workers_test", "source_subjects": 1, "frame_size": 64, "frames_per_clip": 4}
-    small["light"] = True
+    small = dict(profile="bah_workers_test", source_subjects=1, frame_size=64, frames_per_clip=4, light=True)
     two = make_cohort(CohortConfig(**small, workers=2), tmp_path / "two")
     one = make_cohort(CohortConfig(**small, workers=1), tmp_path / "one")
     assert two.model_dump()["videos"] == one.model_dump()["videos"] and len(two.videos) > 0
