@@ -72,7 +72,9 @@ class SourceTrainConfig(FrozenConfig):
     corpus: F learns to see the facial actions rather than who is making them.
     """
 
-    epochs: int = 4
+    epochs: int | None = Field(4, ge=0)
+    """Passes over the source crops. ``None`` (an experiment's default) means the cohort profile's
+    ``source_epochs``, filled in by ``ExperimentConfig.resolved``; :func:`train_source` needs a number."""
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 5e-4
@@ -142,6 +144,11 @@ def train_source(
     (F, C, history) with F and C in eval mode; ``history`` has per-epoch ``loss``, ``accuracy``
     (training, percent, on augmented batches) and ``seconds``, and ``total_seconds``.
     """
+    epochs = config.epochs
+    if epochs is None:
+        raise ValueError(
+            "SourceTrainConfig.epochs is None: give a number (an experiment resolves it from its profile)"
+        )
     y = torch.as_tensor(np.asarray(labels)).long()
     x_all = preprocess(images, model_config.image_size)
     if len(y) != len(x_all) or len(y) == 0:
@@ -168,7 +175,7 @@ def train_source(
         params += list(action_head.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(y) / config.batch_size)
-    total = max(1, steps_per_epoch * config.epochs)
+    total = max(1, steps_per_epoch * epochs)
     sched: torch.optim.lr_scheduler.LRScheduler
     if config.schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total, pct_start=0.2)
@@ -178,7 +185,7 @@ def train_source(
     t_start = time.perf_counter()
     extractor.train()
     classifier.train()
-    for epoch in range(config.epochs):
+    for epoch in range(epochs):
         t0 = time.perf_counter()
         order = torch.randperm(len(y), generator=gen)
         loss_sum, correct, actions_sum = 0.0, 0, 0.0
@@ -205,7 +212,7 @@ def train_source(
         history["actions_loss"].append(actions_sum / len(y))
         history["seconds"].append(time.perf_counter() - t0)
         if progress is not None:
-            progress(epoch + 1, config.epochs, {"loss": history["loss"][-1]})
+            progress(epoch + 1, epochs, {"loss": history["loss"][-1]})
     history["total_seconds"] = time.perf_counter() - t_start
     extractor = extractor.to(memory_format=torch.contiguous_format)
     extractor.eval()

@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from pft.core.bundle import load_bundle, save_bundle
-from pft.core.cohort import BUILTIN_PROFILES, CohortConfig, known_profile, load_manifest
+from pft.core.cohort import BUILTIN_PROFILES, CohortConfig, get_profile, known_profile, load_manifest
 from pft.core.config import FrozenConfig
 from pft.core.data import DatasetIndex, FaceCropConfig, VideoConfig, VideoRecord
 from pft.core.data.cache import state_dict_sha256
@@ -93,7 +93,8 @@ class ExperimentConfig(FrozenConfig):
     video: VideoConfig = VideoConfig()
     crop: FaceCropConfig = FaceCropConfig(margin=0.0)
     model: ModelConfig = ModelConfig()
-    source_train: SourceTrainConfig = SourceTrainConfig(epochs=12)
+    source_train: SourceTrainConfig = SourceTrainConfig(epochs=None)
+    """Stage 1; ``epochs=None`` takes the profile's ``source_epochs`` (12; bah 20) in :meth:`resolved`."""
     pretrain: TranslatorPretrainConfig = TranslatorPretrainConfig()
     settings: MethodSettings = MethodSettings()
     embedding_plot: bool = True
@@ -118,6 +119,12 @@ class ExperimentConfig(FrozenConfig):
             raise ValueError("at least one method is needed")
         return tuple(dict.fromkeys(value))
 
+    @property
+    def source_epochs(self) -> int:
+        """Stage 1's epochs: ``source_train.epochs``, or the profile's ``source_epochs`` when it is None."""
+        given = self.source_train.epochs
+        return given if given is not None else get_profile(self.profile).source_epochs
+
     def resolved(self) -> ExperimentConfig:
         """This config with the cohort and the stage seeds derived from the top-level fields."""
         cohort = self.cohort.model_copy(
@@ -131,7 +138,9 @@ class ExperimentConfig(FrozenConfig):
         return self.model_copy(
             update={
                 "cohort": CohortConfig.model_validate(cohort.model_dump()),
-                "source_train": self.source_train.model_copy(update={"seed": self.seed}),
+                "source_train": self.source_train.model_copy(
+                    update={"seed": self.seed, "epochs": self.source_epochs}
+                ),
                 "pretrain": self.pretrain.model_copy(update={"seed": self.seed}),
                 "settings": self.settings.with_defaults(self.methods).model_copy(update={"seed": self.seed}),
                 "data": None if self.data is None else self.data.with_seed(self.seed),
@@ -213,7 +222,7 @@ def _load_or_train_source(
     source_records = list(index.filter(role="source", split="train").records)
     images, labels = store.crops_and_labels(source_records)
     actions = store.annotated_actions(source_records) if config.source_train.lambda_actions > 0 else None
-    step = progress("stage 1: source model F, C", config.source_train.epochs)
+    step = progress("stage 1: source model F, C", config.source_epochs)
     extractor, classifier, history = train_source(
         images, labels, model_config, config.source_train, lambda e, n, _i: step(e, n), actions
     )

@@ -364,3 +364,19 @@ def test_run_config_sets_profile_and_seed_and_resolves() -> None:
     assert bench.run_name("stressid", 101) == "stressid-seed101"
     both = BenchmarkConfig.model_validate({"profiles": ["bah", "biovid"], "seeds": [101, 0, 100, 2]})
     assert both.grid() == [(p, s) for p in ("bah", "biovid") for s in (0, 2, 100, 101)]
+
+
+def test_stage1_epochs_come_from_the_profile_unless_the_experiment_sets_them() -> None:
+    """bah's source model trains 20 epochs, the other profiles 12 (ProfileSpec.source_epochs); a
+    number in ``source_train.epochs`` wins, and it survives the JSON round trip of config.json."""
+    default = BenchmarkConfig.model_validate({"profiles": ["biovid", "bah"], "seeds": [0]})
+    assert default.run_config("biovid", 0).source_train.epochs == 12
+    assert default.run_config("bah", 0).source_train.epochs == 20
+    assert default.run_config("affwild2", 0).source_train.epochs == 12
+    pinned = BenchmarkConfig.model_validate(
+        {"profiles": ["bah"], "seeds": [0], "experiment": {"source_train": {"epochs": 5}}}
+    )
+    assert pinned.run_config("bah", 0).source_train.epochs == 5
+    dumped = ExperimentConfig(profile="bah").model_dump(mode="json")
+    assert dumped["source_train"]["epochs"] is None  # unresolved: still "the profile's"
+    assert ExperimentConfig.model_validate(dumped).resolved().source_train.epochs == 20

@@ -106,6 +106,8 @@ def test_train_source_rejects_bad_labels() -> None:
     imgs, _ = _images(8, 0)
     with pytest.raises(ValueError):
         train_source(imgs, np.full(8, 2), CFG, SourceTrainConfig(epochs=1))
+    with pytest.raises(ValueError, match="epochs is None"):  # an experiment's unresolved default
+        train_source(imgs, np.zeros(8), CFG, SourceTrainConfig(epochs=None))
 
 
 def test_source_styles_round_trip_and_normalised_codes() -> None:
