@@ -20,6 +20,7 @@ METHOD_NAMES: tuple[str, ...] = (
     "source_only",
     "pft",
     "oracle",
+    "oracle_bias",
     "shot",
     "nrc",
     "tpds",

@@ -10,6 +10,7 @@ with :func:`register_method` or the ``pft.methods`` entry-point group (docs/exte
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -58,11 +59,11 @@ from pft.core.image_translation import (
     translated_features,
 )
 from pft.core.models import Classifier, FeatureExtractor, style_code
-from pft.core.oracle import OracleConfig, fine_tune_oracle
+from pft.core.oracle import OracleConfig, SupervisedTranslatorBias, fine_tune_oracle
 from pft.core.pairing import match_reference
-from pft.core.personalize import PersonalizeConfig, SourceModel, pairing_query, personalize
+from pft.core.personalize import PersonalizeConfig, SourceModel, pairing_query, personalize, translation_goal
 from pft.core.plugins import METHODS_GROUP, PluginError, check_name, load_entry_points
-from pft.core.results import METHOD_GROUPS, register_row
+from pft.core.results import METHOD_GROUPS, UPPER_BOUNDS, register_row
 from pft.core.training import extract_features
 
 M = TypeVar("M", bound=BaseModel)
@@ -268,6 +269,42 @@ def run_oracle(model: SourceModel, target: TargetData, settings: MethodSettings,
     )
     r = out.result
     return MethodOutcome(out.logits, r.iterations, r.seconds, None, r.converged, out.trainable_parameters)
+
+
+def run_oracle_bias(
+    model: SourceModel, target: TargetData, settings: MethodSettings, seed: int
+) -> MethodOutcome:
+    """Upper bound of bias-only stage 3 (``pft.core.oracle.SupervisedTranslatorBias``): a copy of
+    T with only its output bias trained on the person's labelled ``oracle`` frames (the oracle's
+    trainer settings, ``settings.oracle.adapt``), the style codes and reference of stage 3 taken
+    from the neutral ``adapt`` frames as in ``pft``; evaluated as ``C(T(f))`` on ``eval``."""
+    if target.oracle is None or len(target.oracle) == 0:
+        raise ValueError(f"{target.subject}: oracle_bias needs labelled `oracle` frames")
+    neutral = target.adapt
+    goal = translation_goal(
+        model,
+        neutral.features,
+        neutral.frame_stats,
+        settings.pft.model_copy(update={"seed": seed}),
+        descriptor=neutral.mean_descriptor(),
+    )
+    parts = ModelParts(
+        classifier=model.classifier,
+        translator=copy.deepcopy(model.translator),
+        style_target=goal.style_target,
+        style_reference=goal.style_reference,
+    )
+    method = SupervisedTranslatorBias()
+    data = AdaptationData(
+        features=target.oracle.features, labels=target.oracle.labels.long(), video_ids=target.oracle.video_ids
+    )
+    result = AdaptationTrainer(settings.oracle.adapt.model_copy(update={"seed": seed})).fit(
+        method, parts, data
+    )
+    with torch.no_grad():
+        logits = method.predict(parts, target.eval.features)
+    n_params = sum(p.numel() for p in method.trainable_parameters(parts))
+    return MethodOutcome(logits, result.iterations, result.seconds, None, result.converged, n_params)
 
 
 def run_neutral_calibration(
@@ -557,6 +594,7 @@ METHODS: dict[str, Runner] = {  # built-ins first, then registered methods
     "source_only": run_source_only,
     "pft": run_pft,
     "oracle": run_oracle,
+    "oracle_bias": run_oracle_bias,
     "shot": run_shot,
     "nrc": run_nrc,
     "tpds": run_tpds,
@@ -606,7 +644,7 @@ _SPECS: dict[str, MethodSpec] = {
     name: MethodSpec(
         runner,
         needs_images=name in IMAGE_METHODS,
-        source_free=name != "oracle",
+        source_free=name not in UPPER_BOUNDS,
         group=next((g for g, members in METHOD_GROUPS if name in members), "Other"),
     )
     for name, runner in METHODS.items()

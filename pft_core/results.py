@@ -25,9 +25,11 @@ METHOD_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # the paper's data-based SFDA methods: image-space generators (pft.core.image_translation)
     ("SFDA (data-based)", ("dsfda", "sfit", "sfda_it")),
     ("SFDA-PFT (ours)", ("pft",)),
-    ("Oracle", ("oracle",)),
+    ("Oracle", ("oracle", "oracle_bias")),
 )
-UPPER_BOUNDS = frozenset({"oracle"})
+#: methods that see the target's labels (upper bounds, never bold): the oracle, and the reach of
+#: bias-only stage 3 (``oracle_bias``, T's output bias fitted with the labels)
+UPPER_BOUNDS = frozenset({"oracle", "oracle_bias"})
 #: registered methods (``pft.core.methods.register_method``): name -> its row group
 _REGISTERED_GROUPS: dict[str, str] = {}
 _REGISTERED_UPPER_BOUNDS: set[str] = set()

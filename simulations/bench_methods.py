@@ -36,7 +36,7 @@ from pft.core.bundle import load_bundle
 from pft.core.data.cache import state_dict_sha256
 from pft.core.frames import FrameStore
 from pft.core.machine import describe_machine
-from pft.core.methods import METHODS, MethodOutcome, TargetData, target_images
+from pft.core.methods import METHODS, MethodOutcome, TargetData, method_spec, target_images
 from pft.core.metrics import accuracy, macro_f1
 from pft.core.pairing import Strategy
 from pft.core.personalize import SourceModel
@@ -157,11 +157,11 @@ def bench_methods(
     if warmup and targets:  # one unmeasured call per method: one-time costs (lazy imports, allocator)
         k0, first = targets[0]
         for method in names:
-            if method != "oracle" or (first.oracle is not None and len(first.oracle) > 0):
+            if method_spec(method).source_free or (first.oracle is not None and len(first.oracle) > 0):
                 METHODS[method](model, first, resolved.settings, subject_seed(resolved.seed, k0))
     for method in names:
         for k, target in targets:
-            if method == "oracle" and (target.oracle is None or len(target.oracle) == 0):
+            if not method_spec(method).source_free and (target.oracle is None or len(target.oracle) == 0):
                 continue
             with measure_memory() as memory:
                 start = time.perf_counter()

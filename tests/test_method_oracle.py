@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from pft.core.adaptation import AdaptationData, Batch, ModelParts
-from pft.core.models import Classifier, FeatureExtractor, ModelConfig, preprocess
-from pft.core.oracle import OracleConfig, SupervisedFineTuning, fine_tune_oracle, frozen_outputs
+from pft.core.adaptation import AdaptationData, AdaptationTrainer, AdaptConfig, Batch, ModelParts
+from pft.core.models import Classifier, FeatureExtractor, ModelConfig, Translator, preprocess
+from pft.core.oracle import (
+    OracleConfig,
+    SupervisedFineTuning,
+    SupervisedTranslatorBias,
+    fine_tune_oracle,
+    frozen_outputs,
+)
 
 
 @pytest.mark.parametrize("feature_dim", [None, 96])
@@ -80,8 +86,12 @@ def test_oracle_learns_a_persons_labels_and_leaves_the_source_model_untouched() 
     n_c = sum(p.numel() for p in classifier.parameters())
     n_layer4 = sum(p.numel() for p in extractor.layer4.parameters())
     adapt = {"max_iterations": 60, "min_iterations": 60, "lr": 3e-3, "batch_size": 32}
-    for tail, augmented, n_params in (("layer4", False, n_layer4 + n_c), ("layer4", True, n_layer4 + n_c),
-                                      ("classifier", False, n_c), ("classifier", True, n_c)):
+    for tail, augmented, n_params in (
+        ("layer4", False, n_layer4 + n_c),
+        ("layer4", True, n_layer4 + n_c),
+        ("classifier", False, n_c),
+        ("classifier", True, n_c),
+    ):
         config = OracleConfig(first_block=tail, augment=augmented, adapt=adapt)
         out = fine_tune_oracle(extractor, classifier, train, y_train, test, config, seed=0)
         accuracy = float((out.logits.argmax(1) == y_test).float().mean())
@@ -109,11 +119,65 @@ def test_oracle_refuses_mismatched_labels() -> None:
     cfg = ModelConfig(width=8, image_size=32)
     crops = np.zeros((4, 32, 32, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="labelled crops"):
-        fine_tune_oracle(FeatureExtractor(cfg), Classifier(cfg), crops, torch.tensor([0, 1]), crops,
-                         OracleConfig(), seed=0)
+        fine_tune_oracle(
+            FeatureExtractor(cfg), Classifier(cfg), crops, torch.tensor([0, 1]), crops, OracleConfig(), seed=0
+        )
 
 
 def test_adaptation_data_accepts_feature_maps() -> None:
     data = AdaptationData(features=torch.rand(4, 2, 3, 3), labels=torch.tensor([0, 1, 0, 1]))
     batch = data.sample(3, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert batch.features.shape == (3, 2, 3, 3)
+
+
+# --- oracle_bias: the reach of bias-only stage 3 --------------------------------------------------
+def test_oracle_bias_loss_and_gradient_by_hand() -> None:
+    """Fresh T (output layer zero) is ``f + out.bias``; with C's logits ``[x_0 + b_0, ln 3]`` at
+    f = 0, b = 0 and label 0: p = (1/4, 3/4), CE = ln 4 and dCE/db = (p_0 - 1, 0, ...) = (-3/4, 0...)."""
+    cfg = ModelConfig(width=8, num_classes=2)
+    translator, classifier = Translator(cfg).eval(), Classifier(cfg).eval()
+    with torch.no_grad():
+        classifier.fc.weight.zero_()
+        classifier.fc.weight[0, 0] = 1.0
+        classifier.fc.bias.copy_(torch.tensor([0.0, float(np.log(3.0))]))
+    codes = torch.zeros(cfg.style_dim)
+    parts = ModelParts(
+        classifier=classifier, translator=translator, style_target=codes, style_reference=codes
+    )
+    f = torch.zeros(1, cfg.pooled_dim)
+    batch = Batch(f, f, torch.tensor([0]), torch.arange(1), torch.Generator())
+    loss, terms = SupervisedTranslatorBias().loss(parts, batch)
+    assert loss.item() == pytest.approx(np.log(4.0), abs=1e-6) and terms["ce"] == pytest.approx(
+        np.log(4.0), abs=1e-6
+    )
+    loss.backward()
+    expected = torch.zeros(cfg.pooled_dim)
+    expected[0] = -0.75
+    assert translator.out.bias.grad is not None
+    torch.testing.assert_close(translator.out.bias.grad, expected)
+
+
+def test_oracle_bias_training_changes_only_ts_output_bias() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(width=8)
+    translator, classifier = Translator(cfg), Classifier(cfg)
+    torch.nn.init.normal_(
+        translator.out.weight, std=0.05
+    )  # a trained-looking T0: gradients reach every layer
+    codes = torch.randn(cfg.style_dim)
+    parts = ModelParts(
+        classifier=classifier, translator=translator, style_target=codes, style_reference=-codes
+    )
+    before = {
+        n: p.detach().clone()
+        for m in (translator, classifier)
+        for n, p in m.named_parameters(prefix=type(m).__name__)
+    }
+    feats = torch.randn(32, cfg.pooled_dim)
+    data = AdaptationData(feats, labels=torch.arange(32) % cfg.num_classes)
+    cfg_adapt = AdaptConfig(max_iterations=5, min_iterations=5, batch_size=16, lr=1e-2, seed=0)
+    AdaptationTrainer(cfg_adapt).fit(SupervisedTranslatorBias(), parts, data)
+    for m in (translator, classifier):
+        for n, p in m.named_parameters(prefix=type(m).__name__):
+            changed = not torch.equal(p.detach(), before[n])
+            assert changed == (p is translator.out.bias), n
