@@ -13,9 +13,9 @@ Which tail to train is chosen on the validation cohort seeds like any default (d
 
 :class:`SupervisedTranslatorBias` (method ``oracle_bias``) is a second upper bound, of stage 3
 itself: T's output bias - the 128 numbers the shipped bias-only stage 3 adapts - fitted with the
-person's labels of EVERY class. No neutral-only objective can place that bias better than the
-labels do, so the gap between ``oracle_bias`` and ``oracle`` is what a bias-only translator cannot
-reach at all, and the gap between ``pft`` and ``oracle_bias`` what its objective leaves on the table.
+person's labels of EVERY class. A neutral-only objective is not expected to place that bias
+better than the labels do, so ``oracle - oracle_bias`` estimates what a bias-only translator cannot
+reach with any objective, and ``oracle_bias - pft`` what its neutral-only objective leaves behind.
 """
 
 from __future__ import annotations
