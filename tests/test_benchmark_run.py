@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 import pft.simulations.benchmark as bench
 from pft.cli.main import app
-from pft.core.methods import METHODS, MethodOutcome, Runner, TargetData
+from pft.core.methods import METHODS, MethodOutcome, Runner, TargetData, method_spec
 from pft.simulations.benchmark import BenchmarkConfig, BenchmarkError, BenchmarkResult, run_benchmark
 from pft.simulations.experiment import ExperimentConfig, run_experiment
 
@@ -295,7 +295,7 @@ def _guarded(name: str, runner: Runner, seen: list[tuple[str, str]]) -> Runner:
             if images.oracle is not None:
                 assert not crops & _rows(images.oracle), "adapt crops among the oracle crops"
         given = target
-        if name != "oracle":
+        if method_spec(name).source_free:  # only the upper bounds (oracle, oracle_bias) see labels
             if images is not None:
                 images = dataclasses.replace(images, oracle=_Forbidden())  # type: ignore[arg-type]
             given = dataclasses.replace(target, oracle=_Forbidden(), images=images)  # type: ignore[arg-type]
