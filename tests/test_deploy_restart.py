@@ -124,6 +124,14 @@ def _node_keys(kit: dict[str, Any], name: str) -> pki.NodeKeyFiles:
     return pki.NodeKeyFiles(private_key=keys / name, public_key=keys / f"{name}.pub")
 
 
+def _round_recorded(kit: dict[str, Any], run_id: int, round_: int) -> bool:
+    """Whether the server's audit log holds round ``round_``'s train exchange of run ``run_id``."""
+    if not Path(kit["audit"]).exists():
+        return False
+    exchanges = read_audit_log(kit["audit"]).of("exchange", run_id=run_id)
+    return any(e["type"] == "train" and e["round"] == round_ for e in exchanges)
+
+
 @pytest.mark.reliability(6)
 def test_superlink_restart_mid_run(deployment: Deployment, kit: dict[str, Any]) -> None:
     dep = deployment
@@ -140,6 +148,14 @@ def test_superlink_restart_mid_run(deployment: Deployment, kit: dict[str, Any]) 
     while not all(s.exists() for s in stores) and time.monotonic() - t_run < 120:
         time.sleep(0.2)
     assert all(s.exists() for s in stores), dep.log("superexec")[-3000:]
+    # Kill once the server has recorded round 1's replies (its audit event), i.e. while the devices
+    # train round 2. The stores appear BEFORE a device pushes its reply, and a kill that lands in
+    # that push loses the reply on this Flower version (the SuperNode reconnects, then fails to push
+    # the message's objects to the new SuperLink) and the round then times out short of quorum: on a
+    # slow machine the state files were seen during the pushes and the run failed.
+    while not _round_recorded(kit, run_id, 1) and time.monotonic() - t_run < 120:
+        time.sleep(0.2)
+    assert _round_recorded(kit, run_id, 1), dep.log("superexec")[-3000:]
     # round 1 trained on both devices: kill the SuperLink, restart it on the same database
     dep.kill("superlink")
     t_kill = time.monotonic()
