@@ -462,6 +462,36 @@ class Oracle:
         return _translated_logits(parts, features)
 
 
+@dataclass(frozen=True)
+class TranslatorSupervision:
+    """T trained with cross-entropy of ``C(T(f))`` on LABELLED features, C frozen: all of T, or
+    with ``bias_only`` its output bias alone (the parameters of bias-only stage 3).
+
+    Used by DSFDA's adaptation stage (``name="dsfda"``: the person's neutral frames and generated
+    non-neutral ones) and by the ``oracle_bias`` upper bound (``bias_only``: the person's labelled
+    frames of every class; ``pft.core.methods.run_oracle_bias``).
+    """
+
+    name: str = "dsfda"
+    bias_only: bool = False
+
+    def trainable_parameters(self, parts: ModelParts) -> list[nn.Parameter]:
+        """T's output bias with ``bias_only``, else all of T's parameters."""
+        translator, _, _ = parts.require_translation()
+        return [translator.out.bias] if self.bias_only else list(translator.parameters())
+
+    def loss(self, parts: ModelParts, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """Cross-entropy on the batch's labels."""
+        if batch.labels is None:
+            raise ValueError(f"{self.name} needs labelled features (AdaptationData.labels)")
+        ce = classification_loss(self.predict(parts, batch.features), batch.labels)
+        return ce, {"ce": float(ce.detach())}
+
+    def predict(self, parts: ModelParts, features: Tensor) -> Tensor:
+        """``C(T(f))``."""
+        return _translated_logits(parts, features)
+
+
 def adapt_translator(
     parts: ModelParts,
     neutral_features: Tensor,

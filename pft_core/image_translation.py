@@ -391,31 +391,6 @@ class TranslatorDistillation:
         return parts.classifier(translator(features, s_t, s_r))
 
 
-@dataclass(frozen=True)
-class TranslatorSupervision:
-    """DSFDA's adaptation stage: T trained with cross-entropy on labelled features (the person's
-    neutral frames and the generated non-neutral ones); C frozen."""
-
-    name: str = "dsfda"
-
-    def trainable_parameters(self, parts: ModelParts) -> list[nn.Parameter]:
-        """All of T's parameters."""
-        translator, _, _ = parts.require_translation()
-        return list(translator.parameters())
-
-    def loss(self, parts: ModelParts, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        """Cross-entropy on the batch's (real or generated) labels."""
-        if batch.labels is None:
-            raise ValueError("DSFDA's adaptation needs labelled features (AdaptationData.labels)")
-        ce = classification_loss(self.predict(parts, batch.features), batch.labels)
-        return ce, {"ce": float(ce.detach())}
-
-    def predict(self, parts: ModelParts, features: Tensor) -> Tensor:
-        """``C(T(f))``."""
-        translator, s_t, s_r = parts.require_translation()
-        return parts.classifier(translator(features, s_t, s_r))
-
-
 # --- configs -----------------------------------------------------------------------------------------
 GENERATOR_ADAPT = AdaptConfig(max_iterations=60, min_iterations=30, batch_size=32, lr=2e-3)
 """G's training: at most 60 steps (at least 30) of batch 32 on the 64x64 crops, Adam 2e-3 - F's

@@ -28,6 +28,7 @@ from pft.core.adaptation import (
     AdaptConfig,
     AdaptResult,
     ModelParts,
+    TranslatorSupervision,
     predict,
 )
 from pft.core.baselines import (
@@ -52,14 +53,13 @@ from pft.core.image_translation import (
     SourceStyleTranslation,
     TargetToSourceTranslation,
     TranslatorDistillation,
-    TranslatorSupervision,
     crops_to_images,
     expression_projection,
     seeded_generator,
     translated_features,
 )
 from pft.core.models import Classifier, FeatureExtractor, style_code
-from pft.core.oracle import OracleConfig, SupervisedTranslatorBias, fine_tune_oracle
+from pft.core.oracle import OracleConfig, fine_tune_oracle
 from pft.core.pairing import match_reference
 from pft.core.personalize import PersonalizeConfig, SourceModel, pairing_query, personalize, translation_goal
 from pft.core.plugins import METHODS_GROUP, PluginError, check_name, load_entry_points
@@ -274,7 +274,7 @@ def run_oracle(model: SourceModel, target: TargetData, settings: MethodSettings,
 def run_oracle_bias(
     model: SourceModel, target: TargetData, settings: MethodSettings, seed: int
 ) -> MethodOutcome:
-    """Upper bound of bias-only stage 3 (``pft.core.oracle.SupervisedTranslatorBias``): a copy of
+    """Upper bound of bias-only stage 3 (``TranslatorSupervision(bias_only=True)``): a copy of
     T with only its output bias trained on the person's labelled ``oracle`` frames (the oracle's
     trainer settings, ``settings.oracle.adapt``), the style codes and reference of stage 3 taken
     from the neutral ``adapt`` frames as in ``pft``; evaluated as ``C(T(f))`` on ``eval``."""
@@ -294,7 +294,7 @@ def run_oracle_bias(
         style_target=goal.style_target,
         style_reference=goal.style_reference,
     )
-    method = SupervisedTranslatorBias()
+    method = TranslatorSupervision(name="oracle_bias", bias_only=True)
     data = AdaptationData(
         features=target.oracle.features, labels=target.oracle.labels.long(), video_ids=target.oracle.video_ids
     )

@@ -11,8 +11,9 @@ trainable block are in train mode while training, so their statistics move to th
 
 Which tail to train is chosen on the validation cohort seeds like any default (docs/results.md).
 
-:class:`SupervisedTranslatorBias` (method ``oracle_bias``) is a second upper bound, of stage 3
-itself: T's output bias - the 128 numbers the shipped bias-only stage 3 adapts - fitted with the
+Method ``oracle_bias`` (:func:`pft.core.methods.run_oracle_bias`, on
+:class:`pft.core.adaptation.TranslatorSupervision` with ``bias_only``) is a second upper bound,
+of stage 3 itself: T's output bias - the 128 numbers the shipped bias-only stage 3 adapts - fitted with the
 person's labels of EVERY class. A neutral-only objective is not expected to place that bias
 better than the labels do, so ``oracle - oracle_bias`` estimates what a bias-only translator cannot
 reach with any objective, and ``oracle_bias - pft`` what its neutral-only objective leaves behind.
@@ -93,32 +94,6 @@ def _extractor(parts: ModelParts) -> FeatureExtractor:
     if parts.extractor is None:
         raise ValueError("the oracle needs ModelParts.extractor (F)")
     return parts.extractor
-
-
-@dataclass(frozen=True)
-class SupervisedTranslatorBias:
-    """The reach of bias-only stage 3: ``C(T(f, s_person, s_reference))`` with only T's output bias
-    trained, by cross-entropy on the person's LABELLED frames (pooled features ``f``). The style
-    codes are the ones stage 3 uses (:func:`pft.core.personalize.translation_goal`)."""
-
-    name: str = "oracle_bias"
-
-    def trainable_parameters(self, parts: ModelParts) -> list[nn.Parameter]:
-        """T's output bias."""
-        translator, _, _ = parts.require_translation()
-        return [translator.out.bias]
-
-    def loss(self, parts: ModelParts, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        """Cross-entropy on the labelled batch."""
-        if batch.labels is None:
-            raise ValueError("oracle_bias needs labelled frames (AdaptationData.labels)")
-        ce = classification_loss(self.predict(parts, batch.features), batch.labels)
-        return ce, {"ce": float(ce.detach())}
-
-    def predict(self, parts: ModelParts, features: Tensor) -> Tensor:
-        """Logits (N, K) of pooled features (N, D) through T and C."""
-        translator, style_target, style_reference = parts.require_translation()
-        return parts.classifier(translator(features, style_target, style_reference))
 
 
 @torch.no_grad()

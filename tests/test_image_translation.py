@@ -12,7 +12,13 @@ import torch
 from test_baselines_methods import CFG, FAST, _same, _snapshot, world  # noqa: F401  (fixture)
 from torch import nn
 
-from pft.core.adaptation import AdaptationData, AdaptationTrainer, AdaptConfig, ModelParts
+from pft.core.adaptation import (
+    AdaptationData,
+    AdaptationTrainer,
+    AdaptConfig,
+    ModelParts,
+    TranslatorSupervision,
+)
 from pft.core.image_translation import (
     ExpressionGeneration,
     GeneratorConfig,
@@ -20,7 +26,6 @@ from pft.core.image_translation import (
     SourceStyleTranslation,
     TargetToSourceTranslation,
     TranslatorDistillation,
-    TranslatorSupervision,
     batchnorm_statistics_loss,
     bn_statistics_distance,
     crops_to_images,

@@ -6,12 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from pft.core.adaptation import AdaptationData, AdaptationTrainer, AdaptConfig, Batch, ModelParts
+from pft.core.adaptation import (
+    AdaptationData,
+    AdaptationTrainer,
+    AdaptConfig,
+    Batch,
+    ModelParts,
+    TranslatorSupervision,
+)
 from pft.core.models import Classifier, FeatureExtractor, ModelConfig, Translator, preprocess
 from pft.core.oracle import (
     OracleConfig,
     SupervisedFineTuning,
-    SupervisedTranslatorBias,
     fine_tune_oracle,
     frozen_outputs,
 )
@@ -146,7 +152,7 @@ def test_oracle_bias_loss_and_gradient_by_hand() -> None:
     )
     f = torch.zeros(1, cfg.pooled_dim)
     batch = Batch(f, f, torch.tensor([0]), torch.arange(1), torch.Generator())
-    loss, terms = SupervisedTranslatorBias().loss(parts, batch)
+    loss, terms = TranslatorSupervision(name="oracle_bias", bias_only=True).loss(parts, batch)
     assert loss.item() == pytest.approx(np.log(4.0), abs=1e-6) and terms["ce"] == pytest.approx(
         np.log(4.0), abs=1e-6
     )
@@ -176,7 +182,7 @@ def test_oracle_bias_training_changes_only_ts_output_bias() -> None:
     feats = torch.randn(32, cfg.pooled_dim)
     data = AdaptationData(feats, labels=torch.arange(32) % cfg.num_classes)
     cfg_adapt = AdaptConfig(max_iterations=5, min_iterations=5, batch_size=16, lr=1e-2, seed=0)
-    AdaptationTrainer(cfg_adapt).fit(SupervisedTranslatorBias(), parts, data)
+    AdaptationTrainer(cfg_adapt).fit(TranslatorSupervision(name="oracle_bias", bias_only=True), parts, data)
     for m in (translator, classifier):
         for n, p in m.named_parameters(prefix=type(m).__name__):
             changed = not torch.equal(p.detach(), before[n])
